@@ -1,0 +1,5 @@
+import sys
+
+from dymu.cli import main
+
+sys.exit(main())

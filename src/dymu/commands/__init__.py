@@ -1,0 +1,1 @@
+"""Sub-commands of the ``dymu`` CLI; one module each (see :mod:`dymu.cli`)."""

@@ -1,0 +1,234 @@
+"""DToMe core: dynamic token merging by bipartite matching with thresholds.
+
+Pure torch; knows no model family. An encoder adapter calls :func:`dtome_step`
+once per block, after attention + residual and before the MLP, with that block's
+keys averaged over heads as ``metric``.
+
+Layout of a batch (padded, left-aligned)
+---------------------------------------
+Images keep different numbers of tokens, so a batch is a padded tensor
+``x [B, N, C]`` whose real tokens come first in every row, in their original
+order, followed by padding. ``sizes [B, N]`` counts the original patches a token
+stands for and is 0 exactly at padding, so ``mask = sizes > 0``. Because real
+tokens are left-aligned and padding never matches, each row is processed exactly
+as it would be alone (B>1 equals B=1 per image).
+
+Source map
+----------
+``source_map [B, N0]`` (long) gives, for every *original* position, the index of
+the current token that covers it (-1 for an original position that was padding).
+It is O(N0) per image instead of a dense N x N0 matrix; the dense 0/1 form is
+:meth:`TokenState.assignment`. Merged tokens keep the order of their earliest
+member, so the spatial order of the image survives merging.
+
+Matching (ToMe's bipartite soft matching, made dynamic)
+-------------------------------------------------------
+Set A = even indices, set B = odd indices. Every A token finds its most similar B
+token (cosine of L2-normalised metric). A protected first token (CLS) is never a
+source nor a destination; padded slots never match. Then either
+
+* finding mode: over the whole batch, the ``B * r`` best A tokens merge and the
+  layer's threshold is the highest score *not* merged (clamped >= 0); or
+* inference mode: per image, every A token whose score is strictly greater than
+  the threshold merges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Mode = Literal["off", "find", "infer"]
+
+
+@dataclass
+class TokenState:
+    """Tokens of a (padded) batch together with their merge bookkeeping."""
+
+    x: Tensor  # [B, N, C] hidden states, padding rows are 0
+    sizes: Tensor  # [B, N] float, number of original positions per token, 0 at padding
+    source_map: Tensor  # [B, N0] long, current token index of each original position, -1 if none
+
+    @classmethod
+    def init(cls, x: Tensor, mask: Tensor | None = None) -> "TokenState":
+        """Start from unmerged tokens; ``mask [B, N]`` (True = real) must be left-aligned."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be [batch, tokens, channels], got shape {tuple(x.shape)}")
+        B, N, _ = x.shape
+        positions = torch.arange(N, device=x.device).expand(B, N)
+        if mask is None:
+            return cls(x, torch.ones(B, N, device=x.device, dtype=torch.float32), positions.clone())
+        _check_mask(mask, (B, N))
+        return cls(x, mask.float(), torch.where(mask, positions, -1))
+
+    @property
+    def mask(self) -> Tensor:
+        """[B, N] bool, True for real tokens."""
+        return self.sizes > 0
+
+    @property
+    def num_tokens(self) -> Tensor:
+        """[B] long, number of real tokens per image."""
+        return self.mask.sum(1)
+
+    def unpad(self) -> list[Tensor]:
+        """Per-image hidden states without padding, ``[n_b, C]`` each."""
+        return [self.x[b, :n] for b, n in enumerate(self.num_tokens.tolist())]
+
+    def assignment(self) -> Tensor:
+        """Dense ``[B, N, N0]`` 0/1 matrix: token i covers original position j."""
+        B, N = self.sizes.shape
+        out = torch.zeros(B, N + 1, self.source_map.shape[1], dtype=self.x.dtype, device=self.x.device)
+        index = torch.where(self.source_map >= 0, self.source_map, N)
+        out.scatter_(1, index[:, None, :], 1.0)
+        return out[:, :N]
+
+
+def _check_mask(mask: Tensor, shape: tuple[int, int]) -> None:
+    if mask.shape != shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {shape}, got {mask.dtype} {tuple(mask.shape)}")
+    # left-aligned: once a row has a padded slot, every later slot is padding
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("mask must be left-aligned: real tokens first, padding after them in every row")
+
+
+def bipartite_scores(metric: Tensor, mask: Tensor, protect_first: bool) -> tuple[Tensor, Tensor]:
+    """Best B partner of every A token.
+
+    Returns ``scores [B, Na]`` (cosine similarity, -inf for A tokens that may not
+    merge: padded, protected, or with no valid partner) and ``dst [B, Na]``, the
+    full-sequence index of each A token's partner.
+    """
+    if metric.dim() != 3:
+        raise ValueError(f"metric must be [batch, tokens, channels], got shape {tuple(metric.shape)}")
+    if metric.shape[:2] != mask.shape:
+        raise ValueError(
+            f"metric has {tuple(metric.shape[:2])} (batch, tokens) but the tokens are {tuple(mask.shape)}"
+        )
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    valid_a = mask[:, ::2].clone()
+    if protect_first:
+        valid_a[:, 0] = False
+    if b.shape[1] == 0:  # a single token: nothing to match
+        return torch.full(valid_a.shape, -math.inf, device=metric.device), torch.zeros_like(valid_a, dtype=torch.long)
+    sim = a @ b.transpose(1, 2)
+    sim = sim.masked_fill(~mask[:, 1::2, None].transpose(1, 2), -math.inf)
+    scores, dst = sim.max(dim=-1)
+    scores = scores.masked_fill(~valid_a, -math.inf)
+    return scores, dst * 2 + 1
+
+
+def select_top(scores: Tensor, r: int) -> tuple[Tensor, float]:
+    """Finding mode: merge the ``B * r`` best edges of the whole batch.
+
+    Ties are broken by position (earlier image, then earlier token), so the choice
+    is deterministic. Returns the merge flags ``[B, Na]`` and the threshold: the
+    highest score that was not merged, clamped to >= 0.
+    """
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    k = scores.shape[0] * r
+    flat = scores.flatten()
+    candidates = int(torch.isfinite(flat).sum())
+    if k > candidates:
+        raise ValueError(
+            f"cannot merge {r} tokens per image ({k} in the batch): only {candidates} tokens can still merge; "
+            "lower r_total or use fewer layers"
+        )
+    order = torch.sort(flat, descending=True, stable=True).indices
+    merge = torch.zeros_like(flat, dtype=torch.bool)
+    merge[order[:k]] = True
+    next_best = float(flat[order[k]]) if k < candidates else 0.0
+    return merge.view_as(scores), max(next_best, 0.0)
+
+
+def select_above(scores: Tensor, threshold: float | Tensor) -> Tensor:
+    """Inference mode: merge every A token whose score is strictly above the threshold."""
+    threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+    if bool(torch.isnan(threshold).any()):
+        raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
+    return scores > threshold
+
+
+def merge_tokens(state: TokenState, merge: Tensor, dst: Tensor) -> TokenState:
+    """Size-weighted average of each merged A token into its B partner.
+
+    ``merge [B, Na]`` flags the A tokens (even indices) that merge; ``dst [B, Na]``
+    their partners (odd full indices). Sizes add; the result is re-compacted.
+    """
+    x, sizes = state.x, state.sizes
+    B, N, C = x.shape
+    mask = sizes > 0
+    target = torch.arange(N, device=x.device).expand(B, N).clone()
+    target[:, ::2] = torch.where(merge, dst, target[:, ::2])
+    kept = mask.clone()
+    kept[:, ::2] &= ~merge
+    new_pos = kept.cumsum(1) - 1
+    n_out = int(kept.sum(1).max()) if B else 0
+    new_index = torch.where(mask, new_pos.gather(1, target), n_out)  # padding goes to a dump slot
+    weighted = (x.float() * sizes[..., None]).to(torch.float32)
+    total = x.new_zeros(B, n_out + 1, C, dtype=torch.float32)
+    total.scatter_add_(1, new_index[..., None].expand(B, N, C), weighted)
+    new_sizes = sizes.new_zeros(B, n_out + 1).scatter_add_(1, new_index, sizes)[:, :n_out]
+    total = total[:, :n_out]
+    new_x = torch.where(new_sizes[..., None] > 0, total / new_sizes.clamp_min(1e-12)[..., None], 0.0).to(x.dtype)
+    sm = state.source_map
+    new_map = torch.where(sm >= 0, new_index.gather(1, sm.clamp_min(0)), -1)
+    return TokenState(new_x, new_sizes, new_map)
+
+
+def dtome_step(
+    state: TokenState,
+    metric: Tensor,
+    *,
+    mode: Mode,
+    protect_first: bool,
+    threshold: float | Tensor | None = None,
+    r: int | None = None,
+) -> tuple[TokenState, float | None]:
+    """One DToMe merge for a block.
+
+    ``mode="off"`` returns the state unchanged; ``"find"`` merges the batch's
+    ``B*r`` best pairs and returns the found threshold; ``"infer"`` merges every
+    pair above ``threshold`` (a float or a per-image ``[B]`` tensor).
+    """
+    if metric.shape[:2] != state.x.shape[:2]:
+        raise ValueError(
+            f"metric is {tuple(metric.shape)} but the hidden states are {tuple(state.x.shape)}: "
+            "batch and token dimensions must agree"
+        )
+    if mode == "off":
+        return state, None
+    scores, dst = bipartite_scores(metric, state.mask, protect_first)
+    if mode == "find":
+        if r is None:
+            raise ValueError("mode='find' needs r (tokens to merge per image at this layer)")
+        merge, found = select_top(scores, r)
+    elif mode == "infer":
+        if threshold is None:
+            raise ValueError("mode='infer' needs a threshold")
+        t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+        merge, found = select_above(scores, t[:, None] if t.dim() == 1 else t), None
+    else:
+        raise ValueError(f"mode must be 'off', 'find' or 'infer', got {mode!r}")
+    if not bool(merge.any()):
+        return state, found
+    return merge_tokens(state, merge, dst), found
+
+
+def size_bias(sizes: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Additive attention bias ``[B, 1, 1, N]`` for proportional attention.
+
+    ``log(size)`` on every key, which also masks padded keys (size 0) with the
+    dtype's most negative finite value rather than -inf, so no row is all -inf.
+    """
+    dtype = dtype or torch.float32
+    bias = torch.log(sizes.to(dtype).clamp_min(torch.finfo(dtype).tiny))
+    bias = bias.masked_fill(sizes <= 0, torch.finfo(dtype).min)
+    return bias[:, None, None, :]

@@ -1,0 +1,231 @@
+"""Merge schedules, running threshold statistics and threshold checkpoints.
+
+A threshold checkpoint is a small safetensors file::
+
+    thresholds    float32 [L]   per-layer threshold (+inf = never merge at that layer)
+    merge_counts  int64   [L]   the schedule's merge count per layer used while finding
+
+with string metadata ``format=dymu-thresholds``, ``encoder``, ``num_layers``,
+``schedule``, ``r_total`` and ``images_seen``. The original DyMU authors' ``.pth``
+files (``{"state_dict": {"...blocks.{i}.threshold": tensor}}``) are read by
+:func:`import_authors_pth` and by :func:`load_thresholds`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+Schedule = Literal["constant", "linear", "reverse_linear"]
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "reverse_linear")
+FORMAT = "dymu-thresholds"
+
+
+def merge_schedule(kind: str, r_total: int, num_layers: int) -> list[int]:
+    """Per-layer merge counts that sum to ``r_total``.
+
+    * ``constant``: ``r_total // L`` each, the remainder one by one on the first layers;
+    * ``linear``: proportional to ``L-1-l`` (most on the first layer, 0 on the last);
+    * ``reverse_linear``: proportional to ``l`` (0 on the first layer, most on the last).
+
+    Non-constant schedules are rounded by largest remainder (earlier layers win ties).
+    """
+    kind = kind.replace("-", "_")
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(SCHEDULES)}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if r_total < 0:
+        raise ValueError(f"r_total must be >= 0, got {r_total}")
+    if kind == "constant" or num_layers == 1:
+        base, extra = divmod(r_total, num_layers)
+        return [base + (1 if layer < extra else 0) for layer in range(num_layers)]
+    weights = [num_layers - 1 - layer for layer in range(num_layers)]
+    if kind == "reverse_linear":
+        weights.reverse()
+    total = sum(weights)
+    exact = [r_total * w / total for w in weights]
+    counts = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(num_layers), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: r_total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class RunningThresholds:
+    """Cumulative mean of per-layer thresholds over batches.
+
+    With ``torch.distributed`` initialised, each update first averages the
+    processes' values (all-reduce mean), so every process holds the same mean.
+    The first update replaces the initial values, as in the authors' code.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.mean = torch.zeros(num_layers, dtype=torch.float64)
+        self.batches = 0
+
+    def update(self, values: Sequence[float] | Tensor) -> Tensor:
+        v = torch.as_tensor(values, dtype=torch.float64).flatten()
+        if v.shape != self.mean.shape:
+            raise ValueError(f"expected {self.mean.numel()} per-layer thresholds, got {v.numel()}")
+        if bool(torch.isnan(v).any()):
+            raise ValueError(f"NaN threshold in update: {v.tolist()}")
+        v = all_reduce_mean(v)
+        self.batches += 1
+        self.mean += (v - self.mean) / self.batches
+        return self.mean
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return {"mean": self.mean.clone(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        mean = torch.as_tensor(state["mean"], dtype=torch.float64)
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"resume state has {mean.numel()} layers, expected {self.mean.numel()}")
+        self.mean, self.batches = mean.clone(), int(state["batches"])
+
+
+def all_reduce_mean(values: Tensor) -> Tensor:
+    """Average a tensor over processes when torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+@dataclass
+class ThresholdCheckpoint:
+    """Per-layer thresholds of one encoder, with how they were found."""
+
+    thresholds: Tensor  # float32 [L]
+    encoder: str
+    schedule: str = "constant"
+    r_total: int = 0
+    merge_counts: list[int] = field(default_factory=list)
+    images_seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.thresholds = torch.as_tensor(self.thresholds, dtype=torch.float32).flatten()
+        if bool(torch.isnan(self.thresholds).any()):
+            raise ValueError(f"thresholds for {self.encoder!r} contain NaN")
+        if self.merge_counts and len(self.merge_counts) != self.num_layers:
+            raise ValueError(
+                f"{len(self.merge_counts)} merge counts for {self.num_layers} layers in checkpoint of {self.encoder!r}"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return self.thresholds.numel()
+
+    def check(self, *, encoder: str | None = None, num_layers: int | None = None) -> "ThresholdCheckpoint":
+        """Raise if this checkpoint is not for ``encoder`` / a model of ``num_layers`` blocks."""
+        if encoder is not None and encoder != self.encoder:
+            raise ValueError(f"thresholds are for encoder {self.encoder!r}, not {encoder!r}")
+        if num_layers is not None and num_layers != self.num_layers:
+            raise ValueError(
+                f"thresholds for {self.encoder!r} have {self.num_layers} layers but the model has {num_layers}"
+            )
+        return self
+
+
+def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
+    """Write ``ckpt`` as safetensors (parent folders are created)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"thresholds": ckpt.thresholds.contiguous()}
+    if ckpt.merge_counts:
+        tensors["merge_counts"] = torch.tensor(ckpt.merge_counts, dtype=torch.int64)
+    metadata = {
+        "format": FORMAT,
+        "encoder": ckpt.encoder,
+        "num_layers": str(ckpt.num_layers),
+        "schedule": ckpt.schedule,
+        "r_total": str(ckpt.r_total),
+        "images_seen": str(ckpt.images_seen),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic: a killed run never leaves half a checkpoint
+    return path
+
+
+def load_thresholds(
+    path: str | Path, *, encoder: str | None = None, num_layers: int | None = None
+) -> ThresholdCheckpoint:
+    """Read a dymu safetensors checkpoint or an authors' ``.pth`` file, checking it fits."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"threshold checkpoint not found: {path}")
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return import_authors_pth(path, encoder=encoder or path.stem).check(num_layers=num_layers)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors threshold checkpoint: {err}") from err
+    if meta.get("format") != FORMAT or "thresholds" not in tensors:
+        raise ValueError(f"{path} is not a dymu threshold checkpoint (metadata format={meta.get('format')!r})")
+    ckpt = ThresholdCheckpoint(
+        thresholds=tensors["thresholds"],
+        encoder=meta.get("encoder", ""),
+        schedule=meta.get("schedule", "constant"),
+        r_total=int(meta.get("r_total", 0)),
+        merge_counts=tensors["merge_counts"].tolist() if "merge_counts" in tensors else [],
+        images_seen=int(meta.get("images_seen", 0)),
+    )
+    if int(meta.get("num_layers", ckpt.num_layers)) != ckpt.num_layers:
+        raise ValueError(f"{path}: metadata says {meta['num_layers']} layers, tensor has {ckpt.num_layers}")
+    return ckpt.check(encoder=encoder, num_layers=num_layers)
+
+
+_BLOCK_INDEX = re.compile(r"(\d+)\.threshold$")
+
+
+def import_authors_pth(path: str | Path, *, encoder: str | None = None) -> ThresholdCheckpoint:
+    """Read the original DyMU ``.pth`` format.
+
+    A torch-saved dict with ``state_dict`` (keys possibly prefixed ``module.``)
+    whose keys ending in ``.threshold`` hold one value per block, e.g.
+    ``visual.transformer.resblocks.{i}.threshold`` (CLIP) or
+    ``vision_model.encoder.layers.{i}.threshold`` (SigLIP).
+    """
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from err
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(blob).__name__}")
+    by_layer: dict[int, float] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        match = _BLOCK_INDEX.search(key)
+        if match is None:
+            continue
+        layer = int(match.group(1))
+        if layer in by_layer:
+            raise ValueError(f"{path}: two '.threshold' entries for block {layer}")
+        by_layer[layer] = float(torch.as_tensor(value).flatten()[0])
+    if not by_layer:
+        raise ValueError(f"{path}: no keys ending in '<block>.threshold' in its state_dict")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ValueError(f"{path}: threshold blocks are not numbered 0..{len(by_layer) - 1}: {sorted(by_layer)}")
+    name = encoder or (blob.get("name") if isinstance(blob.get("name"), str) else None) or path.stem
+    return ThresholdCheckpoint(
+        thresholds=torch.tensor([by_layer[i] for i in range(len(by_layer))]), encoder=name, schedule="unknown"
+    )
