@@ -4,12 +4,14 @@ Core pieces:
 
 * :mod:`dymu.merge` – the DToMe merge algorithm (pure torch).
 * :mod:`dymu.thresholds` – merge schedules, threshold statistics and checkpoints.
+* :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dymu.encoders import configure, get_state, last_run, patch, unpatch
 from dymu.merge import TokenState, dtome_step, size_bias
 from dymu.thresholds import (
     RunningThresholds,
@@ -21,6 +23,11 @@ from dymu.thresholds import (
 )
 
 __all__ = [
+    "patch",
+    "unpatch",
+    "configure",
+    "get_state",
+    "last_run",
     "TokenState",
     "dtome_step",
     "size_bias",

@@ -168,7 +168,7 @@ def load_thresholds(
     if not path.is_file():
         raise FileNotFoundError(f"threshold checkpoint not found: {path}")
     if path.suffix in (".pth", ".pt", ".bin"):
-        return import_authors_pth(path, encoder=encoder or path.stem).check(num_layers=num_layers)
+        return import_authors_pth(path).check(encoder=encoder, num_layers=num_layers)
     from safetensors import safe_open
 
     try:
@@ -225,7 +225,9 @@ def import_authors_pth(path: str | Path, *, encoder: str | None = None) -> Thres
         raise ValueError(f"{path}: no keys ending in '<block>.threshold' in its state_dict")
     if sorted(by_layer) != list(range(len(by_layer))):
         raise ValueError(f"{path}: threshold blocks are not numbered 0..{len(by_layer) - 1}: {sorted(by_layer)}")
+    # their files are named after the DyMU encoder ("ViT-L-14-336-tome-72out"); the encoder is the part before "-tome"
     name = encoder or (blob.get("name") if isinstance(blob.get("name"), str) else None) or path.stem
+    name = name.split("-tome")[0]
     return ThresholdCheckpoint(
         thresholds=torch.tensor([by_layer[i] for i in range(len(by_layer))]), encoder=name, schedule="unknown"
     )

@@ -1,0 +1,190 @@
+"""What every DToMe encoder adapter shares: the run state and the patch/unpatch mechanics.
+
+Pattern (ToMe's ``patch/timm.py``, tomesd's ``patch.py``): :func:`dymu.patch`
+swaps each transformer block's ``__class__`` for a subclass made by a small
+factory in the family's adapter, keeps the original class on the instance
+(``_dymu_parent``) and stores one :class:`DToMeState` on the model;
+:func:`dymu.unpatch` restores every class and removes every hook it registered.
+
+A patched block calls :meth:`DToMeState.attention_bias` before attention and
+:meth:`DToMeState.merge` between attention + residual and the MLP, with that
+block's keys (averaged over heads) as the metric, then :meth:`DToMeState.end_layer`.
+The encoder wrapper calls :meth:`DToMeState.begin` with the block input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from dymu.merge import Mode, TokenState, dtome_step, size_bias
+
+
+@dataclass
+class DToMeRun:
+    """Bookkeeping of the last forward pass of a patched encoder.
+
+    Index ``l`` of the per-layer lists is the output of block ``l-1`` (index 0 is
+    the input of the first block), the same indexing as transformers'
+    ``hidden_states`` tuple.
+    """
+
+    sizes: list[Tensor] = field(default_factory=list)  # [B, N_l] float, 0 at padding
+    source_maps: list[Tensor] = field(default_factory=list)  # [B, N0] long
+    found_thresholds: list[float] = field(default_factory=list)  # finding mode: one per block
+
+    def mask(self, layer: int = -1) -> Tensor:
+        """[B, N_l] bool, True for real tokens of ``layer``'s output."""
+        return self.sizes[layer] > 0
+
+    def num_tokens(self, layer: int = -1) -> Tensor:
+        """[B] long, tokens kept per image after ``layer``."""
+        return self.mask(layer).sum(1)
+
+    def tokens_per_layer(self) -> Tensor:
+        """[L+1, B] long: tokens per image at the input and after each block."""
+        return torch.stack([s.gt(0).sum(1) for s in self.sizes])
+
+
+@dataclass
+class DToMeState:
+    """Settings of a patched encoder plus the state of the forward pass in flight.
+
+    ``mode`` is ``"infer"`` (merge above ``thresholds``), ``"find"`` (merge the
+    batch's top ``merge_counts[l]`` per image and record thresholds) or ``"off"``.
+    """
+
+    num_layers: int
+    protect_first: bool
+    encoder: str
+    mode: Mode = "off"
+    thresholds: Tensor | None = None  # [L] float32
+    merge_counts: list[int] | None = None
+    threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
+    tokens: TokenState | None = None
+    run: DToMeRun = field(default_factory=DToMeRun)
+    hooks: list = field(default_factory=list)
+    _keys: Tensor | None = None
+    _merged: bool = False  # any merge or padding so far in this pass (else attention needs no bias)
+
+    def configure(
+        self,
+        *,
+        thresholds: Tensor | None = None,
+        merge_counts: list[int] | None = None,
+        mode: Mode | None = None,
+    ) -> None:
+        if thresholds is not None:
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+            if thresholds.numel() != self.num_layers:
+                raise ValueError(
+                    f"{thresholds.numel()} thresholds given but the encoder has {self.num_layers} blocks"
+                )
+            if bool(torch.isnan(thresholds).any()):
+                raise ValueError("thresholds contain NaN")
+            self.thresholds = thresholds
+        if merge_counts is not None:
+            if len(merge_counts) != self.num_layers:
+                raise ValueError(f"{len(merge_counts)} merge counts for an encoder of {self.num_layers} blocks")
+            self.merge_counts = list(merge_counts)
+        if mode is None:
+            mode = "find" if merge_counts is not None else "infer" if self.thresholds is not None else self.mode
+        if mode == "infer" and self.thresholds is None:
+            raise ValueError("mode 'infer' needs thresholds")
+        if mode == "find" and self.merge_counts is None:
+            raise ValueError("mode 'find' needs merge_counts (e.g. from dymu.merge_schedule)")
+        self.mode = mode
+
+    # -- called by the patched modules, in this order, during a forward pass
+    def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
+        self.tokens = TokenState.init(x, mask)
+        self._merged = mask is not None and not bool(mask.all())
+        self.run = DToMeRun(sizes=[self.tokens.sizes], source_maps=[self.tokens.source_map])
+
+    def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """Proportional-attention bias ``[B, 1, 1, N]`` (log size, padding masked), or None before any merge."""
+        if self.tokens is None:
+            raise RuntimeError("a DyMU block ran outside a patched encoder's forward (begin() was not called)")
+        return size_bias(self.tokens.sizes, dtype) if self._merged else None
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor) -> Tensor:
+        """Merge ``x`` (block's attention + residual) by ``metric`` and return the merged hidden states."""
+        assert self.tokens is not None
+        tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
+        if self.mode == "find":
+            tokens, found = dtome_step(
+                tokens, metric, mode="find", protect_first=self.protect_first, r=self.merge_counts[layer]
+            )
+            self.run.found_thresholds.append(float(found))
+        elif self.mode == "infer":
+            threshold = float(self.thresholds[layer]) + self.threshold_offset
+            tokens, _ = dtome_step(tokens, metric, mode="infer", protect_first=self.protect_first, threshold=threshold)
+        self._merged = self._merged or tokens.x is not x  # dtome_step returns its input when nothing merged
+        self.tokens = tokens
+        return tokens.x
+
+    def end_layer(self, x: Tensor) -> Tensor:
+        """Record the block output; padding rows are zeroed so they never leak into later blocks."""
+        assert self.tokens is not None
+        if self._merged:
+            x = x * self.tokens.mask[..., None].to(x.dtype)
+        self.tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
+        self.run.sizes.append(self.tokens.sizes)
+        self.run.source_maps.append(self.tokens.source_map)
+        return x
+
+    # -- hooks
+    def capture_keys(self, module: nn.Module, num_heads: int) -> None:
+        """Record ``module``'s output (the key projection, [B, N, H*D]) averaged over heads as the metric."""
+
+        def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+            B, N, _ = output.shape
+            self._keys = output.view(B, N, num_heads, -1).mean(2)
+
+        self.hooks.append(module.register_forward_hook(hook))
+
+    def take_keys(self) -> Tensor:
+        keys, self._keys = self._keys, None
+        if keys is None:
+            raise RuntimeError("the block's key projection did not run: cannot compute the merge metric")
+        return keys
+
+
+# ---------------------------------------------------------------- class swapping
+def swap_class(module: nn.Module, factory: Callable[[type], type], state: DToMeState, **attrs) -> None:
+    """Give ``module`` a DyMU subclass of its class; remember the original for :func:`restore_class`."""
+    if hasattr(module, "_dymu_parent"):
+        raise ValueError(f"{type(module).__name__} is already patched by dymu; call dymu.unpatch first")
+    parent = module.__class__
+    module.__class__ = _subclass(factory, parent)
+    module._dymu_parent = parent
+    module._dymu = state
+    for name, value in attrs.items():
+        setattr(module, f"_dymu_{name}", value)
+
+
+def restore_class(module: nn.Module) -> None:
+    parent = module.__dict__.pop("_dymu_parent", None)
+    if parent is None:
+        return
+    module.__class__ = parent
+    for name in [n for n in module.__dict__ if n.startswith("_dymu")]:
+        del module.__dict__[name]
+
+
+_SUBCLASSES: dict[tuple[Callable, type], type] = {}
+
+
+def _subclass(factory: Callable[[type], type], parent: type) -> type:
+    # one subclass per (factory, parent): isinstance checks and pickling stay stable across patches
+    key = (factory, parent)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = factory(parent)
+    return _SUBCLASSES[key]
+
+
+def patched_modules(model: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in model.modules() if "_dymu_parent" in m.__dict__)

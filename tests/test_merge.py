@@ -1,0 +1,283 @@
+"""DToMe merge core: invariants, a naive reference, padded batches, finding vs inference, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dymu.merge import TokenState, bipartite_scores, dtome_step, merge_tokens, select_top, size_bias
+
+
+# ---------------------------------------------------------------- naive reference (plain Python loops)
+def naive_infer(x0: torch.Tensor, proj: torch.Tensor, thresholds: list[float], protect_first: bool):
+    """One image, several layers, metric = token @ proj: the member sets per final token, in final order."""
+    groups = [[j] for j in range(x0.shape[0])]
+    for thr in thresholds:
+        n = len(groups)
+        metric = [x0[g].mean(0) @ proj for g in groups]
+        unit = [m / m.norm().clamp_min(1e-12) for m in metric]
+        target = {}
+        for i in range(0, n, 2):  # A = even
+            if protect_first and i == 0:
+                continue
+            best, best_j = -math.inf, None
+            for j in range(1, n, 2):  # B = odd
+                s = float(unit[i] @ unit[j])
+                if s > best:
+                    best, best_j = s, j
+            if best_j is not None and best > thr:
+                target[i] = best_j
+        new_groups = []
+        for i in range(n):
+            if i in target:
+                continue
+            members = list(groups[i])
+            for a, b in target.items():
+                if b == i:
+                    members += groups[a]
+            new_groups.append(sorted(members))
+        # merged tokens keep the order of their first member, as dymu does
+        groups = sorted(new_groups, key=min)
+    return groups
+
+
+def groups_of(state: TokenState, b: int) -> list[list[int]]:
+    n = int(state.num_tokens[b])
+    sm = state.source_map[b]
+    return [sorted(torch.nonzero(sm == i).flatten().tolist()) for i in range(n)]
+
+
+def run_infer(x, metrics_fn, thresholds, protect_first, mask=None):
+    state = TokenState.init(x, mask)
+    metrics = []
+    for thr in thresholds:
+        metric = metrics_fn(state)
+        metrics.append(metric)
+        state, _ = dtome_step(state, metric, mode="infer", protect_first=protect_first, threshold=thr)
+    return state, metrics
+
+
+def check_mass(state: TokenState, x0: torch.Tensor, n0: torch.Tensor) -> None:
+    """Sizes sum to N, each original position covered exactly once, x = mean of its members."""
+    for b in range(x0.shape[0]):
+        n = int(state.num_tokens[b])
+        sm = state.source_map[b, : int(n0[b])]
+        assert bool((sm >= 0).all()) and bool((sm < n).all())
+        assert float(state.sizes[b].sum()) == pytest.approx(float(n0[b]))
+        counts = torch.bincount(sm, minlength=n)
+        assert torch.equal(counts.float(), state.sizes[b, :n])
+        for i in range(n):
+            expected = x0[b, : int(n0[b])][sm == i].mean(0)
+            torch.testing.assert_close(state.x[b, i], expected, atol=1e-5, rtol=1e-5)
+        assert bool((state.sizes[b, n:] == 0).all()) and bool((state.x[b, n:] == 0).all())
+
+
+# ---------------------------------------------------------------- tests
+def test_merging_nothing_is_identity():
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 8)
+    state = TokenState.init(x)
+    for kwargs in ({"mode": "infer", "threshold": math.inf}, {"mode": "find", "r": 0}, {"mode": "off"}):
+        out, _ = dtome_step(state, torch.randn(3, 11, 5), protect_first=True, **kwargs)
+        assert torch.equal(out.x, x)
+        assert torch.equal(out.sizes, torch.ones(3, 11))
+        assert torch.equal(out.source_map, torch.arange(11).expand(3, 11))
+
+
+def test_inference_matches_naive_reference_and_conserves_mass():
+    torch.manual_seed(1)
+    x = torch.randn(2, 17, 6)
+    proj = torch.randn(6, 4)
+    state, metrics = run_infer(x, lambda s: s.x @ proj, [0.2, 0.0, -0.5], protect_first=True)
+    check_mass(state, x, torch.tensor([17, 17]))
+    for b in range(2):
+        assert groups_of(state, b) == naive_infer(x[b], proj, [0.2, 0.0, -0.5], protect_first=True)
+    # CLS (position 0) stays alone
+    assert bool((state.source_map[:, 0] == 0).all()) and bool((state.sizes[:, 0] == 1).all())
+
+
+def test_wrong_merge_fails_the_mass_check():
+    """The mass check is sensitive: an unweighted average (ignoring sizes) is caught."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 9, 4)
+    state, _ = run_infer(x, lambda s: s.x, [-1.0, -1.0], protect_first=False)
+    assert bool((state.sizes > 1).any())
+    wrong = TokenState(state.x + 0.01 * (state.sizes[..., None] > 1), state.sizes, state.source_map)
+    with pytest.raises(AssertionError):
+        check_mass(wrong, x, torch.tensor([9]))
+
+
+def test_find_merges_exactly_B_times_r_and_threshold_reproduces_it():
+    torch.manual_seed(3)
+    B, N, r = 4, 25, 5
+    x = torch.randn(B, N, 8)
+    metric = torch.randn(B, N, 8)
+    state = TokenState.init(x)
+    found_state, thr = dtome_step(state, metric, mode="find", protect_first=True, r=r)
+    assert int(found_state.num_tokens.sum()) == B * N - B * r
+    assert thr >= 0
+    # counts per image vary: merging is batch-level, not per image
+    scores, _ = bipartite_scores(metric, state.mask, protect_first=True)
+    assert float(scores[torch.isfinite(scores)].sort(descending=True).values[B * r]) == pytest.approx(thr)
+    infer_state, _ = dtome_step(state, metric, mode="infer", protect_first=True, threshold=thr)
+    assert torch.equal(infer_state.num_tokens, found_state.num_tokens)
+    assert torch.equal(infer_state.source_map, found_state.source_map)
+
+
+def test_find_ties_are_deterministic():
+    B, N, r = 2, 10, 2
+    metric = torch.ones(B, N, 3)  # every score is 1.0: all tied
+    x = torch.randn(B, N, 3)
+    a, ta = dtome_step(TokenState.init(x), metric, mode="find", protect_first=False, r=r)
+    b, tb = dtome_step(TokenState.init(x), metric, mode="find", protect_first=False, r=r)
+    assert torch.equal(a.source_map, b.source_map) and ta == tb
+    assert int(a.num_tokens.sum()) == B * N - B * r
+    # ties go to the earliest candidates: image 0's first A tokens
+    assert a.num_tokens.tolist() == [N - B * r, N]
+
+
+def test_threshold_is_clamped_at_zero():
+    torch.manual_seed(4)
+    metric = torch.randn(1, 6, 2)
+    merge, thr = select_top(torch.tensor([[-0.5, -0.7, -0.9]]), 1)
+    assert thr == 0.0 and merge.tolist() == [[True, False, False]]
+    del metric
+
+
+def test_padded_batch_equals_one_by_one():
+    torch.manual_seed(5)
+    lengths = [13, 7, 10]
+    N, C = max(lengths), 6
+    x = torch.zeros(3, N, C)
+    mask = torch.zeros(3, N, dtype=torch.bool)
+    singles = []
+    for b, n in enumerate(lengths):
+        x[b, :n] = torch.randn(n, C)
+        mask[b, :n] = True
+        singles.append(x[b : b + 1, :n].clone())
+    proj = torch.randn(C, C)
+    thresholds = [0.1, -0.2, 0.3]
+    batched, _ = run_infer(x, lambda s: s.x @ proj, thresholds, True, mask)
+    check_mass(batched, x, torch.tensor(lengths))
+    for b, xs in enumerate(singles):
+        alone, _ = run_infer(xs, lambda s: s.x @ proj, thresholds, True)
+        n = int(alone.num_tokens[0])
+        assert int(batched.num_tokens[b]) == n
+        torch.testing.assert_close(batched.x[b, :n], alone.x[0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(batched.source_map[b, : lengths[b]], alone.source_map[0])
+        assert bool((batched.source_map[b, lengths[b] :] == -1).all())
+
+
+def test_per_image_threshold_tensor():
+    torch.manual_seed(6)
+    x = torch.randn(2, 9, 4)
+    state = TokenState.init(x)
+    out, _ = dtome_step(state, x, mode="infer", protect_first=False, threshold=torch.tensor([math.inf, -1.0]))
+    assert out.num_tokens.tolist() == [9, 4]  # all 5 A tokens merge into the 4 B tokens
+
+
+def test_size_bias():
+    sizes = torch.tensor([[1.0, 3.0, 0.0]])
+    bias = size_bias(sizes)
+    assert bias.shape == (1, 1, 1, 3)
+    assert float(bias[0, 0, 0, 0]) == 0.0
+    assert float(bias[0, 0, 0, 1]) == pytest.approx(math.log(3))
+    assert float(bias[0, 0, 0, 2]) == torch.finfo(torch.float32).min
+    # proportional attention: a token of size 3 gets the weight of 3 identical tokens
+    scores = torch.tensor([0.3, 0.3, 0.7])
+    dup = torch.softmax(torch.tensor([0.3, 0.3, 0.3, 0.3, 0.7]), 0)
+    prop = torch.softmax(scores + size_bias(torch.tensor([[1.0, 3.0, 1.0]]))[0, 0, 0], 0)
+    torch.testing.assert_close(prop[2], dup[4])
+    torch.testing.assert_close(prop[1], dup[1:4].sum())
+
+
+def test_assignment_matches_source_map():
+    torch.manual_seed(7)
+    x = torch.randn(2, 12, 3)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    state, _ = run_infer(x * mask[..., None], lambda s: s.x, [0.0, 0.0], False, mask)
+    A = state.assignment()
+    for b, n0 in enumerate([12, 9]):
+        n = int(state.num_tokens[b])
+        assert torch.equal(A[b, :n, :n0].sum(0), torch.ones(n0))
+        assert torch.equal(A[b].sum(1), state.sizes[b])
+        torch.testing.assert_close(A[b, :n, :n0] @ x[b, :n0] / state.sizes[b, :n, None], state.x[b, :n])
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    x = torch.randn(2, 8, 4)
+    state = TokenState.init(x)
+    with pytest.raises(ValueError, match="batch and token dimensions"):
+        dtome_step(state, torch.randn(2, 7, 4), mode="infer", protect_first=True, threshold=0.0)
+    with pytest.raises(ValueError, match=r"\[batch, tokens, channels\]"):
+        TokenState.init(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="cannot merge"):
+        dtome_step(state, torch.randn(2, 8, 4), mode="find", protect_first=True, r=4)
+    with pytest.raises(ValueError, match="NaN"):
+        dtome_step(state, torch.randn(2, 8, 4), mode="infer", protect_first=True, threshold=float("nan"))
+    with pytest.raises(ValueError, match="mode must be"):
+        dtome_step(state, torch.randn(2, 8, 4), mode="merge", protect_first=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="left-aligned"):
+        TokenState.init(x, torch.tensor([[False] + [True] * 7, [True] * 8]))
+    with pytest.raises(ValueError, match="needs r"):
+        dtome_step(state, x, mode="find", protect_first=True)
+
+
+# ---------------------------------------------------------------- property-based
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=4),
+    channels=st.integers(1, 6),
+    thresholds=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=4),
+    protect_first=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_infer_invariants(lengths, channels, thresholds, protect_first, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = max(lengths)
+    mask = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
+    x = torch.randn(len(lengths), N, channels, generator=g) * mask[..., None]
+    proj = torch.randn(channels, channels, generator=g)
+    state, _ = run_infer(x, lambda s: s.x @ proj, thresholds, protect_first, mask)
+    check_mass(state, x, torch.tensor(lengths))
+    for b, n in enumerate(lengths):
+        alone, _ = run_infer(x[b : b + 1, :n], lambda s: s.x @ proj, thresholds, protect_first)
+        assert torch.equal(alone.source_map[0], state.source_map[b, :n])
+        if protect_first:
+            assert int(state.sizes[b, 0]) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    n=st.integers(3, 30),
+    r=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_property_find_counts(batch, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 4, generator=g)
+    metric = torch.randn(batch, n, 4, generator=g)
+    state = TokenState.init(x)
+    max_r = (n + 1) // 2 - 1  # A tokens minus the protected one
+    if r > max_r:
+        with pytest.raises(ValueError, match="cannot merge"):
+            dtome_step(state, metric, mode="find", protect_first=True, r=r)
+        return
+    out, thr = dtome_step(state, metric, mode="find", protect_first=True, r=r)
+    assert int(out.num_tokens.sum()) == batch * (n - r)
+    assert thr >= 0
+    check_mass(out, x, torch.full((batch,), n))
+
+
+def test_merge_tokens_keeps_dtype():
+    x = torch.randn(1, 6, 4, dtype=torch.bfloat16)
+    state = TokenState.init(x)
+    out = merge_tokens(state, torch.tensor([[False, True, False]]), torch.tensor([[1, 3, 5]]))
+    assert out.x.dtype == torch.bfloat16 and out.num_tokens.tolist() == [5]
