@@ -1,0 +1,52 @@
+"""The `dymu` CLI skeleton and the embedded default job (`dymu demo`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dymu.cli import main
+from dymu.demo import run_demo
+from dymu.samples import KINDS, make_image
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "usage: dymu" in capsys.readouterr().out
+
+
+def test_demo_flat_keeps_fewer_tokens_than_textured():
+    result = run_demo(layers=4, image_size=112, r_total=40, calibration_images=8)
+    flat, textured = result.tokens_per_layer["flat"], result.tokens_per_layer["textured"]
+    assert flat[0] == textured[0] == (112 // 14) ** 2 + 1
+    assert flat[-1] < textured[-1] / 2
+    assert all(a >= b for a, b in zip(flat, flat[1:]))  # token counts never grow
+    assert len(result.thresholds) == 4 and sum(result.merge_counts) == 40
+
+
+def test_demo_command_runs_as_a_program():
+    out = subprocess.run(
+        [sys.executable, "-m", "dymu", "demo", "--layers", "3", "--image-size", "112", "--r-total", "30"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "flat" in out and "textured" in out and "threshold" in out
+
+
+def test_samples():
+    for kind in KINDS:
+        img = make_image(kind, 32)
+        assert img.size == (32, 32) and img.mode == "RGB"
+    with pytest.raises(ValueError, match="unknown image kind"):
+        make_image("plaid")
