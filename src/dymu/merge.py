@@ -169,10 +169,15 @@ def merge_tokens(state: TokenState, merge: Tensor, dst: Tensor) -> TokenState:
     target[:, ::2] = torch.where(merge, dst, target[:, ::2])
     kept = mask.clone()
     kept[:, ::2] &= ~merge
-    new_pos = kept.cumsum(1) - 1
+    # A merged token takes the place of its earliest member (a group's smallest current index),
+    # so tokens stay in the raster order of their first original patch.
+    positions = torch.arange(N, device=x.device).expand(B, N)
+    first_member = torch.full_like(positions, N).scatter_reduce(1, target, positions, "amin")
+    order = torch.where(kept, first_member, N + positions).argsort(dim=1)
+    new_pos = torch.empty_like(order).scatter_(1, order, positions)
     n_out = int(kept.sum(1).max()) if B else 0
     new_index = torch.where(mask, new_pos.gather(1, target), n_out)  # padding goes to a dump slot
-    weighted = (x.float() * sizes[..., None]).to(torch.float32)
+    weighted = x.float() * sizes[..., None]  # accumulate in fp32 even for half-precision x
     total = x.new_zeros(B, n_out + 1, C, dtype=torch.float32)
     total.scatter_add_(1, new_index[..., None].expand(B, N, C), weighted)
     new_sizes = sizes.new_zeros(B, n_out + 1).scatter_add_(1, new_index, sizes)[:, :n_out]
