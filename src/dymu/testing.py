@@ -1,0 +1,123 @@
+"""Small randomly initialised models, tokenizers and processors built from configs (no downloads).
+
+Used by the tests, the docs' examples and the benchmarks. Real weights cannot be
+fetched here, so equivalence on random weights is the proof; ``scale_weights``
+makes attention far from uniform so that position and masking bugs show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# A word-level vocabulary: special tokens, chat words, and w0..w{N} filler words.
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }} {% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def scale_weights(model: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
+    """Re-draw every matrix (dim >= 2) with ``std``: tiny random models otherwise attend almost uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def word_tokenizer(num_words: int = 120):
+    """A fast word-level tokenizer with ``<image>`` and ``<pad>`` tokens (ids 4 and 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + [f"w{i}" for i in range(num_words - len(SPECIAL))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_clip_vision_config(image_size: int = 56, patch_size: int = 14, layers: int = 4, hidden: int = 64, **kw):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        **kw,
+    )
+
+
+def tiny_llama_config(vocab_size: int = 120, layers: int = 2, hidden: int = 64, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        **kw,
+    )
+
+
+def tiny_llava(image_size: int = 56, seed: int = 0, std: float | None = 0.3, text_layers: int = 2, vision_layers: int = 4):
+    """A tiny random ``LlavaForConditionalGeneration`` (CLIP tower + Llama) and its ``LlavaProcessor``."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer()
+    config = LlavaConfig(
+        vision_config=tiny_clip_vision_config(image_size=image_size, layers=vision_layers),
+        text_config=tiny_llama_config(vocab_size=len(tokenizer), layers=text_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    if std is not None:
+        scale_weights(model, std, seed)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def save_tiny_llava(directory: str | Path, **kw) -> Path:
+    """Build :func:`tiny_llava` and save model + processor to ``directory`` (HF llava format)."""
+    model, processor = tiny_llava(**kw)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -1,0 +1,6 @@
+"""DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`)."""
+
+from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
+from dymu.vlm.loading import convert_original_llava, load_llava
+
+__all__ = ["Answer", "answer", "enable_dymu", "disable_dymu", "load_llava", "convert_original_llava"]

@@ -1,0 +1,346 @@
+"""LLaVA-1.5 with DyMU, on transformers' own ``LlavaForConditionalGeneration`` (no forked model code).
+
+:func:`enable_dymu` turns a stock model into a DyMU model in place:
+
+1. the vision tower is patched with DToMe (:func:`dymu.patch`), so each image keeps its own number of tokens;
+2. the model instance gets a thin subclass whose ``forward``/``generate`` encode the images first, collapse each
+   image's run of placeholder tokens (the processor expanded every ``<image>`` to the full 576) to that image's
+   merged count, and hand the projected merged features to the stock code through ``mm_encoder_outputs``;
+3. the language model runs VTU (:mod:`dymu.vtu`): every merged token stands for the original patch positions it
+   covers (its source map), placed where the image's placeholders were.
+
+Inputs are what the stock model takes (the llava-hf processor's output, any padding side); ``generate`` returns
+the caller's ``input_ids`` followed by the new tokens, like the stock model. ``forward``'s logits are laid out on
+the merged sequence (left-padded). Each call's per-image visual token counts are on
+``model.dymu_last_counts`` (also on the forward output as ``visual_token_counts``) and logged at INFO level.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+import dymu
+from dymu import vtu as vtu_lib
+
+logger = logging.getLogger(__name__)
+
+VTUMode = Literal["fast", "exact", "off"]
+
+
+@dataclass
+class DyMUSettings:
+    """What a ``dymu`` block in ``config.json`` holds (all optional)."""
+
+    encoder: str | None = None  # DyMU encoder name, e.g. "ViT-L-14-336-tome-72out"
+    thresholds: str | None = None  # threshold checkpoint path (default: the encoder name's checkpoint)
+    vtu: VTUMode = "fast"
+    threshold_offset: float = 0.0
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any]) -> "DyMUSettings":
+        unknown = set(block) - {"encoder", "thresholds", "vtu", "threshold_offset"}
+        if unknown:
+            raise ValueError(
+                f"unknown keys in the 'dymu' config block: {sorted(unknown)}; "
+                "expected encoder, thresholds, vtu, threshold_offset"
+            )
+        settings = cls(**block)
+        if settings.vtu not in ("fast", "exact", "off"):
+            raise ValueError(f"dymu.vtu must be 'fast', 'exact' or 'off', got {settings.vtu!r}")
+        return settings
+
+
+@dataclass
+class PreparedInputs:
+    """Merged-layout inputs for the stock model, plus what VTU needs."""
+
+    input_ids: Tensor  # [B, M] left-padded, each image's placeholders collapsed to its merged count
+    attention_mask: Tensor  # [B, M]
+    position_ids: Tensor | None  # [B, M] virtual positions (VTU), None without VTU
+    image_features: list[Tensor]  # per image [k_i, D_text]
+    visual_token_counts: list[int]
+    vtu_batch: Any = None  # dymu.vtu.VTUBatch when VTU is on
+    groups: list[Tensor] = field(default_factory=list)  # per row: virtual position -> merged slot
+
+
+def full_image_tokens(model: nn.Module) -> int:
+    """Placeholder tokens per image in the stock model (576 for CLIP ViT-L/14-336 with 'default')."""
+    vc = model.config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, pixel_values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Run the DToMe tower; return per image its projected merged features ``[k_i, D]`` and patch map.
+
+    The patch map ``[n_full]`` gives, for every feature position the stock model would produce, the index of the
+    merged feature that covers it (the source map of ``vision_feature_layer``, CLS dropped for 'default').
+    """
+    config = model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"DyMU needs one vision_feature_layer (merged token sets differ between layers), got {layer!r}"
+        )
+    tower = model.model.vision_tower
+    pixel_values = pixel_values.to(tower.dtype)
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    run = dymu.last_run(tower)
+    counts = run.num_tokens(layer).tolist()
+    source_map = run.source_maps[layer]
+    drop_cls = config.vision_feature_select_strategy == "default"
+    features, patch_maps = [], []
+    for b, n in enumerate(counts):
+        start = 1 if drop_cls else 0  # CLS is protected: alone at index 0
+        features.append(hidden[b, start:n])
+        patch_maps.append(source_map[b, start:] - start)
+    projected = model.model.multi_modal_projector(torch.cat(features))
+    return list(projected.split([f.shape[0] for f in features])), patch_maps
+
+
+def collapse_placeholders(
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    image_token_id: int,
+    full_count: int,
+    patch_maps: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per row: merged token ids (each image's run collapsed to its merged count) and the groups.
+
+    ``groups[p]`` is the merged slot of virtual position ``p``, the virtual sequence being the row as the stock
+    model sees it (each image ``full_count`` positions). A run of ``full_count * m`` placeholders holds ``m``
+    images; a single placeholder stands for one image (the original LLaVA's unexpanded ``<image>``).
+    """
+    rows, groups = [], []
+    image = 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+        values, lengths = torch.unique_consecutive(ids == image_token_id, return_counts=True)
+        merged, row_groups = [], []
+        slot = position = 0
+        for is_image, length in zip(values.tolist(), lengths.tolist()):
+            if not is_image:
+                merged.append(ids[position : position + length])
+                row_groups.append(torch.arange(slot, slot + length))
+                slot += length
+            else:
+                if length != 1 and length % full_count:
+                    raise ValueError(
+                        f"row {b} has a run of {length} image tokens; expected {full_count} per image "
+                        "(the processor's expansion of <image>) or a single <image> per image"
+                    )
+                for _ in range(max(1, length // full_count)):
+                    if image >= len(patch_maps):
+                        raise ValueError(
+                            f"the prompts hold more image placeholders than the {len(patch_maps)} images given"
+                        )
+                    pmap = patch_maps[image].to(ids.device)
+                    k = int(pmap.max()) + 1
+                    merged.append(torch.full((k,), image_token_id, dtype=ids.dtype, device=ids.device))
+                    row_groups.append(pmap + slot)
+                    slot += k
+                    image += 1
+            position += length
+        rows.append(torch.cat(merged))
+        groups.append(torch.cat(row_groups).cpu())
+    if image != len(patch_maps):
+        raise ValueError(
+            f"{len(patch_maps)} images were given but the prompts hold placeholders for {image}: "
+            "each image needs an <image> token in its prompt"
+        )
+    return rows, groups
+
+
+def left_pad(rows: list[Tensor], pad_value: int) -> tuple[Tensor, Tensor]:
+    length = max(r.shape[0] for r in rows)
+    ids = rows[0].new_full((len(rows), length), pad_value)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for b, r in enumerate(rows):
+        ids[b, length - r.shape[0] :] = r
+        mask[b, length - r.shape[0] :] = 1
+    return ids, mask
+
+
+def prepare_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor) -> PreparedInputs:
+    """Encode the images with DToMe and lay the prompt out on the merged sequence."""
+    config = model.config
+    if not bool((input_ids == config.image_token_id).any()):
+        raise ValueError(
+            f"pixel_values were given but no prompt holds the image token (id {config.image_token_id}); "
+            "put '<image>' in the prompt (the chat template does this for {'type': 'image'} content)"
+        )
+    features, patch_maps = encode_images(model, pixel_values)
+    rows, groups = collapse_placeholders(
+        input_ids, attention_mask, config.image_token_id, full_image_tokens(model), patch_maps
+    )
+    counts = [f.shape[0] for f in features]
+    pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+    mode = model._dymu_llava_vtu
+    if mode == "off":
+        ids, mask = left_pad(rows, pad)
+        return PreparedInputs(ids, mask, None, features, counts, None, groups)
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left")
+    ids, mask = left_pad(rows, pad)
+    return PreparedInputs(
+        ids, batch.attention_mask.to(ids.device), batch.position_ids.to(ids.device), features, counts, batch, groups
+    )
+
+
+def _log_counts(model: nn.Module, counts: list[int]) -> None:
+    model.dymu_last_counts = counts
+    t = torch.tensor(counts, dtype=torch.float32)
+    std = float(t.std()) if len(counts) > 1 else 0.0
+    logger.info("DyMU visual tokens per image: %.1f ± %.1f (%s)", float(t.mean()), std, counts)
+
+
+def make_dymu_llava(parent: type) -> type:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    class DyMULlavaForConditionalGeneration(parent):
+        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            if pixel_values is None or input_ids is None:
+                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+            if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
+            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values)
+            _log_counts(self, prep.visual_token_counts)
+            if prep.position_ids is not None:
+                kwargs["position_ids"] = prep.position_ids
+            with vtu_lib.vtu_context(prep.vtu_batch):
+                out = super().forward(
+                    input_ids=prep.input_ids,
+                    attention_mask=prep.attention_mask,
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
+                    **kwargs,
+                )
+            out["visual_token_counts"] = prep.visual_token_counts
+            return out
+
+        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            if pixel_values is None or input_ids is None:
+                return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values)
+            _log_counts(self, prep.visual_token_counts)
+            if prep.position_ids is not None:
+                kwargs["position_ids"] = prep.position_ids
+            with vtu_lib.vtu_context(prep.vtu_batch):
+                out = super().generate(
+                    input_ids=prep.input_ids,
+                    attention_mask=prep.attention_mask,
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
+                    **kwargs,
+                )
+            # give back the caller's prompt + the new tokens, as the stock model does
+            sequences = out if isinstance(out, Tensor) else out.sequences
+            full = torch.cat([input_ids.to(sequences.device), sequences[:, prep.input_ids.shape[1] :]], dim=1)
+            if isinstance(out, Tensor):
+                return full
+            out.sequences = full
+            return out
+
+    DyMULlavaForConditionalGeneration.__qualname__ = DyMULlavaForConditionalGeneration.__name__ = f"DyMU{parent.__name__}"
+    return DyMULlavaForConditionalGeneration
+
+
+def enable_dymu(
+    model: nn.Module,
+    thresholds: dymu.encoders.ThresholdsLike | None = None,
+    *,
+    vtu: VTUMode = "fast",
+    threshold_offset: float = 0.0,
+) -> nn.Module:
+    """Make a stock ``LlavaForConditionalGeneration`` run DyMU (in place; returns the model).
+
+    ``thresholds=None`` keeps merging off (the model then reproduces the stock outputs). ``vtu`` selects
+    virtual token unmerging in the language model: ``"fast"`` (default), ``"exact"``, or ``"off"`` (merged
+    tokens at consecutive positions, the plain baseline).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    if vtu not in ("fast", "exact", "off"):
+        raise ValueError(f"vtu must be 'fast', 'exact' or 'off', got {vtu!r}")
+    if hasattr(model, "_dymu_llava_vtu"):
+        raise ValueError("DyMU is already enabled on this model; call disable_dymu first")
+    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset)
+    if vtu != "off":
+        vtu_lib.enable_vtu(model, vtu)
+    parent = model.__class__
+    model.__class__ = make_dymu_llava(parent)
+    model._dymu_llava_parent = parent
+    model._dymu_llava_vtu = vtu
+    return model
+
+
+def disable_dymu(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_dymu`: stock classes, hooks and attention implementation."""
+    parent = model.__dict__.pop("_dymu_llava_parent", None)
+    if parent is None:
+        return model
+    if model.__dict__.pop("_dymu_llava_vtu") != "off":
+        vtu_lib.disable_vtu(model)
+    dymu.unpatch(model.model.vision_tower)
+    model.__class__ = parent
+    model.__dict__.pop("dymu_last_counts", None)
+    return model
+
+
+@dataclass
+class Answer:
+    """One generated answer and how many visual tokens its image kept."""
+
+    text: str
+    visual_tokens: int
+
+
+def load_image(image: Any):
+    """A PIL RGB image from a path or a PIL image; a clear error for unreadable files."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {image}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {image}: {err}") from None
+
+
+@torch.no_grad()
+def answer(
+    model: nn.Module,
+    processor: Any,
+    images: list[Any],
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    **generate_kwargs: Any,
+) -> list[Answer]:
+    """Greedy answers to one question per image, batched; each prompt is wrapped in the chat template."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
+    pil = [load_image(i) for i in images]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(model.device)
+    generate_kwargs.setdefault("do_sample", False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+    new_tokens = out[:, inputs["input_ids"].shape[1] :]
+    decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
+    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model)] * len(pil)
+    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)]

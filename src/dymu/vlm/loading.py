@@ -1,0 +1,228 @@
+"""Loading LLaVA-1.5 with DyMU: llava-hf checkpoints (with an optional ``dymu`` config block) and original
+LLaVA checkpoints (``LlavaLlamaForCausalLM`` with ``mm_vision_tower``).
+
+* llava-hf format: ``config.json`` may hold a block
+  ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}``.
+* original format: ``mm_vision_tower`` names the CLIP tower; naming a DyMU tower instead
+  (``ViT-L-14-336-tome-72out``) turns DyMU on — the habit of the authors' code. transformers ships no
+  converter for these checkpoints: :func:`convert_original_llava` builds the llava-hf model in memory
+  (and ``dymu convert-llava`` saves it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dymu.vlm.llava import DyMUSettings, VTUMode, enable_dymu
+
+# transformers' names for the original checkpoint's weights
+ORIGINAL_KEY_MAPPING = {
+    r"^model\.mm_projector\.0\.": "model.multi_modal_projector.linear_1.",
+    r"^model\.mm_projector\.2\.": "model.multi_modal_projector.linear_2.",
+    r"^model\.(embed_tokens|layers|norm)\.": r"model.language_model.\1.",
+}
+LLAMA_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "vocab_size",
+    "hidden_act",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "attention_bias",
+)
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA_V1_TEMPLATE = (
+    "{{ '" + LLAVA_V1_SYSTEM + "' }}"
+    "{% for m in messages %}{{ ' ' + m['role'].upper() + ': ' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+_DYMU_NAME = re.compile(r"^(?P<base>.+?)-tome(?:-(?P<out>\d+)out)?(?P<rest>.*)$")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}: expected a llava-hf or original LLaVA checkpoint folder")
+    return json.loads(config_file.read_text())
+
+
+def is_original_llava(config: dict[str, Any]) -> bool:
+    return "mm_vision_tower" in config and config.get("model_type") != "llava"
+
+
+def dymu_tower(name: str) -> tuple[str, str] | None:
+    """For a DyMU tower name, (base encoder name, DyMU name); None for a plain tower name."""
+    from dymu.encoders import names
+
+    parse = getattr(names, "parse_dymu_name", None)
+    if parse is not None:
+        try:
+            spec = parse(name)
+        except ValueError:
+            spec = None
+        if spec is not None:
+            return spec.hf_name, spec.name
+    match = _DYMU_NAME.match(name)
+    if match is None:
+        return None
+    return names.hf_name_of(match["base"]) if hasattr(names, "hf_name_of") else match["base"], name
+
+
+def default_thresholds_path(dymu_name: str) -> Path:
+    from dymu.encoders import names
+
+    fn = getattr(names, "checkpoint_path", None)
+    if fn is not None:
+        return Path(fn(dymu_name))
+    return Path("checkpoints/threshold_checkpoints") / f"{dymu_name}.safetensors"
+
+
+def convert_original_llava(
+    path: str | Path,
+    *,
+    vision_tower: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any, DyMUSettings]:
+    """Build a llava-hf ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from an original LLaVA-1.5 folder.
+
+    ``vision_tower`` overrides where the CLIP tower's weights are loaded from (a local folder or hub name);
+    by default ``mm_vision_tower`` is used, or for a DyMU name its base encoder. Returns the model, the processor
+    and the DyMU settings implied by ``mm_vision_tower`` (encoder set when it names a DyMU tower).
+    """
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    raw = read_config(path)
+    if not is_original_llava(raw):
+        raise ValueError(f"{path} is not an original LLaVA checkpoint (no mm_vision_tower in config.json)")
+    projector = raw.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise ValueError(f"mm_projector_type {projector!r} is not supported; expected 'mlp2x_gelu' (LLaVA-1.5)")
+    tower_name = raw["mm_vision_tower"]
+    dymu_name = dymu_tower(tower_name)
+    settings = DyMUSettings(encoder=dymu_name[1] if dymu_name else None)
+    tower_source = vision_tower or (dymu_name[0] if dymu_name else tower_name)
+    tower = CLIPVisionModel.from_pretrained(tower_source, torch_dtype=torch_dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    added = [t for t in ("<image>", "<pad>") if t not in tokenizer.get_vocab()]
+    if added:
+        tokenizer.add_tokens(added, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<pad>"
+    tokenizer.padding_side = "left"
+    text_config = LlamaConfig(**{k: raw[k] for k in LLAMA_KEYS if k in raw})
+    select = raw.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ValueError(f"mm_vision_select_feature {select!r} is not supported; expected 'patch' or 'cls_patch'")
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if select == "patch" else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, torch_dtype=torch_dtype
+    )
+    model.model.vision_tower.load_state_dict(tower.state_dict())  # the tower is not in the original checkpoint
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+
+    base_processor = AutoImageProcessor.from_pretrained(tower_source)
+    image_args = {
+        k: v for k, v in base_processor.to_dict().items() if k not in ("image_processor_type", "processor_class", "_processor_class")
+    }
+    # image_aspect_ratio 'pad': pad to a square with the mean colour before resizing, as LLaVA-1.5 does
+    image_processor = LlavaImageProcessor(**image_args, do_pad=raw.get("image_aspect_ratio") == "pad")
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_V1_TEMPLATE,
+    )
+    return model, processor, settings
+
+
+def load_llava(
+    path: str | Path,
+    *,
+    thresholds: Any = None,
+    vtu: VTUMode | None = None,
+    threshold_offset: float | None = None,
+    vision_tower: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    dymu: bool | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load LLaVA-1.5 (llava-hf or original format) with DyMU as its config asks; returns (model, processor).
+
+    DyMU is on when ``config.json`` has a ``dymu`` block, when an original checkpoint's ``mm_vision_tower``
+    names a DyMU tower, or when ``thresholds`` is given; ``dymu=False`` forces it off, ``dymu=True`` on
+    (merging off without thresholds: stock outputs). Keyword arguments override the config's settings.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    raw = read_config(path)
+    if is_original_llava(raw):
+        model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
+        settings = settings if settings.encoder is not None else None
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(path)
+        block = raw.get("dymu")
+        settings = DyMUSettings.from_dict(block) if block is not None else None
+    if dymu is False or (settings is None and thresholds is None and dymu is not True):
+        return model, processor
+    settings = settings or DyMUSettings()
+    chosen = thresholds if thresholds is not None else settings.thresholds
+    if chosen is None and settings.encoder is not None:
+        chosen = default_thresholds_path(settings.encoder)
+        if not Path(chosen).is_file():
+            raise FileNotFoundError(
+                f"DyMU encoder {settings.encoder!r} needs its threshold checkpoint at {chosen}; "
+                "find thresholds with `dymu thresholds` or pass thresholds=…"
+            )
+    if isinstance(chosen, str) and not Path(chosen).is_absolute() and (Path(path) / chosen).is_file():
+        chosen = Path(path) / chosen  # a path in the dymu block is relative to the checkpoint folder
+    enable_dymu(
+        model,
+        chosen,
+        vtu=vtu or settings.vtu,
+        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+    )
+    return model, processor

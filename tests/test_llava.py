@@ -1,0 +1,271 @@
+"""LLaVA-1.5 with DyMU on transformers' LlavaForConditionalGeneration: equivalence, VTU, loading, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaForConditionalGeneration
+
+import dymu
+from dymu.samples import make_image
+from dymu.testing import save_tiny_llava
+from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
+from dymu.vlm import answer, disable_dymu, enable_dymu, load_llava
+from dymu.vlm.llava import collapse_placeholders
+
+IMAGES = [make_image("flat", 64, 0), make_image("textured", 64, 1), make_image("stripes", 64, 2)]
+TEXTS = ["USER: <image> w1 w2 ASSISTANT:", "USER: <image> w3 ASSISTANT:", "USER: w5 <image> w6 w7 w8 ASSISTANT:"]
+GEN = {"max_new_tokens": 6, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("llava"), image_size=56)
+
+
+@pytest.fixture(scope="module")
+def thresholds_file(llava_dir, tmp_path_factory):
+    """Thresholds found on the tiny tower over generated images (8 merges over 4 blocks)."""
+    model, processor = load_llava(llava_dir, dymu=False)
+    tower = model.model.vision_tower
+    state = dymu.patch(tower, merge_counts=merge_schedule("constant", 8, 4))
+    calib = [make_image(k, 64, s) for s in range(3) for k in ("flat", "gradient", "stripes", "textured")]
+    with torch.no_grad():
+        tower(processor.image_processor(calib, return_tensors="pt").pixel_values)
+    ckpt = ThresholdCheckpoint(dymu.last_run(tower).found_thresholds, encoder=state.encoder, r_total=8)
+    dymu.unpatch(tower)
+    return save_thresholds(tmp_path_factory.mktemp("thr") / "tiny-tome.safetensors", ckpt)
+
+
+@pytest.fixture()
+def model_and_inputs(llava_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    _, processor = load_llava(llava_dir, dymu=False)
+    inputs = processor(images=IMAGES, text=TEXTS, return_tensors="pt", padding=True)
+    return model, processor, inputs
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def test_merging_off_equals_stock(model_and_inputs):
+    model, _, inputs = model_and_inputs
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, **GEN)
+    for vtu in ("fast", "exact", "off"):
+        enable_dymu(model, None, vtu=vtu)
+        with torch.no_grad():
+            out = model(**inputs)
+            gen = model.generate(**inputs, **GEN)
+        mask = inputs["attention_mask"].bool()
+        scale = ref.abs().max()
+        assert float((out.logits - ref)[mask].abs().max()) <= 1e-5 * scale, vtu
+        assert torch.equal(gen, ref_gen), vtu
+        assert out.visual_token_counts == [16, 16, 16]
+        disable_dymu(model)
+    assert type(model) is LlavaForConditionalGeneration
+    torch.testing.assert_close(model(**inputs).logits, ref)
+
+
+def test_merging_on_fast_equals_exact_and_reports_counts(model_and_inputs, thresholds_file, caplog):
+    model, _, inputs = model_and_inputs
+    ref = last_logits(model, inputs)
+    seen_lengths = []
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: seen_lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    results = {}
+    for vtu in ("fast", "exact", "off"):
+        enable_dymu(model, thresholds_file, vtu=vtu)
+        with caplog.at_level("INFO", logger="dymu.vlm.llava"):
+            logits = last_logits(model, inputs)
+            gen = model.generate(**inputs, **GEN)
+        results[vtu] = (logits, gen, list(model.dymu_last_counts))
+        disable_dymu(model)
+    hook.remove()
+    counts = results["fast"][2]
+    assert sum(counts) < 3 * 16 and len(set(counts)) > 1, counts  # merged, per image
+    assert counts[0] < counts[1]  # the flat image keeps fewer tokens than the textured one
+    assert "visual tokens per image" in caplog.text
+    assert max(seen_lengths) < inputs["input_ids"].shape[1]  # fewer tokens reach the language model
+    fast, exact, plain = results["fast"], results["exact"], results["off"]
+    scale = float(ref.abs().max())
+    assert float((fast[0] - exact[0]).abs().max()) <= 1e-4 * scale
+    assert torch.equal(fast[1], exact[1])
+    # generate returns the caller's prompt followed by the new tokens, like the stock model
+    assert torch.equal(fast[1][:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    # VTU is not a no-op: plain merged tokens at consecutive positions give other logits
+    assert float((fast[0] - plain[0]).abs().max()) > 1e-2 * scale
+
+
+def test_batch_equals_one_by_one(model_and_inputs, thresholds_file):
+    model, processor, inputs = model_and_inputs
+    enable_dymu(model, thresholds_file, vtu="fast")
+    batch_logits = last_logits(model, inputs)
+    batch_counts = list(model.dymu_last_counts)
+    with torch.no_grad():
+        batch_gen = model.generate(**inputs, **GEN)[:, -GEN["max_new_tokens"] :]
+    for i in range(3):
+        one = processor(images=[IMAGES[i]], text=[TEXTS[i]], return_tensors="pt")
+        logits = last_logits(model, one)
+        assert model.dymu_last_counts == [batch_counts[i]]
+        torch.testing.assert_close(logits[0], batch_logits[i], atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            gen = model.generate(**one, **GEN)[:, -GEN["max_new_tokens"] :]
+        assert torch.equal(gen[0], batch_gen[i])
+
+
+def test_dymu_block_in_config_json(llava_dir, thresholds_file, tmp_path):
+    import shutil
+
+    target = tmp_path / "with-dymu"
+    shutil.copytree(llava_dir, target)
+    shutil.copy(thresholds_file, target / "thresholds.safetensors")
+    config = json.loads((target / "config.json").read_text())
+    config["dymu"] = {"thresholds": "thresholds.safetensors", "vtu": "exact"}
+    (target / "config.json").write_text(json.dumps(config))
+    model, processor = load_llava(target)
+    assert dymu.get_state(model.model.vision_tower).mode == "infer"
+    results = answer(model, processor, IMAGES[:2], ["w1 w2", "w3"], max_new_tokens=4)
+    assert [r.visual_tokens for r in results] == model.dymu_last_counts
+    assert all(isinstance(r.text, str) and r.text for r in results)
+    plain, _ = load_llava(target, dymu=False)
+    assert not hasattr(plain, "_dymu_llava_vtu")
+    config["dymu"] = {"thresholds": "thresholds.safetensors", "vtu": "sideways"}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="dymu.vtu must be"):
+        load_llava(target)
+
+
+# ---------------------------------------------------------------- original LLaVA checkpoints
+def write_original_checkpoint(hf_model, processor, directory, tower_dir, mm_vision_tower):
+    """Write ``hf_model`` in the original LlavaLlamaForCausalLM layout (as liuhaotian/llava-v1.5-* ship it)."""
+    directory.mkdir(parents=True)
+    text = hf_model.config.text_config
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        if key.startswith("model.vision_tower."):
+            continue  # the original checkpoints do not hold the tower
+        key = key.replace("model.language_model.", "model.")
+        key = key.replace("model.multi_modal_projector.linear_1.", "model.mm_projector.0.")
+        key = key.replace("model.multi_modal_projector.linear_2.", "model.mm_projector.2.")
+        state[key] = value.contiguous().clone()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "rms_norm_eps": text.rms_norm_eps,
+        "max_position_embeddings": text.max_position_embeddings,
+        "vocab_size": text.vocab_size,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "tie_word_embeddings": False,
+        "mm_vision_tower": mm_vision_tower,
+        "mm_hidden_size": hf_model.config.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    processor.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(llava_dir, tmp_path_factory):
+    hf_model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    _, processor = load_llava(llava_dir, dymu=False)
+    root = tmp_path_factory.mktemp("original")
+    tower_dir = root / "clip-tower"
+    hf_model.model.vision_tower.save_pretrained(tower_dir)
+    processor.image_processor.save_pretrained(tower_dir)
+    ckpt = write_original_checkpoint(hf_model, processor, root / "llava-v1.5-tiny", tower_dir, str(tower_dir))
+    return hf_model, ckpt, tower_dir
+
+
+def test_original_checkpoint_loads_and_matches(original_checkpoint):
+    hf_model, ckpt, _ = original_checkpoint
+    model, processor = load_llava(ckpt)
+    assert not hasattr(model, "_dymu_llava_vtu")  # a plain tower name: DyMU stays off
+    assert processor.image_processor.do_pad  # image_aspect_ratio 'pad'
+    inputs = processor(images=IMAGES[:2], text=TEXTS[:2], return_tensors="pt", padding=True)
+    torch.testing.assert_close(last_logits(model, inputs), last_logits(hf_model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_original_checkpoint_dymu_tower_name_switches_dymu_on(original_checkpoint, thresholds_file, monkeypatch, tmp_path):
+    import shutil
+
+    hf_model, ckpt, tower_dir = original_checkpoint
+    edited = tmp_path / "llava-dymu"
+    shutil.copytree(ckpt, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["mm_vision_tower"] = "ViT-L-14-336-tome-72out"  # the user's habit from the authors' README
+    (edited / "config.json").write_text(json.dumps(config))
+    # the DyMU name's default threshold checkpoint, relative to the working directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="ViT-L-14-336-tome-72out"):
+        load_llava(edited, vision_tower=tower_dir)
+    target = tmp_path / "checkpoints" / "threshold_checkpoints" / "ViT-L-14-336-tome-72out.safetensors"
+    target.parent.mkdir(parents=True)
+    shutil.copy(thresholds_file, target)
+    model, processor = load_llava(edited, vision_tower=tower_dir)
+    assert dymu.get_state(model.model.vision_tower).mode == "infer"
+    inputs = processor(images=IMAGES, text=TEXTS, return_tensors="pt", padding=True)
+    last_logits(model, inputs)
+    assert sum(model.dymu_last_counts) < 3 * 16
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input(model_and_inputs, thresholds_file, tmp_path):
+    model, processor, inputs = model_and_inputs
+    other = ThresholdCheckpoint(torch.zeros(4), encoder="siglip-so400m-patch14-384")
+    path = save_thresholds(tmp_path / "other.safetensors", other)
+    with pytest.raises(ValueError, match="thresholds are for encoder 'siglip-so400m-patch14-384'"):
+        enable_dymu(model, path)
+    assert type(model) is LlavaForConditionalGeneration  # a failed enable leaves the model stock
+    enable_dymu(model, thresholds_file)
+    no_image = processor.tokenizer(["USER: w1 w2 ASSISTANT:"], return_tensors="pt")
+    with pytest.raises(ValueError, match="no prompt holds the image token"):
+        model(**no_image, pixel_values=inputs["pixel_values"][:1])
+    with pytest.raises(ValueError, match="3 images were given but the prompts hold placeholders for 2"):
+        two = processor(images=IMAGES[:2], text=TEXTS[:2], return_tensors="pt", padding=True)
+        model(input_ids=two["input_ids"], attention_mask=two["attention_mask"], pixel_values=inputs["pixel_values"])
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="cannot read image"):
+        answer(model, processor, [corrupt], ["w1"])
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        answer(model, processor, [tmp_path / "missing.jpg"], ["w1"])
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_dymu(model, thresholds_file)
+    disable_dymu(model)
+    with pytest.raises(ValueError, match="vtu must be"):
+        enable_dymu(model, thresholds_file, vtu="slow")
+
+
+def test_collapse_placeholders_layout():
+    ids = torch.tensor([[3, 3, 5, 4, 4, 4, 4, 8], [5, 4, 4, 4, 4, 9, 4, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    maps = [torch.tensor([0, 0, 1, 0]), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 0, 0])]
+    # row 1 holds one expanded image (4 placeholders) and one unexpanded <image>
+    rows, groups = collapse_placeholders(ids, mask, 4, 4, maps)
+    assert rows[0].tolist() == [5, 4, 4, 8]
+    assert groups[0].tolist() == [0, 1, 1, 2, 1, 3]
+    assert rows[1].tolist() == [5, 4, 4, 4, 4, 9, 4, 4, 6]
+    assert groups[1].tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 6, 6, 8]
+    with pytest.raises(ValueError, match="run of 3 image tokens"):
+        collapse_placeholders(torch.tensor([[5, 4, 4, 4, 8]]), None, 4, 4, maps[:1])
