@@ -269,3 +269,47 @@ def test_collapse_placeholders_layout():
     assert groups[1].tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 6, 6, 8]
     with pytest.raises(ValueError, match="run of 3 image tokens"):
         collapse_placeholders(torch.tensor([[5, 4, 4, 4, 8]]), None, 4, 4, maps[:1])
+
+
+def test_token_budget_and_generate_cli(llava_dir, thresholds_file, tmp_path, capsys):
+    from dymu.cli import main
+    from dymu.vlm.llava import calibrate_token_budget
+
+    model, processor = load_llava(llava_dir, thresholds=thresholds_file)
+    paths = []
+    for i, img in enumerate(IMAGES):
+        paths.append(tmp_path / f"img{i}.png")
+        img.save(paths[-1])
+    for target in (4.0, 10.0):
+        offset = calibrate_token_budget(model, processor, paths, target)
+        answer(model, processor, paths, ["w1"] * 3, max_new_tokens=1)
+        mean = sum(model.dymu_last_counts) / 3
+        assert abs(mean - target) <= 1.5, (target, offset, model.dymu_last_counts)
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        calibrate_token_budget(model, processor, paths, 40)
+
+    argv = ["generate", "--model", str(llava_dir), "--thresholds", str(thresholds_file), "--prompt", "w1 w2"]
+    argv += [x for p in paths for x in ("--image", str(p))] + ["--max-new-tokens", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("visual tokens)") == 3 and "visual tokens per image:" in out
+    assert main(argv + ["--token-budget", "6"]) == 0
+    assert "threshold offset for 6 visual tokens" in capsys.readouterr().out
+    assert main(["generate", "--model", str(llava_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "w1"]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+def test_convert_llava_command(original_checkpoint, thresholds_file, tmp_path, capsys):
+    from dymu.cli import main
+
+    hf_model, ckpt, tower_dir = original_checkpoint
+    out = tmp_path / "converted"
+    argv = ["convert-llava", str(ckpt), str(out), "--vision-tower", str(tower_dir)]
+    assert main(argv + ["--thresholds", str(thresholds_file), "--vtu", "exact"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dymu"]["vtu"] == "exact" and (out / config["dymu"]["thresholds"]).is_file()
+    model, processor = load_llava(out)
+    assert dymu.get_state(model.model.vision_tower).mode == "infer"
+    disable_dymu(model)
+    inputs = processor(images=IMAGES[:1], text=TEXTS[:1], return_tensors="pt")
+    torch.testing.assert_close(last_logits(model, inputs), last_logits(hf_model, inputs), atol=1e-5, rtol=1e-5)

@@ -157,6 +157,8 @@ def convert_original_llava(
         path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, torch_dtype=torch_dtype
     )
     model.model.vision_tower.load_state_dict(tower.state_dict())  # the tower is not in the original checkpoint
+    # transformers records the key mapping and reverts it in save_pretrained; a converted model must save as llava-hf
+    model.__dict__.pop("_weight_conversions", None)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
