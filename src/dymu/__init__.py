@@ -4,14 +4,26 @@ Core pieces:
 
 * :mod:`dymu.merge` – the DToMe merge algorithm (pure torch).
 * :mod:`dymu.thresholds` – merge schedules, threshold statistics and checkpoints.
-* :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge.
+* :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge;
+  ``dymu.encode(model, pixel_values, layer=-2)`` returns per-image merged features, sizes and source maps.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from dymu.encoders import configure, get_state, last_run, patch, unpatch
+from dymu.encoders import (
+    BudgetCalibration,
+    Encoding,
+    calibrate_budget,
+    configure,
+    encode,
+    get_state,
+    last_run,
+    patch,
+    unpatch,
+)
+from dymu.encoders.names import DyMUName, parse_dymu_name
 from dymu.merge import TokenState, dtome_step, size_bias
 from dymu.thresholds import (
     RunningThresholds,
@@ -28,6 +40,12 @@ __all__ = [
     "configure",
     "get_state",
     "last_run",
+    "encode",
+    "calibrate_budget",
+    "Encoding",
+    "BudgetCalibration",
+    "DyMUName",
+    "parse_dymu_name",
     "TokenState",
     "dtome_step",
     "size_bias",

@@ -1,7 +1,15 @@
 """Patch stock vision encoders with DToMe: ``dymu.patch(model, thresholds=…)`` / ``dymu.unpatch(model)``.
 
 Adapters (one thin module per family) are tried in order; each returns a
-:class:`~dymu.encoders.base.DToMeState` when it recognises the model.
+:class:`~dymu.encoders.base.DToMeState` when it recognises the model:
+
+* :mod:`dymu.encoders.hf` — transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (or a model holding one);
+* :mod:`dymu.encoders.open_clip` — open_clip ``VisionTransformer`` (``ViT-L-14-336`` …);
+* :mod:`dymu.encoders.timm_vit` — timm ``VisionTransformer`` (open_clip's SigLIP towers).
+
+:func:`dymu.encode` runs a patched encoder and returns an :class:`Encoding` (per-image features of one layer,
+sizes, source maps, tokens per layer); :func:`dymu.calibrate_budget` sets the threshold offset that meets an
+average token budget.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders import hf
+from dymu.encoders import hf, hf_dinov2, timm_vit
+from dymu.encoders import open_clip as open_clip_adapter
 from dymu.encoders.base import DToMeRun, DToMeState, patched_modules, restore_class
+from dymu.encoders.names import DyMUName, canonical_identity, is_dymu_name, parse_dymu_name
 from dymu.merge import Mode
 from dymu.thresholds import ThresholdCheckpoint, load_thresholds
 
-ADAPTERS = [hf.patch_model]
+ADAPTERS = [hf.patch_model, open_clip_adapter.patch_model, timm_vit.patch_model, hf_dinov2.patch_model]
 
 ThresholdsLike = ThresholdCheckpoint | Tensor | Sequence[float] | str | Path
 
@@ -32,7 +42,8 @@ def patch(
 ) -> DToMeState:
     """Make ``model``'s vision encoder merge tokens (DToMe) in every block.
 
-    * ``thresholds`` (a checkpoint, a path to one, or ``L`` floats) → inference mode;
+    * ``thresholds`` (a checkpoint, a path to one, a DyMU name such as ``"ViT-L-14-336-tome-72out"`` whose
+      checkpoint is in ``checkpoints/threshold_checkpoints/``, or ``L`` floats) → inference mode;
     * ``merge_counts`` (``L`` ints, see :func:`dymu.merge_schedule`) → threshold-finding mode;
     * neither → merging off (stock outputs), switchable later with :func:`configure`.
 
@@ -47,7 +58,8 @@ def patch(
     else:
         raise ValueError(
             f"no DToMe adapter for {type(model).__name__}: expected a transformers CLIP/SigLIP vision model "
-            "(or a model containing one, e.g. LLaVA) or an open_clip VisionTransformer"
+            "(or a model containing one, e.g. LLaVA), an open_clip VisionTransformer or a timm ViT "
+            "(open_clip SigLIP)"
         )
     model._dymu_state = state
     try:
@@ -68,10 +80,12 @@ def configure(
 ) -> DToMeState:
     """Change thresholds, merge counts, mode or threshold offset of a patched model."""
     state = get_state(model)
-    if thresholds is not None and not isinstance(thresholds, Tensor) and isinstance(thresholds, (str, Path)):
-        thresholds = load_thresholds(thresholds)
+    if isinstance(thresholds, (str, Path)):
+        thresholds = load_thresholds(resolve_thresholds_path(thresholds))
     if isinstance(thresholds, ThresholdCheckpoint):
-        thresholds = thresholds.check(encoder=state.encoder, num_layers=state.num_layers).thresholds
+        if canonical_identity(thresholds.encoder) != state.encoder:  # authors' files use open_clip spellings
+            raise ValueError(f"thresholds are for encoder {thresholds.encoder!r}, not {state.encoder!r}")
+        thresholds = thresholds.check(num_layers=state.num_layers).thresholds
     state.configure(
         thresholds=torch.as_tensor(thresholds) if thresholds is not None else None,
         merge_counts=list(merge_counts) if merge_counts is not None else None,
@@ -79,6 +93,24 @@ def configure(
     )
     if threshold_offset is not None:
         state.threshold_offset = float(threshold_offset)
+    return state
+
+
+def resolve_thresholds_path(thresholds: str | Path) -> Path:
+    """A checkpoint path as given, or the default checkpoint of a DyMU name (``ViT-L-14-336-tome-72out``)."""
+    path = Path(thresholds)
+    if path.is_file() or not is_dymu_name(str(thresholds)):
+        if not path.is_file():
+            raise FileNotFoundError(f"threshold checkpoint not found: {path}")
+        return path
+    return parse_dymu_name(str(thresholds)).find_checkpoint()
+
+
+def inspect_encoder(model: nn.Module) -> DToMeState:
+    """The state :func:`patch` would create for ``model`` (identity, blocks, tokens), leaving ``model`` unpatched."""
+    state = patch(model)
+    unpatch(model)
+    state.forward = None
     return state
 
 
@@ -104,4 +136,22 @@ def unpatch(model: nn.Module) -> None:
         restore_class(module)
 
 
-__all__ = ["patch", "unpatch", "configure", "get_state", "last_run", "DToMeState", "DToMeRun"]
+from dymu.encoders.encoding import BudgetCalibration, Encoding, calibrate_budget, encode  # noqa: E402
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "configure",
+    "get_state",
+    "last_run",
+    "encode",
+    "calibrate_budget",
+    "resolve_thresholds_path",
+    "inspect_encoder",
+    "Encoding",
+    "BudgetCalibration",
+    "DToMeState",
+    "DToMeRun",
+    "DyMUName",
+    "parse_dymu_name",
+]

@@ -9,7 +9,13 @@ factory in the family's adapter, keeps the original class on the instance
 A patched block calls :meth:`DToMeState.attention_bias` before attention and
 :meth:`DToMeState.merge` between attention + residual and the MLP, with that
 block's keys (averaged over heads) as the metric, then :meth:`DToMeState.end_layer`.
-The encoder wrapper calls :meth:`DToMeState.begin` with the block input.
+The encoder wrapper (or the first block) calls :meth:`DToMeState.begin` with the
+first block's input, batch first.
+
+Threshold finding over several processes (``sync_find``): each process holds a
+disjoint slice of one global batch; per layer the A-token scores of all processes
+are gathered (in rank order) and the global top ``B_total * r`` is merged, so the
+thresholds equal those of one process running the whole global batch.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from dymu.merge import Mode, TokenState, dtome_step, size_bias
+from dymu.merge import Mode, TokenState, bipartite_scores, dtome_step, merge_tokens, select_top, size_bias
+
+
+class StopEncoding(Exception):
+    """Raised after the last block :func:`dymu.encode` needs (early exit); caught by it."""
 
 
 @dataclass
@@ -35,6 +45,7 @@ class DToMeRun:
     sizes: list[Tensor] = field(default_factory=list)  # [B, N_l] float, 0 at padding
     source_maps: list[Tensor] = field(default_factory=list)  # [B, N0] long
     found_thresholds: list[float] = field(default_factory=list)  # finding mode: one per block
+    hidden_states: dict[int, Tensor] = field(default_factory=dict)  # [B, N_l, C] at the layers asked for
 
     def mask(self, layer: int = -1) -> Tensor:
         """[B, N_l] bool, True for real tokens of ``layer``'s output."""
@@ -60,10 +71,15 @@ class DToMeState:
     num_layers: int
     protect_first: bool
     encoder: str
+    input_tokens: int = 0  # tokens per image entering the first block (CLS included)
+    forward: Callable[[Tensor], object] | None = None  # runs the patched tower on pixel values
     mode: Mode = "off"
     thresholds: Tensor | None = None  # [L] float32
     merge_counts: list[int] | None = None
     threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
+    sync_find: bool = False  # finding: global top-k across torch.distributed processes (see module doc)
+    record_layers: frozenset[int] = frozenset()  # hidden-state indices (0..L) to keep in run.hidden_states
+    stop_after: int | None = None  # raise StopEncoding once hidden-state index stop_after is recorded
     tokens: TokenState | None = None
     run: DToMeRun = field(default_factory=DToMeRun)
     hooks: list = field(default_factory=list)
@@ -103,6 +119,7 @@ class DToMeState:
         self.tokens = TokenState.init(x, mask)
         self._merged = mask is not None and not bool(mask.all())
         self.run = DToMeRun(sizes=[self.tokens.sizes], source_maps=[self.tokens.source_map])
+        self._record(0, x)
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Proportional-attention bias ``[B, 1, 1, N]`` (log size, padding masked), or None before any merge."""
@@ -115,9 +132,13 @@ class DToMeState:
         assert self.tokens is not None
         tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
         if self.mode == "find":
-            tokens, found = dtome_step(
-                tokens, metric, mode="find", protect_first=self.protect_first, r=self.merge_counts[layer]
-            )
+            r = self.merge_counts[layer]
+            if self.sync_find:
+                scores, dst = bipartite_scores(metric, tokens.mask, self.protect_first)
+                merge, found = select_top_across_processes(scores, r)
+                tokens = merge_tokens(tokens, merge, dst) if bool(merge.any()) else tokens
+            else:
+                tokens, found = dtome_step(tokens, metric, mode="find", protect_first=self.protect_first, r=r)
             self.run.found_thresholds.append(float(found))
         elif self.mode == "infer":
             threshold = float(self.thresholds[layer]) + self.threshold_offset
@@ -134,7 +155,14 @@ class DToMeState:
         self.tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
         self.run.sizes.append(self.tokens.sizes)
         self.run.source_maps.append(self.tokens.source_map)
+        self._record(len(self.run.sizes) - 1, x)
         return x
+
+    def _record(self, index: int, x: Tensor) -> None:
+        if index in self.record_layers:
+            self.run.hidden_states[index] = x
+        if self.stop_after is not None and index >= self.stop_after:
+            raise StopEncoding(index)
 
     # -- hooks
     def capture_keys(self, module: nn.Module, num_heads: int) -> None:
@@ -151,6 +179,42 @@ class DToMeState:
         if keys is None:
             raise RuntimeError("the block's key projection did not run: cannot compute the merge metric")
         return keys
+
+
+# ---------------------------------------------------------------- threshold finding across processes
+def select_top_across_processes(scores: Tensor, r: int) -> tuple[Tensor, float]:
+    """:func:`dymu.merge.select_top` over the concatenation (in rank order) of every process's ``scores``.
+
+    Every process must call this for every layer of every batch, also with an empty ``[0, 0]`` tensor when it
+    holds no image of the batch. Returns this process's merge flags and the (identical) global threshold.
+    Without an initialised process group it is :func:`select_top`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return select_top(scores, r)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = torch.tensor(scores.shape, dtype=torch.long, device=scores.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows, cols = [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
+    width, height = max(cols), max(rows)
+    padded = scores.new_full((height, width), -torch.inf)
+    padded[: scores.shape[0], : scores.shape[1]] = scores
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    # rows in rank order = image order of the global batch; -inf pads never merge and never set the threshold
+    merge, found = select_top(torch.cat([g[:n] for g, n in zip(gathered, rows)]), r)
+    start = sum(rows[:rank])
+    return merge[start : start + scores.shape[0], : scores.shape[1]], found
+
+
+def find_without_images(state: "DToMeState", device: torch.device | str = "cpu") -> list[float]:
+    """Take part in a synchronised finding batch while holding no image (all skipped or a short last batch)."""
+    if state.mode != "find" or state.merge_counts is None:
+        raise ValueError("find_without_images needs a state in 'find' mode")
+    empty = torch.empty(0, 0, device=device)
+    return [select_top_across_processes(empty, r)[1] for r in state.merge_counts]
 
 
 # ---------------------------------------------------------------- class swapping

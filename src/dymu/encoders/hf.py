@@ -89,10 +89,13 @@ def patch_model(model: nn.Module) -> DToMeState | None:
             f"the vision tower uses {config._attn_implementation!r}"
         )
     layers = list(tower.encoder.layers)
+    patches = (config.image_size // config.patch_size) ** 2
     state = DToMeState(
         num_layers=len(layers),
         protect_first=kind == "clip",
         encoder=encoder_identity(kind, config.image_size, config.patch_size, config.hidden_size),
+        input_tokens=patches + (1 if kind == "clip" else 0),
+        forward=tower,
     )
     swap_class(tower.encoder, make_encoder, state)
     for index, layer in enumerate(layers):

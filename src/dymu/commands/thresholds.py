@@ -1,0 +1,139 @@
+"""Find DToMe thresholds of a vision encoder over an image dataset and save them as a checkpoint.
+
+The dataset is a JSON list of {"image": "relative/path.jpg"} records (the DyMU authors' format; LLaVA data
+files work, text-only records are skipped) with the images under --image-dir. Global batch i is entries
+[i*B, (i+1)*B); a missing or unreadable image is skipped, counted and reported, and only its own batch gets
+smaller. After every batch the running state is saved next to the output (<output>.resume.pt): run the same
+command again after a crash to continue where it stopped; other settings are refused (--restart starts over).
+
+With torchrun, each process takes a contiguous slice of every global batch (--batch-size is the global batch)
+and the per-layer selection is made over all processes together: the thresholds equal a single-process run's.
+
+--model is a DyMU name (fixes the budget and schedule), a transformers folder or hub name of a CLIP/SigLIP
+vision model, or open_clip:MODEL[:PRETRAINED]. The default output is
+checkpoints/threshold_checkpoints/<DyMU name>.safetensors.
+
+Examples:
+  dymu thresholds --model ViT-L-14-336-tome-72out --data images.json --image-dir images/
+  dymu thresholds --model siglip-so400m-patch14-384-256out --data llava_mix.json --image-dir data/ --batch-size 64
+  dymu thresholds --model ./my-clip --out-tokens 100 --schedule linear --data images.json --max-images 5000
+  dymu thresholds --model open_clip:ViT-L-14-336:openai --r-total 504 --data images.json
+  torchrun --nproc_per_node 8 -m dymu thresholds --model ViT-L-14-336-tome-72out --data images.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "thresholds"
+HELP = "find per-layer DToMe thresholds over an image dataset (resumable, multi-process with torchrun)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="DyMU name, transformers folder/hub name, or open_clip:MODEL[:PRETRAINED]")
+    parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of the hub")
+    parser.add_argument("--data", "--json", dest="data", required=True, help="JSON list of {\"image\": \"rel/path\"}")
+    parser.add_argument("--image-dir", help="folder the image paths are relative to (default: the JSON's folder)")
+    parser.add_argument(
+        "--schedule", choices=["constant", "linear", "reverse_linear", "reverse-linear"], help="merge schedule (default: constant)"
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--r-total", type=int, help="tokens to merge per image over all layers")
+    budget.add_argument("--out-tokens", type=int, help="patch tokens to keep per image on average (r_total = patches - K)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (all processes together; default 32)")
+    parser.add_argument("--max-images", type=int, help="use only the first N images of the list")
+    parser.add_argument("--num-workers", type=int, default=2, help="image loading workers per process (default 2)")
+    parser.add_argument("--output", "-o", help="checkpoint path (default: checkpoints/threshold_checkpoints/<name>.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
+    parser.add_argument("--restart", action="store_true", help="ignore (delete) a resume state and start over")
+    parser.add_argument("--max-batches", type=int, help="stop after N global batches in total (resume later)")
+    parser.add_argument("--device", help="device (default: cuda:LOCAL_RANK if available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from dymu.data import read_image_list
+    from dymu.encoders import inspect_encoder
+    from dymu.encoders.loading import load_encoder
+    from dymu.encoders.names import checkpoint_dir, dymu_name
+    from dymu.finding import find_thresholds, init_distributed
+    from dymu.thresholds import merge_schedule
+
+    rank, world, device = init_distributed()
+    try:
+        images = read_image_list(args.data, args.image_dir, max_images=args.max_images)
+        loaded = load_encoder(args.model, weights=args.weights, device=args.device or device, dtype=getattr(torch, args.dtype))
+        info = inspect_encoder(loaded.model)
+        patches = info.input_tokens - int(info.protect_first)
+        schedule = (args.schedule or "constant").replace("-", "_")
+        if loaded.dymu is not None:
+            name = loaded.dymu
+            if args.schedule and schedule != name.schedule:
+                raise ValueError(f"{name.name} uses the {name.schedule} schedule; drop --schedule or use another name")
+            if args.r_total is not None and args.r_total != name.r_total:
+                raise ValueError(f"{name.name} means r_total {name.r_total}; drop --r-total or use another name")
+            if args.out_tokens is not None and args.out_tokens != name.out_tokens:
+                raise ValueError(f"{name.name} means {name.out_tokens} output tokens; drop --out-tokens")
+            schedule, r_total = name.schedule, name.r_total
+            default_output = name.checkpoint_path
+        else:
+            if args.r_total is None and args.out_tokens is None:
+                raise ValueError("give the budget: --r-total N or --out-tokens K (or use a DyMU name as --model)")
+            r_total = args.r_total if args.r_total is not None else patches - args.out_tokens
+            if not 0 <= r_total < patches:
+                raise ValueError(f"r_total must be in [0, {patches}) for {info.encoder} ({patches} patch tokens), got {r_total}")
+            default_output = checkpoint_dir() / f"{dymu_name(info.encoder, patches - r_total, schedule)}.safetensors"
+        counts = merge_schedule(schedule, r_total, info.num_layers)
+        output = Path(args.output) if args.output else default_output
+        result = find_thresholds(
+            loaded.model,
+            images,
+            loaded.preprocess,
+            merge_counts=counts,
+            schedule=schedule,
+            batch_size=args.batch_size,
+            output=output,
+            resume=not args.restart,
+            overwrite=args.overwrite,
+            num_workers=args.num_workers,
+            progress=not args.quiet,
+            max_batches=args.max_batches,
+            model_source=loaded.source,
+        )
+        if rank == 0:
+            print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _report(result, encoder: str, patches: int, counts: list[int], schedule: str, world: int, without_image: int) -> str:
+    lines = [
+        f"encoder {encoder}: {len(counts)} layers, {schedule} schedule, r_total {sum(counts)} "
+        f"(target {patches - sum(counts)} of {patches} patch tokens per image)",
+        f"images seen: {result.images_seen} in {result.batches_done}/{result.num_batches} batches"
+        + (f" on {world} processes" if world > 1 else "")
+        + (f" (resumed after batch {result.resumed_from})" if result.resumed_from else ""),
+    ]
+    if without_image:
+        lines.append(f"records without an image key (ignored): {without_image}")
+    if result.skipped:
+        shown = ", ".join(f"{p} ({why})" for p, why in result.skipped[:10])
+        more = f", … {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        lines.append(f"skipped {len(result.skipped)} image(s): {shown}{more}")
+    lines.append(f"{'layer':>5} {'r':>4} {'threshold':>10}")
+    for i, (r, t) in enumerate(zip(counts, result.checkpoint.thresholds.tolist())):
+        lines.append(f"{i:>5} {r:>4} {t:>10.6f}")
+    if result.output is not None:
+        lines.append(f"wrote {result.output}")
+    else:
+        lines.append("stopped before the last batch: run the same command again to resume")
+    return "\n".join(lines)

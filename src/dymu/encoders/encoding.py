@@ -1,0 +1,233 @@
+"""Run a patched encoder and collect what a VLM needs: :func:`encode` → :class:`Encoding`; token budgets.
+
+Works the same for every adapter (transformers CLIP/SigLIP, open_clip, timm): the patched blocks record the
+requested layer's hidden states in the run, so no framework-specific ``output_hidden_states`` is needed, and
+the forward stops right after that layer (LLaVA-1.5 reads the second-to-last layer: the last block is skipped).
+
+Layer indices follow transformers' ``hidden_states``: 0 is the input of the first block, ``l`` the output of
+block ``l-1``; negative indices count from the end (-1 = last block's output, -2 = second-to-last).
+
+Token budget: thresholds found for "72out" give 72 tokens *on average over the finding data*. To target another
+average on your own images, :func:`calibrate_budget` bisects one global offset added to every layer's
+threshold (higher offset → fewer merges → more tokens) on a calibration batch and keeps it;
+``encode(..., token_budget=K)`` does the same for one call only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dymu.encoders.base import DToMeState, StopEncoding
+
+
+@dataclass
+class Encoding:
+    """Result of :func:`encode` for a batch of ``B`` images at one layer.
+
+    Per image (padding removed, CLS dropped when ``cls_dropped``):
+
+    * ``features[b]`` — ``[n_b, C]`` hidden states, tokens in the raster order of their first patch;
+    * ``sizes[b]`` — ``[n_b]`` number of original positions each token covers;
+    * ``source_maps[b]`` — ``[P]`` for every original position (patches only when CLS is dropped), the index
+      of the feature that covers it — the merge map VTU needs.
+
+    Padded, as the encoder holds them (CLS included): ``hidden_states [B, N, C]``, ``mask [B, N]``,
+    ``padded_sizes [B, N]``, ``padded_source_map [B, N0]``; and ``tokens_per_layer [L'+1, B]`` (CLS included) for
+    the layers that ran.
+    """
+
+    features: list[Tensor]
+    sizes: list[Tensor]
+    source_maps: list[Tensor]
+    hidden_states: Tensor
+    mask: Tensor
+    padded_sizes: Tensor
+    padded_source_map: Tensor
+    tokens_per_layer: Tensor
+    layer: int  # resolved hidden-state index, 0..L
+    cls_dropped: bool
+    threshold_offset: float = 0.0  # the offset in force during this call
+    output: Any = None  # the model's own output (e.g. pooled), None when the forward stopped early
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """Features per image (CLS excluded when dropped)."""
+        return [f.shape[0] for f in self.features]
+
+
+@dataclass
+class BudgetCalibration:
+    """Outcome of :func:`calibrate_budget`."""
+
+    offset: float  # the threshold offset chosen (and set on the model)
+    mean_tokens: float  # average tokens per image it gives on the calibration images (CLS excluded)
+    target: float
+    evaluations: int  # forward passes used
+
+
+def _state(model: nn.Module) -> DToMeState:
+    from dymu.encoders import get_state
+
+    state = get_state(model)
+    if state.forward is None:
+        raise ValueError("this patched model has no tower forward recorded; re-patch it with dymu.patch")
+    return state
+
+
+def _resolve_layer(state: DToMeState, layer: int) -> int:
+    total = state.num_layers + 1
+    if not -total <= layer < total:
+        raise ValueError(f"layer {layer} is out of range for an encoder with {state.num_layers} blocks")
+    return layer % total
+
+
+def _run(state: DToMeState, pixel_values: Tensor, layer: int, *, stop_early: bool, record: bool) -> Any:
+    """One forward recording ``layer`` (and stopping after it when ``stop_early``); returns the model output."""
+    dtype = next((p.dtype for p in _params(state.forward)), pixel_values.dtype)
+    device = next((p.device for p in _params(state.forward)), pixel_values.device)
+    saved = state.record_layers, state.stop_after
+    state.record_layers = frozenset({layer}) if record else frozenset()
+    state.stop_after = layer if stop_early and layer < state.num_layers else None
+    try:
+        return state.forward(pixel_values.to(device=device, dtype=dtype))
+    except StopEncoding:
+        return None
+    finally:
+        state.record_layers, state.stop_after = saved
+
+
+def _params(module: Any):
+    return module.parameters() if isinstance(module, nn.Module) else iter(())
+
+
+def encode(
+    model: nn.Module,
+    pixel_values: Tensor,
+    *,
+    layer: int = -1,
+    drop_cls: bool = False,
+    stop_early: bool = True,
+    token_budget: float | None = None,
+    threshold_offset: float | None = None,
+) -> Encoding:
+    """Encode ``pixel_values [B, 3, H, W]`` with the patched encoder in ``model`` and return :class:`Encoding`.
+
+    * ``layer`` — which hidden states (``-2`` for LLaVA-1.5, ``-1`` for LLaVA-OneVision's truncated SigLIP);
+    * ``drop_cls`` — drop the protected CLS token from ``features``/``sizes``/``source_maps``;
+    * ``stop_early`` — skip the blocks after ``layer`` (then ``output`` is None);
+    * ``token_budget`` — for this call only, calibrate the threshold offset on this batch so that the average
+      number of patch tokens at ``layer`` is as close as possible to it;
+    * ``threshold_offset`` — for this call only, use this offset instead of the model's.
+
+    Runs under ``torch.no_grad()``.
+    """
+    state = _state(model)
+    index = _resolve_layer(state, layer)
+    if drop_cls and not state.protect_first:
+        raise ValueError(f"{state.encoder} has no CLS token to drop")
+    if token_budget is not None and threshold_offset is not None:
+        raise ValueError("give token_budget or threshold_offset, not both")
+    saved_offset = state.threshold_offset
+    try:
+        if threshold_offset is not None:
+            state.threshold_offset = float(threshold_offset)
+        if token_budget is not None:
+            calibrate_budget(model, pixel_values, token_budget, layer=layer)
+        with torch.no_grad():
+            output = _run(state, pixel_values, index, stop_early=stop_early, record=True)
+        offset = state.threshold_offset
+    finally:
+        state.threshold_offset = saved_offset
+    run = state.run
+    hidden, sizes, source_map = run.hidden_states[index], run.sizes[index], run.source_maps[index]
+    mask = sizes > 0
+    start = 1 if drop_cls else 0
+    features, token_sizes, maps = [], [], []
+    for b, n in enumerate(mask.sum(1).tolist()):
+        features.append(hidden[b, start:n])
+        token_sizes.append(sizes[b, start:n])
+        # CLS is protected: alone at index 0 of both the tokens and the original positions
+        maps.append(source_map[b, start:] - start)
+    return Encoding(
+        features=features,
+        sizes=token_sizes,
+        source_maps=maps,
+        hidden_states=hidden,
+        mask=mask,
+        padded_sizes=sizes,
+        padded_source_map=source_map,
+        tokens_per_layer=run.tokens_per_layer(),
+        layer=index,
+        cls_dropped=drop_cls,
+        threshold_offset=offset,
+        output=output,
+    )
+
+
+@torch.no_grad()
+def mean_tokens(model: nn.Module, pixel_values: Tensor, *, layer: int = -1, batch_size: int | None = None) -> float:
+    """Average tokens per image at ``layer`` (CLS excluded) with the model's current thresholds and offset."""
+    state = _state(model)
+    index = _resolve_layer(state, layer)
+    counts = []
+    for chunk in pixel_values.split(batch_size or len(pixel_values)):
+        _run(state, chunk, index, stop_early=True, record=False)
+        counts.append(state.run.num_tokens(index) - int(state.protect_first))
+    return float(torch.cat(counts).float().mean())
+
+
+def calibrate_budget(
+    model: nn.Module,
+    pixel_values: Tensor,
+    target_tokens: float,
+    *,
+    layer: int = -1,
+    batch_size: int | None = None,
+    max_evaluations: int = 40,
+) -> BudgetCalibration:
+    """Set the threshold offset so that ``pixel_values`` keep ``target_tokens`` tokens per image on average.
+
+    Tokens are counted at ``layer`` without CLS (as in the authors' "Kout" names). Bisects one global offset
+    added to every layer's threshold; token counts are integers, so the offset whose average is closest to the
+    target is kept (ties: fewer tokens). The model must be in inference mode (patched with thresholds).
+    Later calls use the offset until it is changed (``dymu.configure(model, threshold_offset=...)``).
+    """
+    state = _state(model)
+    if state.mode != "infer" or state.thresholds is None:
+        raise ValueError("calibrate_budget needs a model patched with thresholds (inference mode)")
+    index = _resolve_layer(state, layer)
+    full = state.input_tokens - int(state.protect_first)
+    if not 0 < target_tokens <= full:
+        raise ValueError(f"target_tokens must be in (0, {full}] for {state.encoder}, got {target_tokens}")
+    finite = state.thresholds[torch.isfinite(state.thresholds)]
+    t_max = float(finite.max()) if finite.numel() else 0.0
+    t_min = float(finite.min()) if finite.numel() else 0.0
+    # cosine scores lie in [-1, 1]: below lo every candidate pair merges, above hi none does
+    lo, hi = -1.5 - t_max, 1.5 - t_min
+    tried: dict[float, float] = {}
+
+    def evaluate(offset: float) -> float:
+        state.threshold_offset = offset
+        tried[offset] = mean_tokens(model, pixel_values, layer=index, batch_size=batch_size)
+        return tried[offset]
+
+    saved = state.threshold_offset
+    try:
+        f_lo, f_hi = evaluate(lo), evaluate(hi)
+        if f_lo < target_tokens < f_hi:
+            while len(tried) < max_evaluations and hi - lo > 1e-6:
+                mid = (lo + hi) / 2
+                f = evaluate(mid)
+                if f == target_tokens:
+                    break
+                lo, hi = (mid, hi) if f < target_tokens else (lo, mid)
+    except BaseException:
+        state.threshold_offset = saved
+        raise
+    best = min(tried, key=lambda o: (abs(tried[o] - target_tokens), tried[o], o))
+    state.threshold_offset = best
+    return BudgetCalibration(best, tried[best], float(target_tokens), len(tried))

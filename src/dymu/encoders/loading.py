@@ -1,0 +1,136 @@
+"""Load a vision encoder and its preprocessing from the ways users name one (used by ``dymu thresholds`` and
+``dymu encode``):
+
+* a local transformers folder or a hub name of a CLIP / SigLIP (vision) model — ``CLIPVisionModel`` /
+  ``SiglipVisionModel.from_pretrained`` and ``AutoImageProcessor`` from the same place;
+* ``open_clip:MODEL[:PRETRAINED]`` — ``open_clip.create_model_and_transforms`` (``MODEL`` may be
+  ``local-dir:/path`` or ``hf-hub:org/repo``; ``PRETRAINED`` a tag or a file); only ``model.visual`` is kept;
+* a DyMU name (``ViT-L-14-336-tome-72out``) — its base encoder from the hub (or from ``weights``), cut to the
+  number of blocks the name is for (SigLIP: 26, as in LLaVA-OneVision).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dymu.encoders.names import DyMUName, is_dymu_name, parse_dymu_name
+
+
+@dataclass
+class LoadedEncoder:
+    model: nn.Module
+    preprocess: Callable[[object], Tensor]  # PIL image -> [3, H, W]
+    source: str  # what was loaded, for messages and resume checks
+    dymu: DyMUName | None = None
+
+
+def load_encoder(
+    spec: str,
+    *,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedEncoder:
+    """Load the encoder named by ``spec`` (see module doc) in eval mode on ``device``."""
+    dymu = None
+    if is_dymu_name(spec) and not Path(spec).exists():
+        dymu = parse_dymu_name(spec)
+        source = weights or dymu.base.hf_name
+        if source is None:
+            raise ValueError(f"{spec}: no default weights for {dymu.base.identity}; pass the encoder with --weights")
+        if is_dymu_name(source) and not Path(source).exists():
+            raise ValueError(f"weights {source!r} must be a model folder, hub name or open_clip:..., not a DyMU name")
+        loaded = _load(source, num_layers=dymu.base.num_layers)
+        loaded.dymu = dymu
+    elif weights is not None:
+        raise ValueError("--weights is only used with a DyMU name as --model")
+    else:
+        loaded = _load(spec)
+    loaded.model.to(device=device, dtype=dtype).eval()
+    if dymu is not None:
+        from dymu.encoders import inspect_encoder
+
+        state = inspect_encoder(loaded.model)
+        identity, layers = state.encoder, state.num_layers
+        if identity != dymu.base.identity:
+            raise ValueError(f"{loaded.source} is a {identity} encoder, but {spec} is for {dymu.base.identity}")
+        if dymu.base.num_layers is not None and layers != dymu.base.num_layers:
+            raise ValueError(f"{spec} is for {dymu.base.num_layers} blocks but {loaded.source} has {layers}")
+    return loaded
+
+
+def _load(spec: str, *, num_layers: int | None = None) -> LoadedEncoder:
+    if spec.startswith("open_clip:"):
+        return _load_open_clip(spec.removeprefix("open_clip:"), num_layers)
+    return _load_hf(spec, num_layers)
+
+
+def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+
+    local = Path(spec)
+    if not local.is_dir() and (local.is_absolute() or spec.startswith(".") or spec.count("/") != 1):
+        raise FileNotFoundError(f"model folder not found: {spec} (nor is it a hub name 'org/model')")
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load a transformers config from {spec}: {err}") from err
+    kind = config.model_type
+    classes = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
+    classes |= {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+    if kind not in classes:
+        raise ValueError(
+            f"{spec} is a {kind!r} model; dymu loads CLIP/SigLIP vision models from transformers folders "
+            "(for a LLaVA checkpoint, pass its vision tower, e.g. openai/clip-vit-large-patch14-336)"
+        )
+    kwargs = {}
+    if num_layers is not None:
+        # e.g. LLaVA-OneVision runs 26 of SigLIP-SO400M's 27 blocks: load only those
+        vision = getattr(config, "vision_config", config)
+        if vision.num_hidden_layers > num_layers:
+            kwargs["num_hidden_layers"] = num_layers
+    try:
+        model = classes[kind].from_pretrained(spec, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(spec)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load {spec}: {err}") from err
+    from dymu.data import hf_transform
+
+    return LoadedEncoder(model, hf_transform(processor), spec)
+
+
+def _load_open_clip(spec: str, num_layers: int | None) -> LoadedEncoder:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ValueError("open_clip models need open_clip_torch: pip install 'dymu[open_clip]'") from err
+    if spec.startswith(("local-dir:", "hf-hub:")):
+        name, pretrained = spec, None
+    else:
+        name, _, pretrained = spec.partition(":")
+        pretrained = pretrained or None
+    if not name:
+        raise ValueError("open_clip model name missing: use open_clip:MODEL[:PRETRAINED]")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except RuntimeError as err:  # open_clip reports unknown names / tags this way
+        raise ValueError(f"open_clip cannot create {spec!r}: {err}") from err
+    visual = model.visual  # the text tower is not needed
+    del model
+    if num_layers is not None:
+        _truncate_open_clip(visual, num_layers)
+    return LoadedEncoder(visual, preprocess, f"open_clip:{spec}")
+
+
+def _truncate_open_clip(visual: nn.Module, num_layers: int) -> None:
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "blocks"):
+        if len(trunk.blocks) > num_layers:
+            trunk.blocks = trunk.blocks[:num_layers]
+    elif hasattr(visual, "transformer") and len(visual.transformer.resblocks) > num_layers:
+        visual.transformer.resblocks = visual.transformer.resblocks[:num_layers]

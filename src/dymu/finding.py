@@ -1,0 +1,263 @@
+"""Threshold finding over an image dataset (the library side of ``dymu thresholds``).
+
+For every global batch the patched encoder runs in finding mode: per layer the batch's ``B * r_l`` most similar
+pairs merge and the layer's threshold is the best score that did not; the per-layer thresholds are averaged over
+batches (cumulative mean, :class:`~dymu.thresholds.RunningThresholds`).
+
+Batches (see :mod:`dymu.data`): global batch ``i`` is entries ``[i*B, (i+1)*B)`` of the image list; unreadable
+images are dropped from their own batch only and reported.
+
+Several processes (``torchrun``; gloo on CPU, nccl on GPU): each rank loads a contiguous slice of every global
+batch, and the per-layer selection is made over the scores of all ranks together
+(:func:`~dymu.encoders.base.select_top_across_processes`), so N processes produce the same thresholds as one
+process with the same global batch size on the same images (up to float rounding). The original authors instead
+averaged per-process thresholds of per-process batches; with equal shards this differs only by sampling noise.
+
+Resuming: after every finished batch, rank 0 atomically writes ``<output>.resume.pt`` with the running
+thresholds, batches done, images seen and the skipped list. A killed run started again with the same settings
+continues from the next batch — nothing lost, nothing counted twice. Different settings (encoder, merge counts,
+batch size, image list) are refused. The resume file is removed once the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dymu.data import ImageList, ImageListDataset, Transform, batches
+from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
+
+RESUME_FORMAT = "dymu-finding-resume/1"
+
+
+@dataclass
+class FindingSettings:
+    """What must not change between a run and its resumption."""
+
+    encoder: str
+    num_layers: int
+    merge_counts: list[int]
+    schedule: str
+    batch_size: int
+    num_images: int
+    images: str  # fingerprint of the image dir + list
+    model: str  # what was loaded (informational; compared too)
+
+
+@dataclass
+class FindingResult:
+    checkpoint: ThresholdCheckpoint
+    batches_done: int
+    num_batches: int
+    images_seen: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    resumed_from: int = 0  # batches already done when this run started
+    output: Path | None = None  # written checkpoint (None while unfinished)
+
+    @property
+    def finished(self) -> bool:
+        return self.batches_done >= self.num_batches
+
+
+def resume_path(output: str | Path) -> Path:
+    """Where the resume state of a run writing ``output`` lives."""
+    output = Path(output)
+    return output.with_name(output.name + ".resume.pt")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the ``torchrun`` process group if launched by it (gloo on CPU, nccl with CUDA); returns rank, world
+    size and this process's device."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist_info()
+    return rank, world, device
+
+
+def find_thresholds(
+    model: nn.Module,
+    images: ImageList,
+    transform: Transform,
+    *,
+    merge_counts: list[int],
+    schedule: str = "constant",
+    batch_size: int = 32,
+    output: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+    max_batches: int | None = None,
+    on_batch: Callable[[int, RunningThresholds], None] | None = None,
+    model_source: str = "",
+) -> FindingResult:
+    """Find per-layer thresholds of the encoder in ``model`` on ``images`` (see module doc).
+
+    ``merge_counts`` — per-layer merges per image (:func:`dymu.merge_schedule`); ``output`` — checkpoint to write
+    (with resume state next to it; None keeps everything in memory); ``resume=False`` discards a resume file;
+    ``max_batches`` stops once that many global batches are done in total (the run can be resumed later);
+    ``on_batch(batch_number, running)`` is called after each batch is saved.
+    """
+    from tqdm.auto import tqdm
+
+    import dymu
+
+    rank, world = dist_info()
+    output = Path(output) if output is not None else None
+    state_path = resume_path(output) if output is not None else None
+    dataset = ImageListDataset(images, transform)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    num_batches = -(-len(images) // batch_size)
+
+    state = dymu.patch(model, merge_counts=merge_counts)
+    try:
+        state.sync_find = world > 1
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        settings = FindingSettings(
+            encoder=state.encoder,
+            num_layers=state.num_layers,
+            merge_counts=list(merge_counts),
+            schedule=schedule,
+            batch_size=batch_size,
+            num_images=len(images),
+            images=images.fingerprint(),
+            model=model_source,
+        )
+        running = RunningThresholds(state.num_layers)
+        done, seen, skipped = 0, 0, []
+        if state_path is not None and state_path.exists() and resume:
+            done, seen, skipped = _load_resume(state_path, settings, running)
+        elif output is not None:
+            if output.exists() and not overwrite:
+                raise ValueError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+            if state_path.exists() and rank == 0:
+                state_path.unlink()  # resume=False: start over
+        resumed_from = done
+
+        bar = tqdm(total=num_batches, initial=done, disable=not progress or rank != 0, unit="batch", desc="thresholds")
+        try:
+            for batch in batches(dataset, batch_size, rank=rank, world_size=world, first=done, num_workers=num_workers):
+                if max_batches is not None and batch.number >= max_batches:
+                    break
+                n_local = len(batch.indices)
+                n_global = _all_sum(n_local, device)
+                failed = _gather_failed(batch.failed)
+                if n_global > 0:
+                    if n_local > 0:
+                        with torch.no_grad():
+                            state.forward(batch.pixel_values.to(device=device, dtype=dtype))
+                        found = state.run.found_thresholds
+                    else:  # this rank's slice is empty: still take part in the per-layer selection
+                        from dymu.encoders.base import find_without_images
+
+                        found = find_without_images(state, device)
+                    running.update(found)
+                done, seen = batch.number + 1, seen + n_global
+                skipped += [(images.paths[i], reason) for i, reason in failed]
+                if state_path is not None and rank == 0:
+                    _save_resume(state_path, settings, running, done, seen, skipped)
+                bar.update(1)
+                bar.set_postfix(images=seen, skipped=len(skipped))
+                if on_batch is not None:
+                    on_batch(batch.number, running)
+        finally:
+            bar.close()
+    finally:
+        dymu.unpatch(model)
+
+    ckpt = ThresholdCheckpoint(
+        thresholds=running.mean.float(),
+        encoder=state.encoder,
+        schedule=schedule,
+        r_total=sum(merge_counts),
+        merge_counts=list(merge_counts),
+        images_seen=seen,
+    )
+    result = FindingResult(ckpt, done, num_batches, seen, skipped, resumed_from)
+    if result.finished and seen == 0:
+        raise ValueError(f"no image could be read ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})")
+    if result.finished and output is not None:
+        if rank == 0:
+            save_thresholds(output, ckpt)
+            if state_path.exists():
+                state_path.unlink()
+        result.output = output
+    return result
+
+
+def _all_sum(n: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    if dist_info()[1] == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _gather_failed(failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    import torch.distributed as dist
+
+    world = dist_info()[1]
+    if world == 1:
+        return failed
+    out: list = [None] * world
+    dist.all_gather_object(out, failed)
+    return [item for part in out for item in part]
+
+
+def _save_resume(path: Path, settings: FindingSettings, running: RunningThresholds, done: int, seen: int, skipped) -> None:
+    blob = {
+        "format": RESUME_FORMAT,
+        "settings": asdict(settings),
+        "running": running.state_dict(),
+        "batches_done": done,
+        "images_seen": seen,
+        "skipped": [list(s) for s in skipped],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous batch's state, never half a file
+
+
+def _load_resume(path: Path, settings: FindingSettings, running: RunningThresholds) -> tuple[int, int, list]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read resume state {path}: {err}; delete it (or pass --restart) to start over") from err
+    if not isinstance(blob, dict) or blob.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path} is not a dymu resume file; delete it (or pass --restart) to start over")
+    stored = blob["settings"]
+    differ = [f"{k}: {stored.get(k)!r} then, {v!r} now" for k, v in asdict(settings).items() if stored.get(k) != v]
+    if differ:
+        raise ValueError(
+            f"refusing to resume from {path}: settings differ ({'; '.join(differ)}); "
+            "use the same settings, or pass --restart to start over"
+        )
+    running.load_state_dict(blob["running"])
+    return int(blob["batches_done"]), int(blob["images_seen"]), [tuple(s) for s in blob["skipped"]]
