@@ -1,0 +1,238 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory, targets, tables.
+
+Timing: every configuration is run ``warmup`` times untimed, then ``repeats`` times; the median is
+reported. On CUDA each run is bracketed by ``torch.cuda.synchronize``.
+
+Peak memory
+    * CUDA: ``torch.cuda.max_memory_allocated`` during one run, minus what was allocated before it;
+    * CPU: ``tracemalloc`` does not see torch's allocator and ``ru_maxrss`` only ever grows, so the
+      bytes are measured explicitly: :class:`PeakTensorBytes` is a ``TorchDispatchMode`` that adds up
+      the storages created by every aten op while any tensor viewing them is alive, during one extra
+      untimed run. It counts activations (and caches) created by the run, not weights or inputs, and
+      not scratch memory private to a fused kernel (e.g. inside CPU flash attention).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(
+    fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
+) -> tuple[float, list[float], Any]:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones (and the last output)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the ``with`` block (CPU or any device).
+
+    A storage is counted from the op that creates it until the last tracked tensor viewing it dies.
+    Outputs aliasing an input that was not created inside the block (a weight, the input batch) are
+    not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[tuple[str, int], list[int]] = {}  # storage key -> [live tensors, nbytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {self._key(t) for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t, inputs)
+        return out
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple[str, int]:
+        try:
+            return (str(t.device), t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+            return ("", 0)
+
+    def _track(self, t: torch.Tensor, inputs: set) -> None:
+        key = self._key(t)
+        if key[1] == 0:
+            return
+        entry = self._refs.get(key)
+        if entry is None:
+            if key in inputs:  # a view of an untracked tensor (weights, inputs)
+                return
+            nbytes = t.untyped_storage().nbytes()
+            entry = self._refs[key] = [0, nbytes]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: tuple[str, int]) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._refs[key]
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
+    """Peak bytes allocated by one run of ``fn`` (see the module docstring for the method per device)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+    tracker = PeakTensorBytes()
+    with tracker:
+        out = fn()
+    return tracker.peak, out
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated during one run, minus memory allocated before it"
+    return "peak live tensor bytes created during one untimed run (dispatch-mode tracker; weights and inputs excluded)"
+
+
+def maxrss_bytes() -> int:
+    """This process's peak resident set size so far (whole run; Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of keys + values held by a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """A performance goal, printed next to the measured figure (PASS/MISS; never asserted)."""
+
+    name: str
+    measured: float
+    goal: float
+    higher_is_better: bool = True
+    unit: str = "x"
+
+    @property
+    def passed(self) -> bool:
+        if not math.isfinite(self.measured):
+            return False
+        return self.measured >= self.goal if self.higher_is_better else self.measured <= self.goal
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        return (
+            f"  [{'PASS' if self.passed else 'MISS'}] {self.name}: measured {self.measured:.3f}{self.unit} "
+            f"(target {op} {self.goal:g}{self.unit})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "measured": self.measured, "goal": self.goal, "passed": self.passed}
+
+
+# -------------------------------------------------------------------------------------------- output
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table (first column left-aligned, the others right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(parts).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def environment_line(device: torch.device, dtype: torch.dtype) -> str:
+    import transformers
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return (
+        f"device: {device} ({where}); dtype {str(dtype).removeprefix('torch.')}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def add_common_arguments(parser, *, repeats: int, warmup: int = 1) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="default: float32"
+    )
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per configuration (default: {repeats})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs first (default: {warmup})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (used by the tests)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -1,0 +1,316 @@
+"""End-to-end LLaVA-1.5 with DyMU: latency and tokens/s of prefill + N decode steps, stock vs DyMU.
+
+The model is transformers' ``LlavaForConditionalGeneration`` built from a config with random weights
+(only shapes matter for time): a CLIP ViT-L/14-336-shaped tower (features of the second-to-last
+layer, CLS dropped), LLaVA-1.5's 2-layer MLP projector (GELU) and a few Llama-2-7B-shaped decoder
+layers (hidden 4096, 32 heads, MLP 11008). Prompt: ``--text`` text tokens around one ``<image>``
+(576 placeholders). Configurations, timed side by side in one run:
+
+* ``stock``: the unmodified model, all 576 visual tokens;
+* ``dymu vtu=fast`` / ``vtu=exact`` / ``vtu=off``: :func:`dymu.vlm.llava.enable_dymu` with "72out"
+  thresholds found on the random tower (``merge_schedule("constant", 504, layers)`` over built-in
+  images) and a threshold offset calibrated so the benchmark images keep ``--visual-tokens`` (72)
+  tokens on average — random weights spread per-image counts unlike a real CLIP, so the offset pins
+  the count the figures are about. ``vtu=off`` is plain merged tokens at consecutive positions.
+
+Each configuration runs ``generate`` (greedy, exactly ``--new-tokens`` new tokens). A logits
+processor stamps the time the first logits arrive, which splits each run into time to first token
+(vision encoding + projector + prefill) and decode. Reported: medians of TTFT, total latency,
+decode tokens/s = (N − 1) / (total − TTFT), end-to-end tokens/s = N / total, speed-ups vs stock, the
+KV cache held after generation and the peak memory of one run. Fast and exact VTU must generate the
+same tokens (printed as a check).
+
+Examples:
+  python -m bench.e2e_llava                         # CPU defaults: 8 vision layers, 2 decoder layers
+  python -m bench.e2e_llava --vision-layers 24 --text-layers 4 --new-tokens 32
+  python -m bench.e2e_llava --device cuda --dtype float16 --vision-layers 24 --text-layers 32
+  dymu bench e2e_llava --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import types
+from typing import Any, Sequence
+
+import torch
+
+try:  # as part of the bench package (python -m bench.e2e_llava, dymu bench)
+    from bench._common import (
+        Target, add_common_arguments, apply_threads, cache_bytes, environment_line, format_table, human_bytes,
+        maxrss_bytes, memory_method, peak_memory, resolve_device, sync,
+    )
+except ImportError:  # pragma: no cover - run as a file
+    from _common import (  # type: ignore[no-redef]
+        Target, add_common_arguments, apply_threads, cache_bytes, environment_line, format_table, human_bytes,
+        maxrss_bytes, memory_method, peak_memory, resolve_device, sync,
+    )
+
+FULL_VISION_LAYERS, FULL_TEXT_LAYERS = 24, 32
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.e2e_llava",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--vision-layers", type=int, help="CLIP blocks (default: 8 on CPU, 24 on CUDA)")
+    p.add_argument("--text-layers", type=int, help="Llama decoder layers (default: 2 on CPU, 32 on CUDA)")
+    p.add_argument("--visual-tokens", type=float, default=72.0, help="mean visual tokens kept by DyMU (default: 72)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (default: 16)")
+    p.add_argument("--text", type=int, default=64, help="text tokens in the prompt, 8 before the image (default: 64)")
+    p.add_argument("--batch", type=int, default=1, help="prompts (one image each) per generate call (default: 1)")
+    p.add_argument("--vocab", type=int, default=1024,
+                   help="vocabulary size (default: 1024; LLaVA's 32064 would make the LM head a large share of "
+                        "a few-layer decoder)")
+    p.add_argument("--modes", default="fast,exact,off", help="VTU modes to run with DyMU (default: fast,exact,off)")
+    p.add_argument("--image-size", type=int, default=336)
+    p.add_argument("--vision-hidden", type=int, default=1024)
+    p.add_argument("--vision-heads", type=int, default=16)
+    p.add_argument("--vision-mlp", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=4096, help="decoder hidden size (default: 4096)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--mlp", type=int, default=11008)
+    add_common_arguments(p, repeats=2)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.vision_layers, args.text_layers, args.image_size = 3, 2, 84
+        args.vision_hidden, args.vision_heads, args.vision_mlp = 64, 4, 128
+        args.hidden, args.heads, args.mlp, args.vocab = 64, 4, 128, 128
+        args.visual_tokens, args.new_tokens, args.text, args.repeats, args.warmup = 12.0, 4, 8, 1, 1
+    cuda = args.device.startswith("cuda")
+    if args.vision_layers is None:
+        args.vision_layers = FULL_VISION_LAYERS if cuda else 8
+    if args.text_layers is None:
+        args.text_layers = FULL_TEXT_LAYERS if cuda else 2
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.mode_list:
+        if m not in ("fast", "exact", "off"):
+            p.error(f"--modes: unknown VTU mode {m!r} (expected fast, exact, off)")
+    if args.vision_layers < 2:
+        p.error("--vision-layers must be >= 2 (LLaVA takes the second-to-last layer)")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2")
+    patches = (args.image_size // 14) ** 2
+    if not 1 <= args.visual_tokens < patches:
+        p.error(f"--visual-tokens must be in 1..{patches - 1}")
+    return args
+
+
+def build_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(args.seed)
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden, intermediate_size=args.vision_mlp, num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_heads, image_size=args.image_size, patch_size=14,
+    )
+    text = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
+        num_hidden_layers=args.text_layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=args.vocab - 1, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": args.image_size}, crop_size=args.image_size)
+    return model, processor
+
+
+def prompt_ids(args: argparse.Namespace, full_count: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, text + full_count]``: BOS, a few text tokens, 576 image placeholders, the rest of the text."""
+    before = min(8, args.text)
+    rows = []
+    for _ in range(args.batch):
+        text = torch.randint(3, args.vocab - 1, (args.text,), generator=generator)
+        rows.append(torch.cat([torch.tensor([1]), text[: before - 1] if before else text[:0],
+                               torch.full((full_count,), args.vocab - 1), text[max(before - 1, 0) :]]))
+    return torch.stack(rows)
+
+
+class FirstLogitsClock:
+    """A logits processor that records when the first logits (end of prefill) arrive."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.first = device, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            sync(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; return every figure (also what :func:`format_results` prints)."""
+    from transformers import LogitsProcessorList
+
+    import dymu
+    from dymu.samples import KINDS, image_set, make_image
+    from dymu.vlm.llava import calibrate_token_budget, disable_dymu, enable_dymu, full_image_tokens
+
+    apply_threads(args.threads)
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model, processor = build_llava(args, device, dtype)
+    build_s = time.perf_counter() - t0
+    full_count = full_image_tokens(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = [make_image(KINDS[(1 + i) % len(KINDS)], args.image_size, seed=100 + i) for i in range(args.batch)]
+    pixel_values = processor(images=images, return_tensors="pt").pixel_values.to(device, dtype)
+    input_ids = prompt_ids(args, full_count, gen).to(device)
+    attention_mask = torch.ones_like(input_ids)
+
+    # -- "72out" thresholds on the random tower, then an offset pinning the benchmark images' mean count
+    t0 = time.perf_counter()
+    tower = model.model.vision_tower
+    patches = full_count
+    counts = dymu.merge_schedule("constant", patches - round(args.visual_tokens), args.vision_layers)
+    calib = processor(images=image_set(8, args.image_size), return_tensors="pt").pixel_values.to(device, dtype)
+    dymu.patch(tower, merge_counts=counts)
+    with torch.inference_mode():
+        tower(pixel_values=calib)
+    thresholds = list(dymu.last_run(tower).found_thresholds)
+    dymu.unpatch(tower)
+    enable_dymu(model, thresholds, vtu="off")
+    offset = calibrate_token_budget(model, types.SimpleNamespace(image_processor=processor), images,
+                                    args.visual_tokens, steps=12)
+    disable_dymu(model)
+    finding_s = time.perf_counter() - t0
+
+    def generate() -> tuple[Any, float, float]:
+        clock = FirstLogitsClock(device)
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+            )
+        sync(device)
+        end = time.perf_counter()
+        return out, clock.first - start, end - start
+
+    configs = [("stock", None)] + [(f"dymu vtu={m}", m) for m in args.mode_list]
+    rows: list[dict[str, Any]] = []
+    generated: dict[str, torch.Tensor] = {}
+    for name, mode in configs:
+        if mode is not None:
+            enable_dymu(model, thresholds, vtu=mode, threshold_offset=offset)
+        for _ in range(args.warmup):
+            generate()
+        ttft, total = [], []
+        out = None
+        for _ in range(max(1, args.repeats)):
+            out, first, end = generate()
+            ttft.append(first)
+            total.append(end)
+        visual = list(model.dymu_last_counts) if mode is not None else [full_count] * args.batch
+        peak, _ = peak_memory(lambda: generate(), device)
+        if mode is not None:
+            disable_dymu(model)
+        t_first, t_total = statistics.median(ttft), statistics.median(total)
+        decode_s = t_total - t_first
+        new = args.new_tokens * args.batch
+        rows.append({
+            "config": name, "visual_tokens": visual, "ttft_s": t_first, "total_s": t_total,
+            "decode_tokens_per_s": (args.new_tokens - 1) * args.batch / decode_s if decode_s > 0 else float("inf"),
+            "tokens_per_s": new / t_total, "kv_cache_bytes": cache_bytes(out.past_key_values), "peak_bytes": peak,
+            "prompt_tokens": int(input_ids.shape[1]),
+        })
+        generated[name] = out.sequences[:, -args.new_tokens :].cpu()
+
+    base = rows[0]
+    for r in rows:
+        r["ttft_speedup"] = base["ttft_s"] / r["ttft_s"]
+        r["total_speedup"] = base["total_s"] / r["total_s"]
+        r["decode_vs_stock"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        r["kv_vs_stock"] = r["kv_cache_bytes"] / base["kv_cache_bytes"]
+        r["peak_vs_stock"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+    by_name = {r["config"]: r for r in rows}
+    checks = {}
+    if "dymu vtu=fast" in generated and "dymu vtu=exact" in generated:
+        checks["fast and exact VTU generate the same tokens"] = bool(
+            torch.equal(generated["dymu vtu=fast"], generated["dymu vtu=exact"]))
+    targets = []
+    if "dymu vtu=fast" in by_name:
+        targets.append(Target("time to first token, stock / DyMU vtu=fast", by_name["dymu vtu=fast"]["ttft_speedup"], 3.5))
+        if "dymu vtu=off" in by_name:
+            targets.append(Target("VTU fast over plain merged (time to first token)",
+                                  by_name["dymu vtu=fast"]["ttft_s"] / by_name["dymu vtu=off"]["ttft_s"], 1.10,
+                                  higher_is_better=False))
+        if "dymu vtu=exact" in by_name:
+            targets.append(Target("VTU exact over VTU fast (time to first token)",
+                                  by_name["dymu vtu=exact"]["ttft_s"] / by_name["dymu vtu=fast"]["ttft_s"], 1.0,
+                                  higher_is_better=False))
+    return {
+        "benchmark": "e2e_llava", "vision_layers": args.vision_layers, "text_layers": args.text_layers,
+        "batch": args.batch, "new_tokens": args.new_tokens, "text": args.text, "vocab": args.vocab,
+        "repeats": args.repeats, "warmup": args.warmup, "device": str(device), "dtype": args.dtype,
+        "environment": environment_line(device, dtype), "thresholds": thresholds, "threshold_offset": offset,
+        "build_s": build_s, "finding_s": finding_s, "rows": rows, "checks": checks,
+        "targets": [t.as_dict() for t in targets], "_targets": targets, "memory_method": memory_method(device),
+        "maxrss_bytes": maxrss_bytes(), "full_visual_tokens": full_count,
+    }
+
+
+def format_results(res: dict[str, Any]) -> str:
+    lines = [
+        f"LLaVA-1.5 end to end (random weights): CLIP ViT-L/14-336-shaped tower, {res['vision_layers']} of "
+        f"{FULL_VISION_LAYERS} layers; Llama-7B-shaped decoder, {res['text_layers']} of {FULL_TEXT_LAYERS} layers; "
+        f"vocab {res['vocab']}",
+        res["environment"],
+    ]
+    if res["vision_layers"] < FULL_VISION_LAYERS or res["text_layers"] < FULL_TEXT_LAYERS:
+        lines.append(
+            "note: fewer layers than LLaVA-1.5-7B to fit the CPU; the vision/decoder balance differs from the full "
+            "model (the full decoder is ~16x deeper), so read the DyMU/stock ratios per part from bench.encoder and "
+            "bench.vtu_prefill"
+        )
+    lines += [
+        f"prompt: batch {res['batch']}, {res['text']} text tokens + {res['full_visual_tokens']} image placeholders; "
+        f"{res['new_tokens']} new tokens per prompt (greedy)",
+        f"DyMU thresholds: {len(res['thresholds'])} layers found on the random tower, offset {res['threshold_offset']:+.4f} "
+        f"calibrated on the benchmark images ({res['finding_s']:.1f} s); model built in {res['build_s']:.1f} s",
+        f"times: median of {res['repeats']} run(s) after {res['warmup']} warm-up(s); TTFT = vision + projector + "
+        "prefill; decode tok/s = (N-1)*batch / (total - TTFT)",
+        f"peak memory: {res['memory_method']}",
+        "",
+    ]
+    table = [
+        [r["config"], ",".join(map(str, r["visual_tokens"])), r["ttft_s"], f"{r['ttft_speedup']:.2f}x", r["total_s"],
+         f"{r['total_speedup']:.2f}x", f"{r['decode_tokens_per_s']:.2f}", f"{r['decode_vs_stock']:.2f}x",
+         f"{r['tokens_per_s']:.2f}", human_bytes(r["kv_cache_bytes"]), f"{r['kv_vs_stock']:.3f}",
+         human_bytes(r["peak_bytes"]), f"{r['peak_vs_stock']:.3f}"]
+        for r in res["rows"]
+    ]
+    lines.append(format_table(
+        ["config", "visual_tok", "ttft_s", "ttft_speedup", "total_s", "total_speedup", "decode_tok/s", "decode_vs_stock",
+         "e2e_tok/s", "kv_cache", "kv_vs_stock", "peak", "peak_vs_stock"],
+        table,
+    ))
+    lines.append("")
+    for name, ok in res["checks"].items():
+        lines.append(f"check: {name}: {'yes' if ok else 'NO'}")
+    lines.append("targets (not asserted; the prefill target is meant for the full decoder, see bench.vtu_prefill):")
+    lines += [t.line() for t in res["_targets"]]
+    lines.append(f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    print(format_results(run(parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

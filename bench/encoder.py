@@ -1,0 +1,291 @@
+"""DToMe encoder cost: a CLIP ViT-L/14-336-shaped vision tower at 72out/192out/384out vs no merging.
+
+The tower is transformers' ``CLIPVisionModel`` built from a config (24 layers, hidden 1024, 16 heads,
+MLP 4096, 336 px, patch 14 → 577 tokens) with random weights; only shapes matter for time. Thresholds
+for each "Kout" setting are found on the random tower itself with
+``merge_counts=merge_schedule("constant", 576 - K, layers)`` over a calibration batch of built-in images,
+then every configuration is timed in the same run, side by side:
+
+* batch 1: each of the evaluation images alone (images of graded complexity from :mod:`dymu.samples`);
+* batch B (default 8): all of them together — with DToMe they keep different numbers of tokens, so the
+  batch is padded to the largest count in every layer.
+
+Figures per configuration: median times and the speed-up vs no merging; visual tokens per image after
+the last block (CLS excluded; mean ± std over the images); the share of the batch-B forward spent in
+merge bookkeeping (``DToMeState.merge``: scoring, matching, size-weighted merge and source map);
+batch efficiency = Σ_i t₁(image i) / t_B — the sum of the images' batch-1 medians over the batch-B
+median (1.0 = batching costs exactly as much as running the images one by one; padding to the largest
+count pushes it down, better hardware utilisation pushes it up — compare with the "none" row, which has
+no padding); and the peak memory of one batch-B forward.
+
+With fewer layers than 24 (the CPU default, ``--layers 8``) the same final count K is reached over
+fewer layers (``r_total = 576 - K`` spread over them), so the token-count profile keeps its shape.
+
+Examples:
+  python -m bench.encoder                     # 8 layers on CPU (a few minutes on 2 cores)
+  python -m bench.encoder --full              # all 24 layers
+  python -m bench.encoder --device cuda --dtype float16
+  dymu bench encoder --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Any, Sequence
+
+import torch
+
+try:  # as part of the bench package (python -m bench.encoder, dymu bench)
+    from bench._common import (
+        Target, add_common_arguments, apply_threads, environment_line, format_table, human_bytes, maxrss_bytes,
+        mean_std, median_time, memory_method, peak_memory, resolve_device, sync,
+    )
+except ImportError:  # pragma: no cover - run as a file
+    from _common import (  # type: ignore[no-redef]
+        Target, add_common_arguments, apply_threads, environment_line, format_table, human_bytes, maxrss_bytes,
+        mean_std, median_time, memory_method, peak_memory, resolve_device, sync,
+    )
+
+FULL_LAYERS = 24
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.encoder",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples:"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--layers", type=int, help="encoder blocks (default: 8 on CPU, 24 on CUDA)")
+    p.add_argument("--full", action="store_true", help="all 24 blocks of ViT-L/14-336")
+    p.add_argument("--outs", default="72,192,384", help="final visual token counts K to test (default: 72,192,384)")
+    p.add_argument("--batch", type=int, default=8, help="images in the batched run (default: 8)")
+    p.add_argument("--calibration", type=int, default=8, help="images in the threshold-finding batch (default: 8)")
+    p.add_argument("--image-size", type=int, default=336)
+    p.add_argument("--patch-size", type=int, default=14)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--mlp", type=int, default=4096)
+    add_common_arguments(p, repeats=3)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.image_size, args.hidden, args.heads, args.mlp = 3, 84, 64, 4, 128
+        args.outs, args.batch, args.calibration, args.repeats, args.warmup = "12,18,24", 4, 4, 1, 1
+    if args.full:
+        args.layers = FULL_LAYERS
+    if args.layers is None:
+        args.layers = FULL_LAYERS if args.device.startswith("cuda") else 8
+    args.out_list = [int(v) for v in str(args.outs).split(",") if v.strip()]
+    patches = (args.image_size // args.patch_size) ** 2
+    for k in args.out_list:
+        if not 1 <= k < patches:
+            p.error(f"--outs: each K must be in 1..{patches - 1} (patches per image), got {k}")
+    return args
+
+
+def build_tower(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(args.seed)
+    config = CLIPVisionConfig(
+        hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, image_size=args.image_size, patch_size=args.patch_size,
+        attn_implementation="sdpa",
+    )
+    model = CLIPVisionModel(config).to(device, dtype).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": args.image_size}, crop_size=args.image_size)
+    return model, processor
+
+
+class MergeTimer:
+    """Adds up the time spent in ``DToMeState.merge`` while :meth:`active` (wraps the state's method)."""
+
+    def __init__(self, state: Any, device: torch.device) -> None:
+        self.state, self.device, self.seconds = state, device, 0.0
+
+    @contextlib.contextmanager
+    def active(self, on: bool = True):
+        self.seconds = 0.0
+        if self.state is None or not on:
+            yield self
+            return
+        original = self.state.merge
+
+        def merge(*args: Any, **kwargs: Any):
+            sync(self.device)
+            t = time.perf_counter()
+            out = original(*args, **kwargs)
+            sync(self.device)
+            self.seconds += time.perf_counter() - t
+            return out
+
+        self.state.merge = merge  # instance attribute shadows the method
+        try:
+            yield self
+        finally:
+            del self.state.merge
+
+
+def evaluation_images(n: int, size: int) -> list:
+    """``n`` images of graded complexity (flat, gradient, stripes, textured, …), unseen by calibration."""
+    from dymu.samples import KINDS, make_image
+
+    return [make_image(KINDS[i % len(KINDS)], size, seed=100 + i) for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; return every figure (also what :func:`format_results` prints)."""
+    import dymu
+    from dymu.samples import image_set
+
+    apply_threads(args.threads)
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    model, processor = build_tower(args, device, dtype)
+    patches = (args.image_size // args.patch_size) ** 2
+
+    def pixels(images: list) -> torch.Tensor:
+        return processor(images=images, return_tensors="pt").pixel_values.to(device, dtype)
+
+    calib = pixels(image_set(args.calibration, args.image_size))
+    images = evaluation_images(args.batch, args.image_size)
+    batch = pixels(images)
+    singles = [batch[i : i + 1] for i in range(args.batch)]
+
+    # -- thresholds per Kout, found on the random tower
+    t0 = time.perf_counter()
+    thresholds: dict[str, list[float]] = {}
+    dymu.patch(model)
+    for k in args.out_list:
+        counts = dymu.merge_schedule("constant", patches - k, args.layers)
+        dymu.configure(model, merge_counts=counts)
+        with torch.inference_mode():
+            model(pixel_values=calib)
+        thresholds[f"{k}out"] = list(dymu.last_run(model).found_thresholds)
+    dymu.unpatch(model)
+    finding_s = time.perf_counter() - t0
+
+    def forward(x: torch.Tensor):
+        with torch.inference_mode():
+            return model(pixel_values=x).last_hidden_state
+
+    configs: list[tuple[str, list[float] | None]] = [("none", None)] + list(thresholds.items())
+    rows: list[dict[str, Any]] = []
+    for name, th in configs:
+        state = dymu.patch(model, th) if th is not None else None
+        # batch 1: each image alone
+        t1 = [median_time(lambda x=x: forward(x), args.repeats, args.warmup if i == 0 else 0, device)[0]
+              for i, x in enumerate(singles)]
+        # batch B: all images together; merge() is timed inside the timed runs on CPU (no sync needed),
+        # in one extra run on CUDA (the syncs it needs would perturb the timed runs)
+        timer = MergeTimer(state, device)
+        for _ in range(args.warmup):
+            forward(batch)
+        times, shares = [], []
+        for _ in range(max(1, args.repeats)):
+            with timer.active(device.type != "cuda"):
+                sync(device)
+                t = time.perf_counter()
+                forward(batch)
+                sync(device)
+                times.append(time.perf_counter() - t)
+            shares.append(timer.seconds / times[-1])
+        t_batch = statistics.median(times)
+        if state is not None and device.type == "cuda":
+            with timer.active(True):
+                sync(device)
+                t = time.perf_counter()
+                forward(batch)
+                sync(device)
+                shares = [timer.seconds / (time.perf_counter() - t)]
+        peak, _ = peak_memory(lambda: forward(batch), device)
+        if state is not None:
+            tokens = (dymu.last_run(model).num_tokens() - 1).tolist()  # CLS excluded
+            dymu.unpatch(model)
+        else:
+            tokens = [patches] * args.batch
+        mean, std = mean_std(tokens)
+        rows.append({
+            "config": name, "tokens_mean": mean, "tokens_std": std, "tokens": tokens,
+            "batch1_s": sum(t1) / len(t1), "batch1_sum_s": sum(t1), "batch_s": t_batch,
+            "merge_share": statistics.median(shares) if state is not None else 0.0,
+            "peak_bytes": peak,
+        })
+
+    base = rows[0]
+    for r in rows:
+        r["speedup_batch1"] = base["batch1_s"] / r["batch1_s"]
+        r["speedup_batch"] = base["batch_s"] / r["batch_s"]
+        r["batch_efficiency"] = r["batch1_sum_s"] / r["batch_s"]
+        r["batch_efficiency_vs_none"] = r["batch_efficiency"] / base["batch_efficiency"]
+        r["peak_vs_none"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+
+    targets = []
+    first = rows[1] if len(rows) > 1 else None
+    if first is not None:
+        targets.append(Target(f"encoder at {first['config']} speed-up vs no merging (batch {args.batch})",
+                              first["speedup_batch"], 1.6))
+        targets.append(Target(f"batch-{args.batch} efficiency at {first['config']} (sum of batch-1 times / batch time)",
+                              first["batch_efficiency"], 0.9, unit=""))
+    return {
+        "benchmark": "encoder", "layers": args.layers, "calibration": args.calibration, "full_layers": FULL_LAYERS, "batch": args.batch,
+        "image_size": args.image_size, "patches": patches, "repeats": args.repeats, "warmup": args.warmup,
+        "device": str(device), "dtype": args.dtype, "environment": environment_line(device, dtype),
+        "thresholds": thresholds, "finding_s": finding_s, "rows": rows, "targets": [t.as_dict() for t in targets],
+        "_targets": targets, "memory_method": memory_method(device), "maxrss_bytes": maxrss_bytes(),
+    }
+
+
+def format_results(res: dict[str, Any]) -> str:
+    lines = [
+        f"DToMe encoder benchmark: CLIP ViT-L/14-{res['image_size']}-shaped tower (random weights), "
+        f"{res['layers']} of {res['full_layers']} layers, {res['patches']} patches + CLS",
+        res["environment"],
+    ]
+    if res["layers"] < res["full_layers"]:
+        lines.append(
+            f"note: {res['layers']} layers only (run --full for all {res['full_layers']}); each Kout reaches the "
+            "same final count over these layers, so the token-count profile keeps its shape."
+        )
+    lines += [
+        f"thresholds: found on the random tower itself, one calibration batch of {res['calibration']} built-in images "
+        f"({res['finding_s']:.1f} s); note: random weights make the per-image spread of token counts unlike a real CLIP's.",
+        f"times: median of {res['repeats']} run(s) after {res['warmup']} warm-up(s); batch 1 = mean over the "
+        f"{res['batch']} images of each image's median; speed-up = none's time / this time",
+        "batch eff = sum of the images' batch-1 medians / batch median (ideal 1.0; 'vs none' divides by the "
+        "no-merge row's value, isolating the cost of padding to the largest count)",
+        "merge share = time inside DToMeState.merge (scoring, matching, weighted merge, source map) / forward time, "
+        "batch run",
+        f"peak memory: {res['memory_method']}",
+        "",
+    ]
+    table = [
+        [r["config"], f"{r['tokens_mean']:.1f} ± {r['tokens_std']:.1f}", r["batch1_s"], f"{r['speedup_batch1']:.2f}x",
+         r["batch_s"], f"{r['speedup_batch']:.2f}x", f"{r['batch_efficiency']:.3f}", f"{r['batch_efficiency_vs_none']:.3f}",
+         f"{100 * r['merge_share']:.1f}%", human_bytes(r["peak_bytes"]), f"{r['peak_vs_none']:.3f}"]
+        for r in res["rows"]
+    ]
+    b = res["batch"]
+    lines.append(format_table(
+        ["config", "tokens/img", "b1_s/img", "b1_speedup", f"b{b}_s", f"b{b}_speedup", "batch_eff", "eff_vs_none",
+         "merge_share", f"peak_b{b}", "peak_vs_none"],
+        table,
+    ))
+    lines.append("")
+    lines.append("tokens per image after the last block (batch order: " + ", ".join(
+        f"{r['config']}: {r['tokens']}" for r in res["rows"][1:]) + ")")
+    lines.append("targets (not asserted):")
+    lines += [t.line() for t in res["_targets"]]
+    lines.append(f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    print(format_results(run(parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

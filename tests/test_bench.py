@@ -1,0 +1,106 @@
+"""The benchmark scripts run in their --tiny configuration and produce well-formed figures (no timing assertions)."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import e2e_llava, encoder, vtu_prefill  # noqa: E402
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def check_targets(res: dict) -> None:
+    assert res["targets"], "targets are printed next to the figures"
+    for t in res["targets"]:
+        assert set(t) == {"name", "measured", "goal", "passed"}
+        assert positive(t["measured"]) and isinstance(t["passed"], bool)
+
+
+def test_encoder_tiny():
+    args = encoder.parse_args(["--tiny"])
+    res = encoder.run(args)
+    rows = res["rows"]
+    assert [r["config"] for r in rows] == ["none", "12out", "18out", "24out"]
+    patches = res["patches"]
+    for r in rows:
+        for key in ("batch1_s", "batch_s", "speedup_batch1", "speedup_batch", "batch_efficiency",
+                    "batch_efficiency_vs_none", "peak_bytes", "tokens_mean"):
+            assert positive(r[key]), (r["config"], key, r[key])
+        assert 0.0 <= r["merge_share"] < 1.0
+        assert len(r["tokens"]) == args.batch and all(1 <= t <= patches for t in r["tokens"])
+        assert r["tokens_std"] >= 0
+    assert rows[0]["speedup_batch"] == 1.0 and rows[0]["tokens"] == [patches] * args.batch
+    assert rows[0]["merge_share"] == 0.0 and all(r["merge_share"] > 0 for r in rows[1:])
+    assert all(r["tokens_mean"] < patches for r in rows[1:])  # merging happened
+    assert set(res["thresholds"]) == {"12out", "18out", "24out"}
+    assert all(len(v) == args.layers for v in res["thresholds"].values())
+    check_targets(res)
+    text = encoder.format_results(res)
+    assert "tokens/img" in text and "merge_share" in text and ("[PASS]" in text or "[MISS]" in text)
+    assert re.search(r"^12out\s+\d+\.\d ± \d+\.\d", text, re.M), text
+
+
+def test_e2e_llava_tiny():
+    args = e2e_llava.parse_args(["--tiny"])
+    res = e2e_llava.run(args)
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["stock", "dymu vtu=fast", "dymu vtu=exact", "dymu vtu=off"]
+    full = res["full_visual_tokens"]
+    for name, r in rows.items():
+        for key in ("ttft_s", "total_s", "decode_tokens_per_s", "tokens_per_s", "kv_cache_bytes", "peak_bytes",
+                    "ttft_speedup", "total_speedup", "kv_vs_stock"):
+            assert positive(r[key]), (name, key, r[key])
+        assert r["ttft_s"] < r["total_s"]
+    assert rows["stock"]["visual_tokens"] == [full]
+    for name in ("dymu vtu=fast", "dymu vtu=exact", "dymu vtu=off"):
+        assert rows[name]["visual_tokens"][0] < full
+        assert rows[name]["kv_cache_bytes"] < rows["stock"]["kv_cache_bytes"]  # merged-length cache
+    assert res["checks"] == {"fast and exact VTU generate the same tokens": True}
+    check_targets(res)
+    assert "ttft_speedup" in e2e_llava.format_results(res)
+
+
+def test_vtu_prefill_tiny_with_several_merged_counts(capsys):
+    assert vtu_prefill.main(["--tiny", "--merged", "12", "24"]) == 0
+    out = capsys.readouterr().out
+    pattern = re.compile(r"^(.+?)\s+(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+)\s+(\d+\.\d+)$")
+    rows = [m.groups() for m in map(pattern.match, out.splitlines()) if m]
+    names = [r[0] for r in rows]
+    assert names == ["full (stock sdpa)"] + ["merged, no VTU", "VTU fast", "VTU exact"] * 2, out
+    assert all(float(r[2]) > 0 and int(r[4]) > 0 for r in rows)
+    tokens = [int(r[1]) for r in rows]
+    assert tokens[1] < tokens[4] < tokens[0]  # 12 and 24 merged visual tokens, + text
+    assert len(re.findall(r"^\s+\[(PASS|MISS)\] ", out, re.M)) == 5  # ~90-token goal + 2 per merged count
+
+
+def test_bench_command_lists_and_runs(capsys):
+    from dymu.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("encoder", "vtu_prefill", "e2e_llava"):
+        assert name in out
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [encoder, e2e_llava])
+def test_bench_defaults_are_sized_for_the_cpu(module):
+    args = module.parse_args([])
+    assert args.device == "cpu" and args.repeats >= 2 and args.warmup >= 1
+    if module is encoder:
+        assert args.layers == 8 and args.out_list == [72, 192, 384] and args.batch == 8
+        assert module.parse_args(["--full"]).layers == 24
+    else:
+        assert (args.vision_layers, args.text_layers) == (8, 2) and args.mode_list == ["fast", "exact", "off"]
