@@ -32,13 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from dymu.vlm.loading import convert_original_llava, default_thresholds_path
+    from dymu.encoders.names import parse_dymu_name
+    from dymu.vlm.loading import convert_original_llava
 
     model, processor, settings = convert_original_llava(args.source, vision_tower=args.vision_tower)
     out = Path(args.output)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    thresholds = args.thresholds or (str(default_thresholds_path(settings.encoder)) if settings.encoder else None)
+    thresholds = args.thresholds or (str(parse_dymu_name(settings.encoder).find_checkpoint()) if settings.encoder else None)
     if thresholds is not None:
         if not Path(thresholds).is_file():
             raise FileNotFoundError(f"threshold checkpoint not found: {thresholds}")

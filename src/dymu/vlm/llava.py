@@ -316,36 +316,17 @@ def load_image(image: Any):
 
 
 @torch.no_grad()
-def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float, steps: int = 20) -> float:
+def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float) -> float:
     """Set the tower's threshold offset so that ``images`` keep ``target`` visual tokens on average.
 
-    Bisects one global offset on the stored thresholds (more offset → fewer merges → more tokens); the
-    offset stays set on the model and is returned.
+    :func:`dymu.calibrate_budget` at the model's ``vision_feature_layer``; the offset stays set and is returned.
     """
     tower = model.model.vision_tower
-    state = dymu.get_state(tower)
-    if state.mode != "infer":
+    if dymu.get_state(tower).mode != "infer":
         raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
-    full = full_image_tokens(model)
-    if not 1 <= target <= full:
-        raise ValueError(f"token budget must be between 1 and {full} visual tokens per image, got {target}")
     pixel_values = processor.image_processor([load_image(i) for i in images], return_tensors="pt").pixel_values
-    pixel_values = pixel_values.to(model.device)
-
-    def mean_tokens(offset: float) -> float:
-        state.threshold_offset = offset
-        features, _ = encode_images(model, pixel_values)
-        return sum(f.shape[0] for f in features) / len(features)
-
-    low, high = -2.0, 2.0  # cosine thresholds live in [0, 1]: these bounds merge everything / nothing
-    for _ in range(steps):
-        mid = (low + high) / 2
-        if mean_tokens(mid) < target:
-            low = mid
-        else:
-            high = mid
-    state.threshold_offset = high
-    return high
+    layer = model.config.vision_feature_layer
+    return dymu.calibrate_budget(tower, pixel_values.to(model.device), target, layer=layer).offset
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ LLaVA checkpoints (``LlavaLlamaForCausalLM`` with ``mm_vision_tower``).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,6 @@ LLAVA_V1_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
 )
-_DYMU_NAME = re.compile(r"^(?P<base>.+?)-tome(?:-(?P<out>\d+)out)?(?P<rest>.*)$")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -70,31 +68,11 @@ def is_original_llava(config: dict[str, Any]) -> bool:
     return "mm_vision_tower" in config and config.get("model_type") != "llava"
 
 
-def dymu_tower(name: str) -> tuple[str, str] | None:
-    """For a DyMU tower name, (base encoder name, DyMU name); None for a plain tower name."""
-    from dymu.encoders import names
+def dymu_tower(name: str):
+    """The parsed DyMU name if ``mm_vision_tower`` names a DyMU tower (``ViT-L-14-336-tome-72out``), else None."""
+    from dymu.encoders.names import is_dymu_name, parse_dymu_name
 
-    parse = getattr(names, "parse_dymu_name", None)
-    if parse is not None:
-        try:
-            spec = parse(name)
-        except ValueError:
-            spec = None
-        if spec is not None:
-            return spec.hf_name, spec.name
-    match = _DYMU_NAME.match(name)
-    if match is None:
-        return None
-    return names.hf_name_of(match["base"]) if hasattr(names, "hf_name_of") else match["base"], name
-
-
-def default_thresholds_path(dymu_name: str) -> Path:
-    from dymu.encoders import names
-
-    fn = getattr(names, "checkpoint_path", None)
-    if fn is not None:
-        return Path(fn(dymu_name))
-    return Path("checkpoints/threshold_checkpoints") / f"{dymu_name}.safetensors"
+    return parse_dymu_name(name) if is_dymu_name(name) else None
 
 
 def convert_original_llava(
@@ -129,8 +107,10 @@ def convert_original_llava(
         raise ValueError(f"mm_projector_type {projector!r} is not supported; expected 'mlp2x_gelu' (LLaVA-1.5)")
     tower_name = raw["mm_vision_tower"]
     dymu_name = dymu_tower(tower_name)
-    settings = DyMUSettings(encoder=dymu_name[1] if dymu_name else None)
-    tower_source = vision_tower or (dymu_name[0] if dymu_name else tower_name)
+    settings = DyMUSettings(encoder=dymu_name.name if dymu_name else None)
+    tower_source = vision_tower or (dymu_name.hf_name if dymu_name else tower_name)
+    if tower_source is None:
+        raise ValueError(f"mm_vision_tower {tower_name!r} has no known weights: pass vision_tower=<folder or hub name>")
     tower = CLIPVisionModel.from_pretrained(tower_source, torch_dtype=torch_dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -213,12 +193,9 @@ def load_llava(
     settings = settings or DyMUSettings()
     chosen = thresholds if thresholds is not None else settings.thresholds
     if chosen is None and settings.encoder is not None:
-        chosen = default_thresholds_path(settings.encoder)
-        if not Path(chosen).is_file():
-            raise FileNotFoundError(
-                f"DyMU encoder {settings.encoder!r} needs its threshold checkpoint at {chosen}; "
-                "find thresholds with `dymu thresholds` or pass thresholds=…"
-            )
+        from dymu.encoders.names import parse_dymu_name
+
+        chosen = parse_dymu_name(settings.encoder).find_checkpoint()
     if isinstance(chosen, str) and not Path(chosen).is_absolute() and (Path(path) / chosen).is_file():
         chosen = Path(path) / chosen  # a path in the dymu block is relative to the checkpoint folder
     enable_dymu(
