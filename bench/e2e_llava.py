@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 from typing import Any, Sequence
 
 import torch
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import dymu
     from dymu.samples import KINDS, image_set, make_image
-    from dymu.vlm.llava import calibrate_token_budget, disable_dymu, enable_dymu, full_image_tokens
+    from dymu.vlm.llava import disable_dymu, enable_dymu, full_image_tokens
 
     apply_threads(args.threads)
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
@@ -179,11 +178,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         tower(pixel_values=calib)
     thresholds = list(dymu.last_run(tower).found_thresholds)
+    dymu.configure(tower, thresholds=thresholds)
+    layer = model.config.vision_feature_layer
+    offset = dymu.calibrate_budget(tower, pixel_values, args.visual_tokens, layer=layer, max_evaluations=16).offset
     dymu.unpatch(tower)
-    enable_dymu(model, thresholds, vtu="off")
-    offset = calibrate_token_budget(model, types.SimpleNamespace(image_processor=processor), images,
-                                    args.visual_tokens, steps=12)
-    disable_dymu(model)
     finding_s = time.perf_counter() - t0
 
     def generate() -> tuple[Any, float, float]:
