@@ -313,3 +313,35 @@ def test_convert_llava_command(original_checkpoint, thresholds_file, tmp_path, c
     disable_dymu(model)
     inputs = processor(images=IMAGES[:1], text=TEXTS[:1], return_tensors="pt")
     torch.testing.assert_close(last_logits(model, inputs), last_logits(hf_model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_llava_equals_vtu_definition(model_and_inputs, thresholds_file):
+    """End to end against the plain reference of tests/test_vtu.py: expand each merged token to the positions its
+    source map lists, run every layer on the full sequence, average each group (the definition of VTU)."""
+    from types import SimpleNamespace
+
+    from test_vtu import reference_logits
+
+    from dymu.vlm.llava import prepare_inputs
+
+    model, processor, _ = model_and_inputs
+    enable_dymu(model, thresholds_file, vtu="fast")
+    lm = model.model.language_model
+    for i in (0, 2):
+        one = processor(images=[IMAGES[i]], text=[TEXTS[i]], return_tensors="pt")
+        seen = []
+        hook = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"][0]), with_kwargs=True)
+        got = last_logits(model, one)[0]
+        hook.remove()
+        groups = prepare_inputs(model, one["input_ids"], one["attention_mask"], one["pixel_values"]).groups[0]
+        assert groups.numel() == one["input_ids"].shape[1] and int(groups.max()) + 1 == seen[0].shape[0] < groups.numel()
+        ref = reference_logits(SimpleNamespace(model=lm, lm_head=model.lm_head), seen[0], groups)[-1]
+        tolerance = 1e-4 * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, atol=tolerance, rtol=0)
+        # a wrong grouping (the image's merged tokens in reverse order) is caught by the same comparison
+        img = groups[(groups > 0) & (one["input_ids"][0] == model.config.image_token_id)]
+        wrong = groups.clone()
+        wrong[one["input_ids"][0] == model.config.image_token_id] = img.max() + img.min() - img
+        bad = reference_logits(SimpleNamespace(model=lm, lm_head=model.lm_head), seen[0], wrong)[-1]
+        assert float((bad - got).abs().max()) > 20 * tolerance
+    disable_dymu(model)
