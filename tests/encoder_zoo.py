@@ -274,4 +274,15 @@ def build(name: str, root: Path) -> Family:
     raise ValueError(name)
 
 
-FAMILIES = ["hf-clip", "hf-siglip", "open_clip", "open_clip-siglip"]
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# open_clip and timm are optional extras: their families are tested where they are installed
+FAMILIES = ["hf-clip", "hf-siglip"]
+if _importable("open_clip"):
+    FAMILIES.append("open_clip")
+    if _importable("timm"):
+        FAMILIES.append("open_clip-siglip")

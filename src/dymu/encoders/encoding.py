@@ -187,14 +187,16 @@ def calibrate_budget(
     *,
     layer: int = -1,
     batch_size: int | None = None,
-    max_evaluations: int = 40,
+    tolerance: float = 0.5,
+    max_evaluations: int = 30,
 ) -> BudgetCalibration:
     """Set the threshold offset so that ``pixel_values`` keep ``target_tokens`` tokens per image on average.
 
     Tokens are counted at ``layer`` without CLS (as in the authors' "Kout" names). Bisects one global offset
     added to every layer's threshold; token counts are integers, so the offset whose average is closest to the
-    target is kept (ties: fewer tokens). The model must be in inference mode (patched with thresholds).
-    Later calls use the offset until it is changed (``dymu.configure(model, threshold_offset=...)``).
+    target is kept (ties: fewer tokens); the search stops once the average is within ``tolerance`` tokens of the
+    target, or after ``max_evaluations`` forward passes. The model must be in inference mode (patched with
+    thresholds). Later calls use the offset until it is changed (``dymu.configure(model, threshold_offset=...)``).
     """
     state = _state(model)
     if state.mode != "infer" or state.thresholds is None:
@@ -222,7 +224,7 @@ def calibrate_budget(
             while len(tried) < max_evaluations and hi - lo > 1e-6:
                 mid = (lo + hi) / 2
                 f = evaluate(mid)
-                if f == target_tokens:
+                if abs(f - target_tokens) <= tolerance:
                     break
                 lo, hi = (mid, hi) if f < target_tokens else (lo, mid)
     except BaseException:

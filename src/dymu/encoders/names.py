@@ -60,7 +60,7 @@ class BaseEncoder:
     """An encoder architecture DyMU names can refer to."""
 
     identity: str
-    family: str  # "clip" (CLS token, protected) or "siglip" (no CLS)
+    family: str  # "clip" / "dinov2" (CLS token, protected) or "siglip" (no CLS)
     patch_tokens: int  # tokens per image at the input, CLS excluded
     num_layers: int | None = None  # blocks DyMU runs (SigLIP in LLaVA-OneVision: 26 of 27); None = all
     hf_name: str | None = None  # transformers hub name of the vision model
@@ -85,6 +85,11 @@ KNOWN_BASES: dict[str, BaseEncoder] = {
         ("ViT-SO400M-14-SigLIP-384", "webli"),
         False,
     ),
+    # DINOv2 takes any input size, so its DyMU names carry the resolution the thresholds were found at
+    # ("dinov2-small-224-tome-64out"); their checkpoints record the model identity "dinov2-small".
+    # Weights: dymu.weights.install("dinov2-small").
+    "dinov2-small-224": BaseEncoder("dinov2-small-224", "dinov2", 256, 12),
+    "dinov2-small-448": BaseEncoder("dinov2-small-448", "dinov2", 1024, 12),
 }
 
 # other spellings of the same encoders (open_clip, hub and authors' names) -> identity
