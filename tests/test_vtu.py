@@ -261,6 +261,25 @@ def test_fast_and_exact_equal_reference(models, kind):
     assert max(float(r.abs().max()) for r in refs) > 1.0  # logits are not trivially small
 
 
+def test_exact_in_small_blocks_equals_fast(models, monkeypatch):
+    """The exact path's blocking over kv heads and query slots (used for long sequences) changes nothing."""
+    import dymu.vtu
+
+    model = models["qwen2"]
+    gen = torch.Generator().manual_seed(7)
+    groups = [random_groups(gen, images=2), random_groups(gen, images=1)]
+    embeds = [random_embeds(g, gen) for g in groups]
+    try:
+        enable_vtu(model, "fast")
+        fast = vtu_logits(model, groups, embeds)
+        enable_vtu(model, "exact")
+        monkeypatch.setattr(dymu.vtu, "EXACT_CHUNK_ELEMENTS", 1)  # one kv head x one query slot per block
+        exact = vtu_logits(model, groups, embeds)
+    finally:
+        disable_vtu(model)
+    assert maxdiff(fast, exact) <= 1e-4
+
+
 def test_reference_comparison_is_sensitive(models):
     """Plain merged tokens, or virtual positions one off, are far from VTU: the tests can fail."""
     model = models["llama"]

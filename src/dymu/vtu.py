@@ -535,7 +535,8 @@ def vtu_attention_fast(
     return _group_mean(out, lay, query.shape[2]).transpose(1, 2).contiguous()
 
 
-#: Elements of the largest temporaries of the exact path (it works in chunks of query slots).
+#: Elements (floats) of the largest temporaries of the exact path, which works in blocks of kv heads x
+#: query slots to bound its memory (~4 such temporaries are alive at once).
 EXACT_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -596,38 +597,45 @@ def vtu_attention_exact(
 
     rows_of, counts = _rows_by_column(lay, s_q)
     counts_sorted, slot_order = torch.sort(counts, dim=1, descending=True, stable=True)
+    blocked = ~lay.mask
     out = qf.new_zeros(B, H_kv, G, s_q, D)
-    c0 = 0
-    while c0 < s_q:
-        r = int(counts_sorted[:, c0].max())
-        if r == 0:  # only padding columns left (output 0)
-            break
-        per_slot = B * H * vk * max(2 * Fq, r)
-        c1 = min(s_q, c0 + max(1, EXACT_CHUNK_ELEMENTS // per_slot))
-        c = c1 - c0
-        cols = slot_order[:, c0:c1]  # [B, c] query columns of this chunk
-        qc = q_c.gather(3, cols[:, None, None, :, None].expand(B, H_kv, G, c, Fq))[..., None, :]
-        pair = qc * k_conj  # [B, H_kv, G, c, S_kv, F]: dot + i·cross on merged pairs
-        # to virtual keys, turned by -β: Re/Im = dot·cos β + cross·sin β / cross·cos β − dot·sin β
-        w = pair.gather(4, k_sel.expand(B, H_kv, G, c, vk, Fq)) * key_turn
-        z = torch.view_as_real(w).flatten(-2)  # [B, H_kv, G, c, Vk, 2F]
-        rows = rows_of.gather(1, cols[..., None].expand(B, c, rows_of.shape[2]))[..., :r]  # [B, c, r]
-        valid = rows >= 0
-        flat = rows.clamp(min=0).reshape(B, c * r, 1)
-        a = a_cs.gather(1, flat.expand(B, c * r, 2 * Fq)).view(B, 1, 1, c, r, 2 * Fq)
-        scores = (a @ z.transpose(-1, -2)) * scaling  # Σ_f Re(w·e^{iα}), [B, H_kv, G, c, r, Vk]
-        allowed = lay.mask.gather(1, flat.expand(B, c * r, vk)).view(B, 1, 1, c, r, vk)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        if dropout:
-            probs = F.dropout(probs, p=dropout)
-        grouped = probs.new_zeros(B, H_kv, G, c, r, s_kv).scatter_add_(
-            -1, lay.k_index[:, None, None, None, None, :].expand(B, H_kv, G, c, r, vk), probs
-        )  # weights summed per key group
-        rows_out = grouped @ v  # [B, H_kv, G, c, r, D] with the merged values
-        mean = (rows_out * valid[:, None, None, :, :, None]).sum(4)
-        mean = mean / counts.gather(1, cols).clamp(min=1)[:, None, None, :, None]
-        out.scatter_(3, cols[:, None, None, :, None].expand(B, H_kv, G, c, D), mean)
-        c0 = c1
+    # Blocks of kv heads x query slots keep each temporary under EXACT_CHUNK_ELEMENTS (long sequences).
+    unit = B * G * vk * 2 * Fq  # floats of the complex key-side tensor per (kv head, query slot)
+    hb = max(1, min(H_kv, EXACT_CHUNK_ELEMENTS // unit))
+    for h0 in range(0, H_kv, hb):
+        h1 = min(H_kv, h0 + hb)
+        n_h = h1 - h0
+        q_h, k_h, v_h = q_c[:, h0:h1], k_conj[:, h0:h1], v[:, h0:h1]
+        c0 = 0
+        while c0 < s_q:
+            r = int(counts_sorted[:, c0].max())
+            if r == 0:  # only padding columns left (output 0)
+                break
+            per_slot = B * n_h * G * vk * max(2 * Fq, r)
+            c1 = min(s_q, c0 + max(1, EXACT_CHUNK_ELEMENTS // per_slot))
+            c = c1 - c0
+            cols = slot_order[:, c0:c1]  # [B, c] query columns of this chunk
+            qc = q_h.gather(3, cols[:, None, None, :, None].expand(B, n_h, G, c, Fq))[..., None, :]
+            pair = qc * k_h  # [B, n_h, G, c, S_kv, F]: dot + i·cross on merged pairs
+            # to virtual keys, turned by -β: Re/Im = dot·cos β + cross·sin β / cross·cos β − dot·sin β
+            w = pair.gather(4, k_sel.expand(B, n_h, G, c, vk, Fq)).mul_(key_turn)
+            z = torch.view_as_real(w).flatten(-2)  # [B, n_h, G, c, Vk, 2F]
+            rows = rows_of.gather(1, cols[..., None].expand(B, c, rows_of.shape[2]))[..., :r]  # [B, c, r]
+            flat = rows.clamp(min=0).reshape(B, c * r, 1)
+            a = a_cs.gather(1, flat.expand(B, c * r, 2 * Fq)).view(B, 1, 1, c, r, 2 * Fq) * scaling
+            scores = a @ z.transpose(-1, -2)  # Σ_f Re(w·e^{iα}) · scaling, [B, n_h, G, c, r, Vk]
+            scores.masked_fill_(blocked.gather(1, flat.expand(B, c * r, vk)).view(B, 1, 1, c, r, vk), float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            if dropout:
+                probs = F.dropout(probs, p=dropout)
+            grouped = probs.new_zeros(B, n_h, G, c, r, s_kv).scatter_add_(
+                -1, lay.k_index[:, None, None, None, None, :].expand(B, n_h, G, c, r, vk), probs
+            )  # weights summed per key group
+            rows_out = grouped @ v_h  # [B, n_h, G, c, r, D] with the merged values
+            mean = (rows_out * (rows >= 0)[:, None, None, :, :, None]).sum(4)
+            mean = mean / counts.gather(1, cols).clamp(min=1)[:, None, None, :, None]
+            out[:, h0:h1].scatter_(3, cols[:, None, None, :, None].expand(B, n_h, G, c, D), mean)
+            c0 = c1
     return out.view(B, H, s_q, D).transpose(1, 2).contiguous().to(query.dtype)
 
 
