@@ -262,9 +262,13 @@ def test_encode_matches_llava_feature_selection(zoo, pics):
     thresholds, _, _ = found_thresholds(fam, x)
     dymu.patch(fam.model, thresholds)
     full = dymu.encode(fam.model, x, layer=-2, drop_cls=True, stop_early=False)
-    early = dymu.encode(fam.model, x, layer=-2, drop_cls=True)
+    early = dymu.encode(fam.model, x, layer=-2, drop_cls=True, keep_layers=[1, -3])
     with torch.no_grad():
-        hs = fam.model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        all_hs = fam.model(pixel_values=x, output_hidden_states=True).hidden_states
+    hs = all_hs[-2]
+    assert sorted(early.run.hidden_states) == [1, 2, 3]
+    for layer in (1, 2):  # more layers kept on request, padded as transformers returns them
+        torch.testing.assert_close(early.run.hidden_states[layer], all_hs[layer], rtol=0, atol=0)
     run = dymu.last_run(fam.model)
     dymu.unpatch(fam.model)
     assert early.output is None and full.output is not None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders.base import DToMeState, StopEncoding
+from dymu.encoders.base import DToMeRun, DToMeState, StopEncoding
 
 
 @dataclass
@@ -37,7 +37,8 @@ class Encoding:
 
     Padded, as the encoder holds them (CLS included): ``hidden_states [B, N, C]``, ``mask [B, N]``,
     ``padded_sizes [B, N]``, ``padded_source_map [B, N0]``; and ``tokens_per_layer [L'+1, B]`` (CLS included) for
-    the layers that ran.
+    the layers that ran. ``run`` is the pass's :class:`~dymu.encoders.base.DToMeRun`: per-layer sizes and source
+    maps of every layer that ran, and ``run.hidden_states`` (padded) for ``layer`` and the ``keep_layers`` asked for.
     """
 
     features: list[Tensor]
@@ -52,6 +53,7 @@ class Encoding:
     cls_dropped: bool
     threshold_offset: float = 0.0  # the offset in force during this call
     output: Any = None  # the model's own output (e.g. pooled), None when the forward stopped early
+    run: DToMeRun | None = None
 
     @property
     def num_tokens(self) -> list[int]:
@@ -85,13 +87,17 @@ def _resolve_layer(state: DToMeState, layer: int) -> int:
     return layer % total
 
 
-def _run(state: DToMeState, pixel_values: Tensor, layer: int, *, stop_early: bool, record: bool) -> Any:
-    """One forward recording ``layer`` (and stopping after it when ``stop_early``); returns the model output."""
+def _run(
+    state: DToMeState, pixel_values: Tensor, layer: int, *, stop_early: bool, record: bool, keep: frozenset[int] = frozenset()
+) -> Any:
+    """One forward recording ``layer`` and ``keep`` (stopping after the last of them when ``stop_early``);
+    returns the model output (None when stopped early)."""
     dtype = next((p.dtype for p in _params(state.forward)), pixel_values.dtype)
     device = next((p.device for p in _params(state.forward)), pixel_values.device)
     saved = state.record_layers, state.stop_after
-    state.record_layers = frozenset({layer}) if record else frozenset()
-    state.stop_after = layer if stop_early and layer < state.num_layers else None
+    state.record_layers = (frozenset({layer}) | keep) if record else frozenset()
+    last = max({layer} | keep)
+    state.stop_after = last if stop_early and last < state.num_layers else None
     try:
         return state.forward(pixel_values.to(device=device, dtype=dtype))
     except StopEncoding:
@@ -110,6 +116,7 @@ def encode(
     *,
     layer: int = -1,
     drop_cls: bool = False,
+    keep_layers: tuple[int, ...] | list[int] = (),
     stop_early: bool = True,
     token_budget: float | None = None,
     threshold_offset: float | None = None,
@@ -118,6 +125,7 @@ def encode(
 
     * ``layer`` — which hidden states (``-2`` for LLaVA-1.5, ``-1`` for LLaVA-OneVision's truncated SigLIP);
     * ``drop_cls`` — drop the protected CLS token from ``features``/``sizes``/``source_maps``;
+    * ``keep_layers`` — more hidden-state indices to keep (padded) in ``run.hidden_states``;
     * ``stop_early`` — skip the blocks after ``layer`` (then ``output`` is None);
     * ``token_budget`` — for this call only, calibrate the threshold offset on this batch so that the average
       number of patch tokens at ``layer`` is as close as possible to it;
@@ -127,6 +135,7 @@ def encode(
     """
     state = _state(model)
     index = _resolve_layer(state, layer)
+    keep = frozenset(_resolve_layer(state, k) for k in keep_layers)
     if drop_cls and not state.protect_first:
         raise ValueError(f"{state.encoder} has no CLS token to drop")
     if token_budget is not None and threshold_offset is not None:
@@ -138,7 +147,7 @@ def encode(
         if token_budget is not None:
             calibrate_budget(model, pixel_values, token_budget, layer=layer)
         with torch.no_grad():
-            output = _run(state, pixel_values, index, stop_early=stop_early, record=True)
+            output = _run(state, pixel_values, index, stop_early=stop_early, record=True, keep=keep)
         offset = state.threshold_offset
     finally:
         state.threshold_offset = saved_offset
@@ -165,6 +174,7 @@ def encode(
         cls_dropped=drop_cls,
         threshold_offset=offset,
         output=output,
+        run=run,
     )
 
 

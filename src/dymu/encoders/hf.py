@@ -8,7 +8,6 @@ attention-pooling head is made size-aware too.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from dymu.encoders.base import DToMeState, swap_class

@@ -101,7 +101,8 @@ def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
         raise FileNotFoundError(f"cannot load {spec}: {err}") from err
     from dymu.data import hf_transform
 
-    return LoadedEncoder(model, hf_transform(processor), spec)
+    # a folder is recorded by its absolute path, so a resumed run may name it differently
+    return LoadedEncoder(model, hf_transform(processor), str(local.resolve()) if local.is_dir() else spec)
 
 
 def _load_open_clip(spec: str, num_layers: int | None) -> LoadedEncoder:
