@@ -127,6 +127,7 @@ class VTUBatch:
     _nv: tuple[int, ...] = field(default=(), repr=False, compare=False)
     _nm: tuple[int, ...] = field(default=(), repr=False, compare=False)
     _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)  # prompt cos/sin, see _Layout
 
     @property
     def batch_size(self) -> int:
@@ -382,16 +383,22 @@ class _Layout:
     q_count: Tensor  # [B, Sq] float: virtual rows per query column (0 at padding)
     identity_q: bool  # every query column is exactly one virtual row, in order (decode)
     expected_positions: Tensor  # [B, Sq] long: the position_ids the model must have rotated q at
+    # the merged prompt's virtual layout (`prompt_*` [B, N_max]); in decode the keys are that followed
+    # by `m_max` onwards (generated tokens, shift 0), so only the prompt part is gathered and rotated
+    prompt_index: Tensor
+    prompt_shift: Tensor
+    m_max: int
+    tables: dict  # the batch's cache of prompt cos/sin, shared by all layers and decode steps
     # what SDPA needs: (None, True) when `mask` is plain causal, (None, False) when it allows all
     sdpa_mask: Tensor | None = None
     sdpa_causal: bool = False
-    tables: dict = field(default_factory=dict)  # cos/sin per (side, dtype, inv_freq), shared by the layers
 
-    def rotation(self, side: str, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin ``[B, 1, V, D/2]`` of the extra rotation of the query or key rows, computed once per call."""
-        key = (side, dtype, inv_freq.data_ptr(), inv_freq._version)
+    def prompt_rotation(self, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin ``[B, 1, N_max, D/2]`` turning each prompt copy to its virtual position (cached)."""
+        key = (dtype, self.prompt_shift.device, inv_freq.data_ptr(), inv_freq._version)
         if key not in self.tables:
-            cos, sin = _angles(self.q_shift if side == "q" else self.k_shift, inv_freq)
+            self.tables.clear()
+            cos, sin = _angles(self.prompt_shift, inv_freq)
             self.tables[key] = (cos[:, None].to(dtype), sin[:, None].to(dtype))
         return self.tables[key]
 
@@ -412,6 +419,7 @@ def _build_layout(batch: VTUBatch, q_len: int, kv_len: int, device: torch.device
         return _Layout(
             q_index=p_index, q_shift=p_shift, q_valid=p_valid, k_index=p_index, k_shift=p_shift, mask=mask,
             q_count=batch.group_sizes.to(device).float(), identity_q=False, expected_positions=reps,
+            prompt_index=p_index, prompt_shift=p_shift, m_max=m_max, tables=batch._tables,
             sdpa_mask=None if unpadded else mask[:, None], sdpa_causal=unpadded,
         )
 
@@ -430,6 +438,7 @@ def _build_layout(batch: VTUBatch, q_len: int, kv_len: int, device: torch.device
         q_index=torch.arange(q_len, device=device).expand(B, q_len), q_shift=torch.zeros(B, q_len, device=device),
         q_valid=torch.ones(B, q_len, dtype=torch.bool, device=device), k_index=k_index, k_shift=k_shift, mask=mask,
         q_count=torch.ones(B, q_len, device=device), identity_q=True, expected_positions=q_vpos,
+        prompt_index=p_index, prompt_shift=p_shift, m_max=m_max, tables=batch._tables,
         sdpa_mask=None if (unpadded and q_len == 1) else mask[:, None],
     )
 
@@ -473,7 +482,7 @@ def _angles(shift: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return ang.cos(), ang.sin()
 
 
-def _gather_rotate(x: Tensor, index: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _gather_rotate(x: Tensor, index: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
     """Copy columns ``index [B, V]`` of ``x [B, H, S, D]`` and rotate each further by ``cos/sin [B, 1, V, D/2]``.
 
     Rotations compose, so a vector the model rotated at position P becomes rotated at P + shift.
@@ -483,7 +492,7 @@ def _gather_rotate(x: Tensor, index: Tensor, cos: Tensor, sin: Tensor) -> Tensor
     half = D // 2
     g = x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
     x1, x2 = g[..., :half], g[..., half:]
-    out = torch.empty_like(g)
+    out = torch.empty_like(g) if out is None else out
     torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
     torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
     return out
@@ -524,11 +533,21 @@ def vtu_attention_fast(
     from transformers.integrations.sdpa_attention import repeat_kv
 
     n_rep = query.shape[1] // key.shape[1]
-    q = _gather_rotate(query, lay.q_index, *lay.rotation("q", inv_freq, query.dtype))
-    k = repeat_kv(_gather_rotate(key, lay.k_index, *lay.rotation("k", inv_freq, key.dtype)), n_rep)
-    B, H_kv, _, D = value.shape
-    v = value.gather(2, lay.k_index[:, None, :, None].expand(B, H_kv, lay.k_index.shape[1], D))
-    v = repeat_kv(v, n_rep)
+    B, H_kv, s_kv, D = value.shape
+    m, n = lay.m_max, lay.prompt_index.shape[1]
+    cos, sin = lay.prompt_rotation(inv_freq, key.dtype)
+    # keys/values: the merged prompt copied to its N_max virtual columns and turned to their positions,
+    # then the generated tokens as cached (already at their own positions); written in place, no cat
+    k = key.new_empty(B, H_kv, n + s_kv - m, D)
+    v = value.new_empty(B, H_kv, n + s_kv - m, D)
+    _gather_rotate(key[:, :, :m], lay.prompt_index, cos, sin, out=k[:, :, :n])
+    torch.gather(value[:, :, :m], 2, lay.prompt_index[:, None, :, None].expand(B, H_kv, n, D), out=v[:, :, :n])
+    if s_kv > m:
+        k[:, :, n:] = key[:, :, m:]
+        v[:, :, n:] = value[:, :, m:]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    # queries: the prompt's virtual rows in prefill; in decode the new tokens as they are
+    q = query if lay.identity_q else _gather_rotate(query, lay.q_index, cos.to(query.dtype), sin.to(query.dtype))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling
     )
