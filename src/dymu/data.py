@@ -110,17 +110,12 @@ class ImageListDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Item:
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.images.image_dir / self.images.paths[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # forces decoding: truncated files fail here
-            return Item(index, self.transform(img))
+            return Item(index, self.transform(load_image(self.images.image_dir / self.images.paths[index])))
         except FileNotFoundError:
             return Item(index, None, "missing")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            return Item(index, None, f"unreadable: {type(err).__name__}: {err}")
+        except ValueError as err:
+            return Item(index, None, f"unreadable: {err.__cause__!r}" if err.__cause__ else f"unreadable: {err}")
 
 
 @dataclass
@@ -212,18 +207,21 @@ class _HFTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def load_images(paths: Sequence[str | Path], transform: Transform) -> Tensor:
-    """Load and preprocess image files into ``[B, 3, H, W]``; FileNotFoundError / ValueError name the bad file."""
+def load_image(image: "str | Path | object"):
+    """A decoded RGB PIL image from a path (or a PIL image); FileNotFoundError / ValueError name the bad file."""
     from PIL import Image, UnidentifiedImageError
 
-    out = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as img:
-                out.append(transform(img.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
-    return torch.stack(out)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as img:
+            return img.convert("RGB")  # forces decoding: truncated files fail here
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {image}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {image}: {type(err).__name__}: {err}") from err
+
+
+def load_images(paths: Sequence[str | Path], transform: Transform) -> Tensor:
+    """Load and preprocess image files into ``[B, 3, H, W]``; FileNotFoundError / ValueError name the bad file."""
+    return torch.stack([transform(load_image(path)) for path in paths])

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import dymu
+from dymu.data import load_image
 from dymu.thresholds import merge_schedule
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -159,20 +160,6 @@ def parse_thresholds(value: str | None) -> str | list[float] | None:
 
 
 # ----------------------------------------------------------------------------------------- images
-def load_image(image: Any):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {image}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {image}: {err}") from None
-
-
 def pixels(tower: Tower, images: Sequence[Any]) -> torch.Tensor:
     param = next(tower.model.parameters())
     values = tower.processor(images=[load_image(i) for i in images], return_tensors="pt").pixel_values

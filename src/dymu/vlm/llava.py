@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 import dymu
 from dymu import vtu as vtu_lib
+from dymu.data import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -203,39 +204,34 @@ def make_dymu_llava(parent: type) -> type:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     class DyMULlavaForConditionalGeneration(parent):
-        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if pixel_values is None or input_ids is None:
-                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
-                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
+        def _dymu_call(self, method, input_ids, pixel_values, attention_mask, kwargs):
+            """Encode, collapse the placeholders, then run the stock ``method`` on the merged layout under VTU."""
             prep = prepare_inputs(self, input_ids, attention_mask, pixel_values)
             _log_counts(self, prep.visual_token_counts)
             if prep.position_ids is not None:
                 kwargs["position_ids"] = prep.position_ids
             with vtu_lib.vtu_context(prep.vtu_batch):
-                out = super().forward(
+                out = method(
                     input_ids=prep.input_ids,
                     attention_mask=prep.attention_mask,
                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
                     **kwargs,
                 )
+            return prep, out
+
+        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            if pixel_values is None or input_ids is None:
+                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+            if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
+            prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
             out["visual_token_counts"] = prep.visual_token_counts
             return out
 
         def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
             if pixel_values is None or input_ids is None:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values)
-            _log_counts(self, prep.visual_token_counts)
-            if prep.position_ids is not None:
-                kwargs["position_ids"] = prep.position_ids
-            with vtu_lib.vtu_context(prep.vtu_batch):
-                out = super().generate(
-                    input_ids=prep.input_ids,
-                    attention_mask=prep.attention_mask,
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
-                    **kwargs,
-                )
+            prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
             # give back the caller's prompt + the new tokens, as the stock model does
             sequences = out if isinstance(out, Tensor) else out.sequences
             full = torch.cat([input_ids.to(sequences.device), sequences[:, prep.input_ids.shape[1] :]], dim=1)
@@ -298,21 +294,6 @@ class Answer:
 
     text: str
     visual_tokens: int
-
-
-def load_image(image: Any):
-    """A PIL RGB image from a path or a PIL image; a clear error for unreadable files."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    try:
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {image}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {image}: {err}") from None
 
 
 @torch.no_grad()
