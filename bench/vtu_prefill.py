@@ -52,6 +52,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
     p.add_argument("--skip-exact", action="store_true", help="do not time the (slow) exact path")
     p.add_argument("--tiny", action="store_true", help="tiny smoke shapes (for tests): overrides sizes")
     args = p.parse_args(argv)
@@ -76,6 +79,9 @@ def visual_groups(n_visual: int, n_merged: int, generator: torch.Generator) -> t
     return rank[slot]
 
 
+CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock cpu
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> tuple[float, object]:
     def sync() -> None:
         if device.type == "cuda":
@@ -87,10 +93,10 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: tor
     times = []
     for _ in range(repeats):
         sync()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times), out
 
 
@@ -108,8 +114,14 @@ def cache_bytes(cache) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaModel
 
+    global CLOCK
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures host CPU time; use it with --device cpu")
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -190,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"VTU prefill benchmark: {args.layers} decoder layer(s), hidden {args.hidden}, MLP {args.mlp}, "
         f"{args.heads} heads ({args.kv_heads} kv), {args.dtype} on {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, {args.clock} clock"
     )
     print(
         f"sequence: {n_virtual} virtual tokens = {args.visual} visual + {args.text} text; visual merged to "

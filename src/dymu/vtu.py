@@ -482,32 +482,55 @@ def _angles(shift: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return ang.cos(), ang.sin()
 
 
-def _gather_rotate(x: Tensor, index: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
-    """Copy columns ``index [B, V]`` of ``x [B, H, S, D]`` and rotate each further by ``cos/sin [B, 1, V, D/2]``.
+def _gather_cols(x: Tensor, index: Tensor) -> Tensor:
+    """Copy columns ``index [B, V]`` of ``x [B, H, S, D]``: ``[B, H, V, D]``, in ``x``'s memory layout.
 
-    Rotations compose, so a vector the model rotated at position P becomes rotated at P + shift.
-    (``rotate_half`` convention, written on the two halves to save passes over memory.)
+    Uses ``index_select`` of whole rows, several times faster than an element-wise ``gather``: rows of
+    ``H*D`` values when ``x`` is laid out ``[B, S, H, D]`` (q/k straight from transformers' projections),
+    rows of ``D`` per head otherwise (the KV cache).
     """
-    B, H, _, D = x.shape
-    half = D // 2
-    g = x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
-    x1, x2 = g[..., :half], g[..., half:]
-    out = torch.empty_like(g) if out is None else out
-    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    B, H, S, D = x.shape
+    V = index.shape[1]
+    if x.transpose(1, 2).is_contiguous():
+        rows = x.transpose(1, 2).reshape(B, S, H * D)
+        out = x.new_empty(B, V, H, D)
+        for b in range(B):  # one index per sequence; B is small
+            torch.index_select(rows[b], 0, index[b], out=out[b].view(V, H * D))
+        return out.transpose(1, 2)
+    x = x.contiguous()
+    out = x.new_empty(B, H, V, D)
+    for b in range(B):
+        torch.index_select(x[b], 1, index[b], out=out[b])
     return out
 
 
-def _group_mean(rows: Tensor, lay: _Layout, s_q: int) -> Tensor:
-    """Average virtual rows ``[B, H, Vq, D]`` back to query columns ``[B, H, Sq, D]`` (0 at padding)."""
+def _rotate_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, V, D]`` in place further by ``cos/sin [B, 1, V, D/2]`` (``rotate_half`` RoPE).
+
+    Rotations compose, so a vector the model rotated at position P becomes rotated at P + shift.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x1_old = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).addcmul_(x1_old, sin)
+    return x
+
+
+def _group_mean(out: Tensor, lay: _Layout, s_q: int) -> Tensor:
+    """Average SDPA's virtual rows ``[B, H, Vq, D]`` back to query columns: ``[B, Sq, H, D]`` (0 at padding)."""
+    B, H, vq, D = out.shape
+    rows = out.transpose(1, 2)  # SDPA lays its output out as [B, Vq, H, D]: a view
     if lay.identity_q:
-        return rows
-    B, H, _, D = rows.shape
+        return rows.contiguous()
+    rows = rows.reshape(B, vq, H * D)
     if not lay.sdpa_causal:  # padded rows exist: keep them out of slot sums
-        rows = rows * lay.q_valid[:, None, :, None].to(rows.dtype)
-    out = rows.new_zeros(B, H, s_q, D)
-    out.scatter_add_(2, lay.q_index[:, None, :, None].expand_as(rows), rows)
-    return out.mul_(lay.q_count.clamp(min=1).reciprocal()[:, None, :, None].to(rows.dtype))
+        rows = rows * lay.q_valid[..., None].to(rows.dtype)
+    acc = rows.new_zeros(B, s_q, H * D)
+    for b in range(B):
+        acc[b].index_add_(0, lay.q_index[b], rows[b])
+    acc.mul_(lay.q_count.clamp(min=1).reciprocal()[..., None].to(rows.dtype))
+    return acc.view(B, s_q, H, D)
 
 
 def vtu_attention_fast(
@@ -530,28 +553,23 @@ def vtu_attention_fast(
     Returns:
         ``[B, Sq, H, D]`` as transformers' attention functions do.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    n_rep = query.shape[1] // key.shape[1]
-    B, H_kv, s_kv, D = value.shape
-    m, n = lay.m_max, lay.prompt_index.shape[1]
-    cos, sin = lay.prompt_rotation(inv_freq, key.dtype)
+    H_kv = key.shape[1]
+    n = lay.prompt_index.shape[1]
+    cos, sin = lay.prompt_rotation(inv_freq, key.dtype)  # [B, 1, N_max, D/2]
     # keys/values: the merged prompt copied to its N_max virtual columns and turned to their positions,
-    # then the generated tokens as cached (already at their own positions); written in place, no cat
-    k = key.new_empty(B, H_kv, n + s_kv - m, D)
-    v = value.new_empty(B, H_kv, n + s_kv - m, D)
-    _gather_rotate(key[:, :, :m], lay.prompt_index, cos, sin, out=k[:, :, :n])
-    torch.gather(value[:, :, :m], 2, lay.prompt_index[:, None, :, None].expand(B, H_kv, n, D), out=v[:, :, :n])
-    if s_kv > m:
-        k[:, :, n:] = key[:, :, m:]
-        v[:, :, n:] = value[:, :, m:]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    # then (decode) the generated tokens as cached, already at their own positions
+    k = _gather_cols(key, lay.k_index)
+    _rotate_(k[:, :, :n], cos, sin)
+    v = _gather_cols(value, lay.k_index)
     # queries: the prompt's virtual rows in prefill; in decode the new tokens as they are
-    q = query if lay.identity_q else _gather_rotate(query, lay.q_index, cos.to(query.dtype), sin.to(query.dtype))
+    q = query
+    if not lay.identity_q:
+        q = _rotate_(_gather_cols(query, lay.q_index), cos.to(query.dtype), sin.to(query.dtype))
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling
+        q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != H_kv,
     )
-    return _group_mean(out, lay, query.shape[2]).transpose(1, 2).contiguous()
+    return _group_mean(out, lay, query.shape[2])
 
 
 #: Elements (floats) of the largest temporaries of the exact path, which works in blocks of kv heads x
