@@ -19,7 +19,9 @@ ViT-L/14-336 with DToMe); the full prefill is timed once. Targets are printed ne
 plain merged; VTU exact no slower than VTU fast.
 
 Run: ``python -m bench.vtu_prefill --layers 2`` (7B shape on CPU takes a few minutes);
-``--tiny`` is a seconds-long smoke configuration used by the test suite.
+``--tiny`` is a seconds-long smoke configuration used by the test suite. On a shared, busy CPU, wall
+times of memory-bound and compute-bound work are distorted differently; ``--threads 1 --clock cpu``
+times this process's CPU time on one thread, which keeps the ratios steady.
 """
 
 from __future__ import annotations
