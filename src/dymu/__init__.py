@@ -6,6 +6,8 @@ Core pieces:
 * :mod:`dymu.thresholds` – merge schedules, threshold statistics and checkpoints.
 * :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge;
   ``dymu.encode(model, pixel_values, layer=-2)`` returns per-image merged features, sizes and source maps.
+* :mod:`dymu.vtu` – virtual token unmerging in RoPE decoders (``enable_vtu``, ``prepare_vtu``, ``vtu_context``).
+* :mod:`dymu.vlm` – whole VLMs: ``load_llava``, ``enable_dymu`` (LLaVA-1.5).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dymu.encoders import (
     unpatch,
 )
 from dymu.encoders.names import DyMUName, parse_dymu_name
+from dymu.vtu import VTUBatch, concat_groups, disable_vtu, enable_vtu, prepare_vtu, vtu_context
 from dymu.merge import TokenState, dtome_step, size_bias
 from dymu.thresholds import (
     RunningThresholds,
@@ -55,4 +58,10 @@ __all__ = [
     "load_thresholds",
     "merge_schedule",
     "save_thresholds",
+    "VTUBatch",
+    "concat_groups",
+    "enable_vtu",
+    "disable_vtu",
+    "prepare_vtu",
+    "vtu_context",
 ]
