@@ -6,6 +6,7 @@ Adapters (one thin module per family) are tried in order; each returns a
 * :mod:`dymu.encoders.hf` — transformers ``CLIPVisionModel`` / ``SiglipVisionModel`` (or a model holding one);
 * :mod:`dymu.encoders.open_clip` — open_clip ``VisionTransformer`` (``ViT-L-14-336`` …);
 * :mod:`dymu.encoders.timm_vit` — timm ``VisionTransformer`` (open_clip's SigLIP towers).
+* :mod:`dymu.encoders.hf_dinov2` — transformers ``Dinov2Model`` (any input size; CLS protected).
 
 :func:`dymu.encode` runs a patched encoder and returns an :class:`Encoding` (per-image features of one layer,
 sizes, source maps, tokens per layer); :func:`dymu.calibrate_budget` sets the threshold offset that meets an
