@@ -109,7 +109,7 @@ def _load_open_clip(spec: str, num_layers: int | None) -> LoadedEncoder:
     try:
         import open_clip
     except ImportError as err:
-        raise ValueError("open_clip models need open_clip_torch: pip install 'dymu[open_clip]'") from err
+        raise ValueError("open_clip models need open_clip_torch: pip install 'dymu[openclip]'") from err
     if spec.startswith(("local-dir:", "hf-hub:")):
         name, pretrained = spec, None
     else:
