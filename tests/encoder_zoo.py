@@ -71,6 +71,24 @@ def images(size: int = SIZE) -> dict[str, Image.Image]:
     }
 
 
+def finding_images(size: int = SIZE) -> dict[str, Image.Image]:
+    """Other images to find thresholds on: a threshold equals one edge's score on the batch it was found on, so
+    strict-threshold checks run on :func:`images`, never on these."""
+    from skimage import data
+
+    def photo(a: np.ndarray) -> Image.Image:
+        return Image.fromarray(a).convert("RGB").resize((size, size), Image.BICUBIC)
+
+    return {
+        "coffee": photo(data.coffee()),
+        "rocket": photo(data.rocket()),
+        "coins": photo(data.coins()),
+        "flat2": make_image("flat", size, seed=7),
+        "stripes": make_image("stripes", size, seed=3),
+        "textured2": make_image("textured", size, seed=8),
+    }
+
+
 # ------------------------------------------------------------------ transformers
 def save_hf_clip(directory: Path, *, std: float | None = 0.3, seed: int = 0) -> Path:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel

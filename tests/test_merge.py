@@ -51,13 +51,15 @@ def groups_of(state: TokenState, b: int) -> list[list[int]]:
     return [sorted(torch.nonzero(sm == i).flatten().tolist()) for i in range(n)]
 
 
-def run_infer(x, metrics_fn, thresholds, protect_first, mask=None):
+def run_infer(x, metrics_fn, thresholds, protect_first, mask=None, order="raster"):
+    """Several inference steps; raster order by default (this file's naive reference is raster order, the
+    authors' order has its own reference in test_token_order.py)."""
     state = TokenState.init(x, mask)
     metrics = []
     for thr in thresholds:
         metric = metrics_fn(state)
         metrics.append(metric)
-        state, _ = dtome_step(state, metric, mode="infer", protect_first=protect_first, threshold=thr)
+        state, _ = dtome_step(state, metric, mode="infer", protect_first=protect_first, threshold=thr, order=order)
     return state, metrics
 
 
@@ -237,17 +239,18 @@ def test_bad_input_errors():
     thresholds=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=4),
     protect_first=st.booleans(),
     seed=st.integers(0, 2**16),
+    order=st.sampled_from(["raster", "batch", "single"]),
 )
-def test_property_infer_invariants(lengths, channels, thresholds, protect_first, seed):
+def test_property_infer_invariants(lengths, channels, thresholds, protect_first, seed, order):
     g = torch.Generator().manual_seed(seed)
     N = max(lengths)
     mask = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
     x = torch.randn(len(lengths), N, channels, generator=g) * mask[..., None]
     proj = torch.randn(channels, channels, generator=g)
-    state, _ = run_infer(x, lambda s: s.x @ proj, thresholds, protect_first, mask)
+    state, _ = run_infer(x, lambda s: s.x @ proj, thresholds, protect_first, mask, order)
     check_mass(state, x, torch.tensor(lengths))
     for b, n in enumerate(lengths):
-        alone, _ = run_infer(x[b : b + 1, :n], lambda s: s.x @ proj, thresholds, protect_first)
+        alone, _ = run_infer(x[b : b + 1, :n], lambda s: s.x @ proj, thresholds, protect_first, order=order)
         assert torch.equal(alone.source_map[0], state.source_map[b, :n])
         if protect_first:
             assert int(state.sizes[b, 0]) == 1

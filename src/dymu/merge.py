@@ -18,8 +18,32 @@ Source map
 ``source_map [B, N0]`` (long) gives, for every *original* position, the index of
 the current token that covers it (-1 for an original position that was padding).
 It is O(N0) per image instead of a dense N x N0 matrix; the dense 0/1 form is
-:meth:`TokenState.assignment`. Merged tokens keep the order of their earliest
-member, so the spatial order of the image survives merging.
+:meth:`TokenState.assignment`.
+
+Token order after a merge
+-------------------------
+The order decides the next layer's even/odd split, so it is part of the
+algorithm. The original DyMU code has two paths, and ``order`` (see
+:data:`TOKEN_ORDERS`) picks how to follow them:
+
+* their *batch path* (finding, and inference of several images): at every layer
+  that merges (r > 0, threshold < 1) every image is re-laid as ToMe's
+  ``cat([unmerged A, B])`` — the unmerged A tokens, then every B token, each in
+  index order (a protected CLS, A token 0, stays first), padding last — even an
+  image in which nothing merged;
+* their *single-image path* (inference of a lone image): only when something
+  merged, the unmerged A tokens then B; the A tokens in index order when a token
+  is protected (CLIP), else (SigLIP) in descending order of their best score; at
+  most ``(n - protected) // 2`` merges.
+
+``"authors"`` (default) does exactly what their code does for the batch given: the
+single-image path for a lone image at inference, the batch path otherwise — so an
+image alone and inside a batch can keep different counts, as there.
+``"batch"`` and ``"single"`` apply one path to every batch (B=1 included; finding
+always takes the batch path), so results do not depend on the batch.
+``"raster"`` (dymu 0.1) puts a merged token at its earliest member's place: the
+tokens stay in the raster order of their first original patch.
+Thresholds found in ``"authors"``, ``"batch"`` and ``"single"`` order are identical.
 
 Matching (ToMe's bipartite soft matching, made dynamic)
 -------------------------------------------------------
@@ -37,13 +61,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Mode = Literal["off", "find", "infer"]
+TokenOrder = Literal["authors", "batch", "single", "raster"]
+TOKEN_ORDERS: tuple[str, ...] = ("authors", "batch", "single", "raster")
+# how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score
+Layout = Literal["index", "score", "raster"]
 
 
 @dataclass
@@ -129,10 +157,14 @@ def select_top(scores: Tensor, r: int) -> tuple[Tensor, float]:
 
     Ties are broken by position (earlier image, then earlier token), so the choice
     is deterministic. Returns the merge flags ``[B, Na]`` and the threshold: the
-    highest score that was not merged, clamped to >= 0.
+    highest score that was not merged, clamped to >= 0. A layer with ``r == 0``
+    merges nothing and gets threshold 1.0, as the authors' code leaves it (no
+    cosine score is above 1, see :func:`select_above`).
     """
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
+    if r == 0:
+        return torch.zeros_like(scores, dtype=torch.bool), 1.0
     k = scores.shape[0] * r
     flat = scores.flatten()
     candidates = int(torch.isfinite(flat).sum())
@@ -148,32 +180,71 @@ def select_top(scores: Tensor, r: int) -> tuple[Tensor, float]:
     return merge.view_as(scores), max(next_best, 0.0)
 
 
-def select_above(scores: Tensor, threshold: float | Tensor) -> Tensor:
-    """Inference mode: merge every A token whose score is strictly above the threshold."""
+def select_above(scores: Tensor, threshold: float | Tensor, max_per_row: Tensor | int | None = None) -> Tensor:
+    """Inference mode: merge every A token whose score is strictly above the threshold.
+
+    A threshold >= 1 merges nothing (cosine scores are <= 1; rounding must not make
+    identical tokens merge at a layer the authors skip). ``max_per_row`` (an int or
+    ``[B]``) keeps only the best that many per image (the authors' single-image cap).
+    """
     threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
     if bool(torch.isnan(threshold).any()):
         raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
-    return scores > threshold
+    merge = (scores > threshold) & (threshold < 1.0)
+    if max_per_row is not None:
+        cap = torch.as_tensor(max_per_row, device=scores.device).reshape(-1, 1)
+        if bool((merge.sum(1, keepdim=True) > cap).any()):
+            merge &= _descending_rank(scores) < cap
+    return merge
 
 
-def merge_tokens(state: TokenState, merge: Tensor, dst: Tensor) -> TokenState:
+def _descending_rank(scores: Tensor) -> Tensor:
+    """[B, Na] long: each entry's place in its row sorted by descending score (ties: lower index first)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+def merge_tokens(
+    state: TokenState,
+    merge: Tensor,
+    dst: Tensor,
+    *,
+    layout: Layout = "index",
+    scores: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> TokenState:
     """Size-weighted average of each merged A token into its B partner.
 
     ``merge [B, Na]`` flags the A tokens (even indices) that merge; ``dst [B, Na]``
-    their partners (odd full indices). Sizes add; the result is re-compacted.
+    their partners (odd full indices). Sizes add; the result is re-compacted in
+    ``layout`` order: ``"index"`` (unmerged A, then B, each by index), ``"score"``
+    (unmerged A by descending ``scores``, then B by index) or ``"raster"`` (each
+    token at its earliest member's place). Padding goes last. ``rows [B]`` (bool):
+    only these images are re-laid, the others keep their order.
     """
     x, sizes = state.x, state.sizes
     B, N, C = x.shape
     mask = sizes > 0
-    target = torch.arange(N, device=x.device).expand(B, N).clone()
+    positions = torch.arange(N, device=x.device).expand(B, N)
+    target = positions.clone()
     target[:, ::2] = torch.where(merge, dst, target[:, ::2])
     kept = mask.clone()
     kept[:, ::2] &= ~merge
-    # A merged token takes the place of its earliest member (a group's smallest current index),
-    # so tokens stay in the raster order of their first original patch.
-    positions = torch.arange(N, device=x.device).expand(B, N)
-    first_member = torch.full_like(positions, N).scatter_reduce(1, target, positions, "amin")
-    order = torch.where(kept, first_member, N + positions).argsort(dim=1)
+    if layout == "raster":
+        key = torch.full_like(positions, N).scatter_reduce(1, target, positions, "amin")  # first member
+    elif layout == "index":
+        key = (positions % 2) * N + positions
+    elif layout == "score":
+        if scores is None:
+            raise ValueError("layout 'score' needs the A tokens' scores")
+        key = N + positions
+        key[:, ::2] = _descending_rank(scores)
+    else:
+        raise ValueError(f"layout must be 'index', 'score' or 'raster', got {layout!r}")
+    if rows is not None:
+        key = torch.where(rows[:, None], key, positions)
+    order = torch.where(kept, key, 2 * N + positions).argsort(dim=1)
     new_pos = torch.empty_like(order).scatter_(1, order, positions)
     n_out = int(kept.sum(1).max()) if B else 0
     new_index = torch.where(mask, new_pos.gather(1, target), n_out)  # padding goes to a dump slot
@@ -188,6 +259,19 @@ def merge_tokens(state: TokenState, merge: Tensor, dst: Tensor) -> TokenState:
     return TokenState(new_x, new_sizes, new_map)
 
 
+def merge_path(order: TokenOrder, mode: Mode, batch: int) -> Literal["batch", "single", "raster"]:
+    """Which of the authors' paths (module doc) a step of ``mode`` on ``batch`` images takes under ``order``."""
+    if order not in TOKEN_ORDERS:
+        raise ValueError(f"token order must be one of {', '.join(TOKEN_ORDERS)}, got {order!r}")
+    if order == "raster":
+        return "raster"
+    if mode == "find":
+        return "batch"
+    if order == "authors":
+        return "single" if batch == 1 else "batch"
+    return order  # type: ignore[return-value]
+
+
 def dtome_step(
     state: TokenState,
     metric: Tensor,
@@ -196,35 +280,68 @@ def dtome_step(
     protect_first: bool,
     threshold: float | Tensor | None = None,
     r: int | None = None,
+    order: TokenOrder = "authors",
+    top: Callable[[Tensor, int], tuple[Tensor, float]] = select_top,
 ) -> tuple[TokenState, float | None]:
     """One DToMe merge for a block.
 
     ``mode="off"`` returns the state unchanged; ``"find"`` merges the batch's
     ``B*r`` best pairs and returns the found threshold; ``"infer"`` merges every
-    pair above ``threshold`` (a float or a per-image ``[B]`` tensor).
+    pair above ``threshold`` (a float or a per-image ``[B]`` tensor). ``order``:
+    the token order after the merge (module doc). ``top``: finding's selection
+    (:func:`select_top`; threshold finding over processes passes its own).
     """
     if metric.shape[:2] != state.x.shape[:2]:
         raise ValueError(
             f"metric is {tuple(metric.shape)} but the hidden states are {tuple(state.x.shape)}: "
             "batch and token dimensions must agree"
         )
+    if mode not in ("off", "find", "infer"):
+        raise ValueError(f"mode must be 'off', 'find' or 'infer', got {mode!r}")
+    path = merge_path(order, mode, state.x.shape[0])
     if mode == "off":
         return state, None
     scores, dst = bipartite_scores(metric, state.mask, protect_first)
     if mode == "find":
         if r is None:
             raise ValueError("mode='find' needs r (tokens to merge per image at this layer)")
-        merge, found = select_top(scores, r)
-    elif mode == "infer":
+        merge, found = top(scores, r)
+        active = r > 0
+    else:
         if threshold is None:
             raise ValueError("mode='infer' needs a threshold")
         t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-        merge, found = select_above(scores, t[:, None] if t.dim() == 1 else t), None
-    else:
-        raise ValueError(f"mode must be 'off', 'find' or 'infer', got {mode!r}")
+        t = t[:, None] if t.dim() == 1 else t
+        # the single-image path merges at most half of the unprotected tokens
+        cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" else None
+        merge, found = select_above(scores, t, cap), None
+        active = bool((t < 1.0).any())
+    if path == "batch":  # every image is re-laid at a merging layer, merged or not
+        if not active:
+            return state, found
+        return merge_tokens(state, merge, dst, layout="index"), found
     if not bool(merge.any()):
         return state, found
-    return merge_tokens(state, merge, dst), found
+    if path == "raster":
+        return merge_tokens(state, merge, dst, layout="raster"), found
+    layout: Layout = "index" if protect_first else "score"
+    return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=merge.any(1)), found
+
+
+def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """Put one image's tokens in the raster order of their first original position.
+
+    ``source_map [N0]`` maps original positions to token indices (-1: none). Returns
+    ``order [num_tokens]`` (``tokens[order]`` is the spatial order) and the source
+    map of the reordered tokens.
+    """
+    positions = torch.arange(source_map.shape[0], device=source_map.device)
+    covered = source_map >= 0
+    first = torch.full((num_tokens,), source_map.shape[0], dtype=torch.long, device=source_map.device)
+    first.scatter_reduce_(0, source_map[covered], positions[covered], "amin")
+    order = first.argsort()
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
+    return order, torch.where(covered, inverse[source_map.clamp_min(0)], -1)
 
 
 def size_bias(sizes: Tensor, dtype: torch.dtype | None = None) -> Tensor:

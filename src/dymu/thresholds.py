@@ -6,9 +6,15 @@ A threshold checkpoint is a small safetensors file::
     merge_counts  int64   [L]   the schedule's merge count per layer used while finding
 
 with string metadata ``format=dymu-thresholds``, ``encoder``, ``num_layers``,
-``schedule``, ``r_total`` and ``images_seen``. The original DyMU authors' ``.pth``
-files (``{"state_dict": {"...blocks.{i}.threshold": tensor}}``) are read by
-:func:`import_authors_pth` and by :func:`load_thresholds`.
+``schedule``, ``r_total``, ``images_seen`` and ``token_order`` (the token order
+after a merge used while finding, see :mod:`dymu.merge`: ``authors`` or
+``raster``; files written before it was recorded were found in raster order). The
+original DyMU authors' ``.pth`` files (``{"state_dict": {"...blocks.{i}.threshold":
+tensor}}``) are read by :func:`import_authors_pth` and by :func:`load_thresholds`.
+
+Thresholds are cosine similarities: each must be in [-1, 1], or +inf (never merge
+at that layer; a threshold >= 1 merges nothing either, which is how the authors'
+files mark layers whose schedule merged nothing).
 """
 
 from __future__ import annotations
@@ -56,6 +62,26 @@ def merge_schedule(kind: str, r_total: int, num_layers: int) -> list[int]:
     for i in by_remainder[: r_total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def check_thresholds(values: Tensor, where: str = "thresholds") -> Tensor:
+    """``values`` as float32 ``[L]``; ValueError naming the layer if one is NaN, -inf or outside [-1, 1] (+inf is
+    allowed: never merge)."""
+    values = torch.as_tensor(values, dtype=torch.float32).flatten()
+    bad = torch.isnan(values) | (values < -1) | ((values > 1) & ~torch.isposinf(values))
+    if bool(bad.any()):
+        layer = int(torch.nonzero(bad)[0])
+        value = float(values[layer])
+        raise ValueError(
+            f"{where}: layer {layer} has threshold {'NaN' if math.isnan(value) else value}; expected a cosine "
+            "similarity in [-1, 1] or +inf (never merge)"
+        )
+    return values
+
+
+def finding_order(order: str) -> str:
+    """The order a threshold set was found in, as recorded: ``raster`` or ``authors`` (batch/single find the same)."""
+    return "raster" if order == "raster" else "authors"
 
 
 class RunningThresholds:
@@ -112,11 +138,11 @@ class ThresholdCheckpoint:
     r_total: int = 0
     merge_counts: list[int] = field(default_factory=list)
     images_seen: int = 0
+    token_order: str = "authors"  # order used while finding: "authors" or "raster" (see dymu.merge)
 
     def __post_init__(self) -> None:
-        self.thresholds = torch.as_tensor(self.thresholds, dtype=torch.float32).flatten()
-        if bool(torch.isnan(self.thresholds).any()):
-            raise ValueError(f"thresholds for {self.encoder!r} contain NaN")
+        self.thresholds = check_thresholds(self.thresholds, f"thresholds for {self.encoder or 'an unknown encoder'!r}")
+        self.token_order = finding_order(self.token_order)
         if self.merge_counts and len(self.merge_counts) != self.num_layers:
             raise ValueError(
                 f"{len(self.merge_counts)} merge counts for {self.num_layers} layers in checkpoint of {self.encoder!r}"
@@ -153,6 +179,7 @@ def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
         "schedule": ckpt.schedule,
         "r_total": str(ckpt.r_total),
         "images_seen": str(ckpt.images_seen),
+        "token_order": ckpt.token_order,
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -167,7 +194,7 @@ def load_thresholds(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"threshold checkpoint not found: {path}")
-    if path.suffix in (".pth", ".pt", ".bin"):
+    if _is_torch_file(path):  # by content, not by name: the authors' .pth (zip or legacy pickle)
         return import_authors_pth(path).check(encoder=encoder, num_layers=num_layers)
     from safetensors import safe_open
 
@@ -186,13 +213,24 @@ def load_thresholds(
         r_total=int(meta.get("r_total", 0)),
         merge_counts=tensors["merge_counts"].tolist() if "merge_counts" in tensors else [],
         images_seen=int(meta.get("images_seen", 0)),
+        token_order=meta.get("token_order", "raster"),  # before it was recorded, dymu found in raster order
     )
     if int(meta.get("num_layers", ckpt.num_layers)) != ckpt.num_layers:
         raise ValueError(f"{path}: metadata says {meta['num_layers']} layers, tensor has {ckpt.num_layers}")
     return ckpt.check(encoder=encoder, num_layers=num_layers)
 
 
+def _is_torch_file(path: Path) -> bool:
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"  # torch.save: zip archive, or a legacy pickle
+
+
 _BLOCK_INDEX = re.compile(r"(\d+)\.threshold$")
+# "<identity>[-tome]-<K>out[-schedule]": the authors name files after the DyMU encoder
+_NAME_SUFFIX = re.compile(r"(?:-tome)?-\d+out(?:-(?:constant|linear|reverse[-_]linear))?$")
 
 
 def import_authors_pth(path: str | Path, *, encoder: str | None = None) -> ThresholdCheckpoint:
@@ -202,12 +240,19 @@ def import_authors_pth(path: str | Path, *, encoder: str | None = None) -> Thres
     whose keys ending in ``.threshold`` hold one value per block, e.g.
     ``visual.transformer.resblocks.{i}.threshold`` (CLIP) or
     ``vision_model.encoder.layers.{i}.threshold`` (SigLIP).
+
+    The encoder identity comes from ``encoder``, else the file's ``name`` entry, else a
+    file name in the authors' style (``ViT-L-14-336-tome-72out.pth``); a renamed file
+    gets an empty identity (unknown: only its layer count is checked when used).
     """
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {err}") from err
+        raise ValueError(
+            f"cannot read {path} as an authors' threshold file (a torch-saved dict with a 'state_dict'): "
+            f"{type(err).__name__}"
+        ) from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(blob).__name__}")
@@ -220,14 +265,25 @@ def import_authors_pth(path: str | Path, *, encoder: str | None = None) -> Thres
         layer = int(match.group(1))
         if layer in by_layer:
             raise ValueError(f"{path}: two '.threshold' entries for block {layer}")
-        by_layer[layer] = float(torch.as_tensor(value).flatten()[0])
+        value = torch.as_tensor(value)
+        if value.numel() != 1:
+            raise ValueError(
+                f"{path}: {key} holds {value.numel()} values {tuple(value.shape)}; expected one threshold per block"
+            )
+        by_layer[layer] = float(value)
     if not by_layer:
         raise ValueError(f"{path}: no keys ending in '<block>.threshold' in its state_dict")
     if sorted(by_layer) != list(range(len(by_layer))):
         raise ValueError(f"{path}: threshold blocks are not numbered 0..{len(by_layer) - 1}: {sorted(by_layer)}")
-    # their files are named after the DyMU encoder ("ViT-L-14-336-tome-72out"); the encoder is the part before "-tome"
-    name = encoder or (blob.get("name") if isinstance(blob.get("name"), str) else None) or path.stem
-    name = name.split("-tome")[0]
+    name = encoder
+    if name is None and isinstance(blob, dict) and isinstance(blob.get("name"), str):
+        name = blob["name"]
+    if name is None and _NAME_SUFFIX.search(path.stem):
+        name = path.stem
+    identity = _NAME_SUFFIX.sub("", name or "")
     return ThresholdCheckpoint(
-        thresholds=torch.tensor([by_layer[i] for i in range(len(by_layer))]), encoder=name, schedule="unknown"
+        thresholds=torch.tensor([by_layer[i] for i in range(len(by_layer))]),
+        encoder=identity,
+        schedule="unknown",
+        token_order="authors",
     )

@@ -15,6 +15,7 @@ average token budget.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +26,8 @@ from dymu.encoders import hf, hf_dinov2, timm_vit
 from dymu.encoders import open_clip as open_clip_adapter
 from dymu.encoders.base import DToMeRun, DToMeState, patched_modules, restore_class
 from dymu.encoders.names import DyMUName, canonical_identity, is_dymu_name, parse_dymu_name
-from dymu.merge import Mode
-from dymu.thresholds import ThresholdCheckpoint, load_thresholds
+from dymu.merge import Mode, TokenOrder
+from dymu.thresholds import ThresholdCheckpoint, finding_order, load_thresholds
 
 ADAPTERS = [hf.patch_model, open_clip_adapter.patch_model, timm_vit.patch_model, hf_dinov2.patch_model]
 
@@ -40,13 +41,17 @@ def patch(
     merge_counts: Sequence[int] | None = None,
     mode: Mode | None = None,
     threshold_offset: float = 0.0,
+    token_order: TokenOrder | None = None,
 ) -> DToMeState:
     """Make ``model``'s vision encoder merge tokens (DToMe) in every block.
 
     * ``thresholds`` (a checkpoint, a path to one, a DyMU name such as ``"ViT-L-14-336-tome-72out"`` whose
       checkpoint is in ``checkpoints/threshold_checkpoints/``, or ``L`` floats) → inference mode;
     * ``merge_counts`` (``L`` ints, see :func:`dymu.merge_schedule`) → threshold-finding mode;
-    * neither → merging off (stock outputs), switchable later with :func:`configure`.
+    * neither → merging off (stock outputs), switchable later with :func:`configure`;
+    * ``token_order`` — the token order after a merge (:mod:`dymu.merge`): ``"authors"`` (the default: exactly
+      the original code), ``"batch"``/``"single"`` (one of its two paths for every batch: batch-invariant) or
+      ``"raster"``. ``None`` takes the order a threshold checkpoint was found with.
 
     Returns the state object, also reachable as :func:`get_state`. Undo with :func:`unpatch`.
     """
@@ -64,7 +69,14 @@ def patch(
         )
     model._dymu_state = state
     try:
-        configure(model, thresholds, merge_counts=merge_counts, mode=mode, threshold_offset=threshold_offset)
+        configure(
+            model,
+            thresholds,
+            merge_counts=merge_counts,
+            mode=mode,
+            threshold_offset=threshold_offset,
+            token_order=token_order,
+        )
     except Exception:
         unpatch(model)
         raise
@@ -78,19 +90,44 @@ def configure(
     merge_counts: Sequence[int] | None = None,
     mode: Mode | None = None,
     threshold_offset: float | None = None,
+    token_order: TokenOrder | None = None,
 ) -> DToMeState:
-    """Change thresholds, merge counts, mode or threshold offset of a patched model."""
+    """Change thresholds, merge counts, mode, threshold offset or token order of a patched model.
+
+    A threshold checkpoint found in another token order than ``token_order`` (``"raster"`` vs the authors') gives
+    other token counts than it was found for: without ``token_order`` the checkpoint's order is taken, with an
+    incompatible one a warning says so.
+    """
     state = get_state(model)
+    source = str(thresholds) if isinstance(thresholds, (str, Path)) else "the thresholds"
     if isinstance(thresholds, (str, Path)):
         thresholds = load_thresholds(resolve_thresholds_path(thresholds))
     if isinstance(thresholds, ThresholdCheckpoint):
-        if canonical_identity(thresholds.encoder) != state.encoder:  # authors' files use open_clip spellings
-            raise ValueError(f"thresholds are for encoder {thresholds.encoder!r}, not {state.encoder!r}")
-        thresholds = thresholds.check(num_layers=state.num_layers).thresholds
+        ckpt = thresholds
+        if ckpt.num_layers != state.num_layers:
+            raise ValueError(
+                f"{source} hold {ckpt.num_layers} per-layer thresholds"
+                f"{f' for {ckpt.encoder!r}' if ckpt.encoder else ''}, but {state.encoder!r} has "
+                f"{state.num_layers} blocks"
+            )
+        # authors' files use open_clip spellings; an unknown identity (renamed .pth) is checked by layer count only
+        if ckpt.encoder and canonical_identity(ckpt.encoder) != state.encoder:
+            raise ValueError(f"{source} are for encoder {ckpt.encoder!r}, not {state.encoder!r}")
+        if token_order is None:
+            if finding_order(state.token_order) != ckpt.token_order:
+                token_order = "raster" if ckpt.token_order == "raster" else "authors"
+        elif finding_order(token_order) != ckpt.token_order:
+            warnings.warn(
+                f"{source} were found in {ckpt.token_order!r} token order but are used in {token_order!r} order: "
+                "token counts will differ from what they were found for (omit token_order to use the checkpoint's)",
+                stacklevel=2,
+            )
+        thresholds = ckpt.thresholds
     state.configure(
         thresholds=torch.as_tensor(thresholds) if thresholds is not None else None,
         merge_counts=list(merge_counts) if merge_counts is not None else None,
         mode=mode,
+        token_order=token_order,
     )
     if threshold_offset is not None:
         state.threshold_offset = float(threshold_offset)

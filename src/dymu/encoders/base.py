@@ -26,7 +26,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from dymu.merge import Mode, TokenState, bipartite_scores, dtome_step, merge_tokens, select_top, size_bias
+from dymu.thresholds import check_thresholds
+from dymu.merge import TOKEN_ORDERS, Mode, TokenOrder, TokenState, dtome_step, select_top, size_bias
 
 
 class StopEncoding(Exception):
@@ -77,6 +78,7 @@ class DToMeState:
     thresholds: Tensor | None = None  # [L] float32
     merge_counts: list[int] | None = None
     threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
+    token_order: TokenOrder = "authors"  # token order after a merge (dymu.merge module doc)
     sync_find: bool = False  # finding: global top-k across torch.distributed processes (see module doc)
     record_layers: frozenset[int] = frozenset()  # hidden-state indices (0..L) to keep in run.hidden_states
     stop_after: int | None = None  # raise StopEncoding once hidden-state index stop_after is recorded
@@ -92,16 +94,19 @@ class DToMeState:
         thresholds: Tensor | None = None,
         merge_counts: list[int] | None = None,
         mode: Mode | None = None,
+        token_order: TokenOrder | None = None,
     ) -> None:
+        if token_order is not None:
+            if token_order not in TOKEN_ORDERS:
+                raise ValueError(f"token_order must be one of {', '.join(TOKEN_ORDERS)}, got {token_order!r}")
+            self.token_order = token_order
         if thresholds is not None:
             thresholds = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
             if thresholds.numel() != self.num_layers:
                 raise ValueError(
                     f"{thresholds.numel()} thresholds given but the encoder has {self.num_layers} blocks"
                 )
-            if bool(torch.isnan(thresholds).any()):
-                raise ValueError("thresholds contain NaN")
-            self.thresholds = thresholds
+            self.thresholds = check_thresholds(thresholds)
         if merge_counts is not None:
             if len(merge_counts) != self.num_layers:
                 raise ValueError(f"{len(merge_counts)} merge counts for an encoder of {self.num_layers} blocks")
@@ -132,18 +137,20 @@ class DToMeState:
         assert self.tokens is not None
         tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
         if self.mode == "find":
-            r = self.merge_counts[layer]
-            if self.sync_find:
-                scores, dst = bipartite_scores(metric, tokens.mask, self.protect_first)
-                merge, found = select_top_across_processes(scores, r)
-                tokens = merge_tokens(tokens, merge, dst) if bool(merge.any()) else tokens
-            else:
-                tokens, found = dtome_step(tokens, metric, mode="find", protect_first=self.protect_first, r=r)
+            top = select_top_across_processes if self.sync_find else select_top
+            tokens, found = dtome_step(
+                tokens, metric, mode="find", protect_first=self.protect_first, r=self.merge_counts[layer],
+                order=self.token_order, top=top,
+            )
             self.run.found_thresholds.append(float(found))
         elif self.mode == "infer":
             threshold = float(self.thresholds[layer]) + self.threshold_offset
-            tokens, _ = dtome_step(tokens, metric, mode="infer", protect_first=self.protect_first, threshold=threshold)
-        self._merged = self._merged or tokens.x is not x  # dtome_step returns its input when nothing merged
+            tokens, _ = dtome_step(
+                tokens, metric, mode="infer", protect_first=self.protect_first, threshold=threshold,
+                order=self.token_order,
+            )
+        # a re-layout without merges (batch path) needs no bias either: only sizes != 1 (merges, padding) do
+        self._merged = self._merged or (tokens.sizes is not self.tokens.sizes and bool((tokens.sizes != 1).any()))
         self.tokens = tokens
         return tokens.x
 

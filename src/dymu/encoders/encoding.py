@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dymu.encoders.base import DToMeRun, DToMeState, StopEncoding
+from dymu.merge import spatial_order
 
 
 @dataclass
@@ -30,12 +31,13 @@ class Encoding:
 
     Per image (padding removed, CLS dropped when ``cls_dropped``):
 
-    * ``features[b]`` — ``[n_b, C]`` hidden states, tokens in the raster order of their first patch;
+    * ``features[b]`` — ``[n_b, C]`` hidden states, tokens in the raster order of their first patch (spatial
+      order, whatever the token order inside the encoder: what a projector and an LLM without VTU see);
     * ``sizes[b]`` — ``[n_b]`` number of original positions each token covers;
     * ``source_maps[b]`` — ``[P]`` for every original position (patches only when CLS is dropped), the index
       of the feature that covers it — the merge map VTU needs.
 
-    Padded, as the encoder holds them (CLS included): ``hidden_states [B, N, C]``, ``mask [B, N]``,
+    Padded, as the encoder holds them (CLS included, encoder order): ``hidden_states [B, N, C]``, ``mask [B, N]``,
     ``padded_sizes [B, N]``, ``padded_source_map [B, N0]``; and ``tokens_per_layer [L'+1, B]`` (CLS included) for
     the layers that ran. ``run`` is the pass's :class:`~dymu.encoders.base.DToMeRun`: per-layer sizes and source
     maps of every layer that ran, and ``run.hidden_states`` (padded) for ``layer`` and the ``keep_layers`` asked for.
@@ -157,10 +159,11 @@ def encode(
     start = 1 if drop_cls else 0
     features, token_sizes, maps = [], [], []
     for b, n in enumerate(mask.sum(1).tolist()):
-        features.append(hidden[b, start:n])
-        token_sizes.append(sizes[b, start:n])
         # CLS is protected: alone at index 0 of both the tokens and the original positions
-        maps.append(source_map[b, start:] - start)
+        order, smap = spatial_order(source_map[b, start:] - start, n - start)
+        features.append(hidden[b, start:n][order])
+        token_sizes.append(sizes[b, start:n][order])
+        maps.append(smap)
     return Encoding(
         features=features,
         sizes=token_sizes,

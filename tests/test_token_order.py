@@ -1,0 +1,214 @@
+"""Token order after a merge: dymu's DToMe against a naive plain-Python reference of the original authors' code.
+
+The reference below is written from the description of their two paths (see ``dymu.merge``'s module doc and
+issue 15), not from dymu's code:
+
+* batch path (finding; inference of several images): at a merging layer every image becomes
+  ``[unmerged A tokens in index order] + [B tokens in index order]`` (a protected CLS is A token 0), merged or not;
+  finding merges the batch's ``B*r`` best edges and the threshold is the best unmerged score, clamped at 0;
+* single-image path (inference of one image): only when something merged, ``[unmerged A] + [B]``, the unmerged A in
+  index order when the first token is protected, else in descending order of their best score; at most
+  ``(n - protected) // 2`` merges.
+
+Groups are lists of original positions; a token's metric is the mean of its members' ``x0 @ proj`` (the merge is a
+size-weighted mean, so this equals the metric of the merged hidden state).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dymu.merge import TokenState, dtome_step
+
+Groups = list[list[int]]
+
+
+def _best_partners(x0: torch.Tensor, proj: torch.Tensor, groups: Groups, protect: bool):
+    unit = []
+    for g in groups:
+        m = x0[g].mean(0) @ proj
+        unit.append(m / m.norm())
+    best = {}
+    for i in range(0, len(groups), 2):
+        if protect and i == 0:
+            continue
+        score, partner = -math.inf, None
+        for j in range(1, len(groups), 2):
+            s = float(unit[i] @ unit[j])
+            if s > score:
+                score, partner = s, j
+        if partner is not None:
+            best[i] = (score, partner)
+    return best
+
+
+def _relayout(groups: Groups, merged: dict[int, int], a_order: list[int]) -> Groups:
+    """``[unmerged A in a_order] + [B in index order, with their merged members]``."""
+    out_b = {j: list(groups[j]) for j in range(1, len(groups), 2)}
+    for i, j in merged.items():
+        out_b[j] += groups[i]
+    return [sorted(groups[i]) for i in a_order if i not in merged] + [sorted(out_b[j]) for j in sorted(out_b)]
+
+
+def reference_batch(images: list[torch.Tensor], proj, protect: bool, *, thresholds=None, rs=None):
+    """The authors' batch path over several layers; returns per-layer groups of every image and found thresholds."""
+    groups = [[[p] for p in range(len(x))] for x in images]
+    history, found = [], []
+    for layer in range(len(thresholds if thresholds is not None else rs)):
+        best = [_best_partners(x, proj, g, protect) for x, g in zip(images, groups)]
+        if rs is not None:
+            r = rs[layer]
+            edges = [(-s, b, i) for b, bb in enumerate(best) for i, (s, _) in bb.items()]
+            edges.sort()  # best first; ties: earlier image, earlier token
+            chosen = {(b, i) for _, b, i in edges[: len(images) * r]}
+            nxt = -edges[len(images) * r][0] if len(edges) > len(images) * r else 0.0
+            found.append(max(nxt, 0.0) if r > 0 else 1.0)
+            active = r > 0
+        else:
+            chosen = {(b, i) for b, bb in enumerate(best) for i, (s, _) in bb.items() if s > thresholds[layer]}
+            active = thresholds[layer] < 1
+        if active:
+            for b, bb in enumerate(best):
+                merged = {i: bb[i][1] for i in bb if (b, i) in chosen}
+                groups[b] = _relayout(groups[b], merged, list(range(0, len(groups[b]), 2)))
+        history.append([list(map(list, g)) for g in groups])
+    return history, found
+
+
+def reference_single(x0: torch.Tensor, proj, protect: bool, thresholds) -> list[Groups]:
+    """The authors' single-image path over several layers; returns the groups after each layer."""
+    groups: Groups = [[p] for p in range(len(x0))]
+    history = []
+    for thr in thresholds:
+        best = _best_partners(x0, proj, groups, protect)
+        above = sorted((i for i, (s, _) in best.items() if s > thr), key=lambda i: -best[i][0])
+        merged = {i: best[i][1] for i in above[: (len(groups) - int(protect)) // 2]}
+        if merged:
+            a = list(range(0, len(groups), 2))
+            if not protect:  # ToMe's order: A tokens by descending best score
+                a.sort(key=lambda i: -best.get(i, (-math.inf,))[0])
+            groups = _relayout(groups, merged, a)
+        history.append([list(g) for g in groups])
+    return history
+
+
+def groups_of(state: TokenState, b: int) -> Groups:
+    n = int(state.num_tokens[b])
+    sm = state.source_map[b]
+    return [sorted(torch.nonzero(sm == i).flatten().tolist()) for i in range(n)]
+
+
+def padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(x) for x in images)
+    x = torch.zeros(len(images), n, images[0].shape[1])
+    mask = torch.zeros(len(images), n, dtype=torch.bool)
+    for b, xb in enumerate(images):
+        x[b, : len(xb)], mask[b, : len(xb)] = xb, True
+    return x, mask
+
+
+def run_dymu(images, proj, protect, order, *, thresholds=None, rs=None):
+    x, mask = padded(images)
+    state = TokenState.init(x, mask if not bool(mask.all()) else None)
+    history, found = [], []
+    for layer in range(len(thresholds if thresholds is not None else rs)):
+        metric = state.x @ proj
+        if rs is not None:
+            state, t = dtome_step(state, metric, mode="find", protect_first=protect, r=rs[layer], order=order)
+            found.append(t)
+        else:
+            state, _ = dtome_step(
+                state, metric, mode="infer", protect_first=protect, threshold=thresholds[layer], order=order
+            )
+        history.append([groups_of(state, b) for b in range(len(images))])
+    return history, found, state
+
+
+def make_images(lengths, channels=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, channels, generator=g) for n in lengths], torch.randn(channels, 4, generator=g)
+
+
+THRESHOLDS = [0.55, 0.4, 0.6, 0.3, 0.5, 0.2]
+
+
+@pytest.mark.parametrize("protect", [True, False])
+@pytest.mark.parametrize("order", ["authors", "batch", "single"])
+def test_finding_equals_authors_batch_path(protect, order):
+    images, proj = make_images([21] * 4, seed=1)
+    rs = [3, 2, 2, 0, 2, 1]
+    ref_groups, ref_found = reference_batch(images, proj, protect, rs=rs)
+    groups, found, _ = run_dymu(images, proj, protect, order, rs=rs)
+    for layer, (want, got) in enumerate(zip(ref_groups, groups)):
+        assert got == want, f"layer {layer}"
+    assert found == pytest.approx(ref_found, abs=1e-6)
+    assert found[3] == 1.0  # r = 0: nothing merges, the authors' untouched 1.0
+
+
+@pytest.mark.parametrize("protect", [True, False])
+@pytest.mark.parametrize("seed", [2, 3])
+def test_lone_image_equals_authors_single_path(protect, seed):
+    images, proj = make_images([25], seed=seed)
+    want = reference_single(images[0], proj, protect, THRESHOLDS)
+    got, _, _ = run_dymu(images, proj, protect, "authors", thresholds=THRESHOLDS)
+    assert [layer[0] for layer in got] == want
+    # "single" applies that path to every image; on one image it is "authors"
+    single, _, _ = run_dymu(images, proj, protect, "single", thresholds=THRESHOLDS)
+    assert single == got
+
+
+@pytest.mark.parametrize("protect", [True, False])
+def test_padded_batch_equals_authors_batch_path(protect):
+    images, proj = make_images([23, 14, 19], seed=4)
+    want, _ = reference_batch(images, proj, protect, thresholds=THRESHOLDS)
+    got, _, state = run_dymu(images, proj, protect, "authors", thresholds=THRESHOLDS)
+    assert got == want
+    assert bool((state.source_map[1, 14:] == -1).all())  # padding positions stay unmapped
+    # "batch" is that path at every batch size: a lone image too
+    for b, x in enumerate(images):
+        alone, _, _ = run_dymu([x], proj, protect, "batch", thresholds=THRESHOLDS)
+        assert alone[-1][0] == want[-1][b]
+
+
+@pytest.mark.parametrize("protect", [True, False])
+def test_single_order_on_a_padded_batch_is_each_image_alone(protect):
+    images, proj = make_images([23, 14, 19], seed=5)
+    got, _, _ = run_dymu(images, proj, protect, "single", thresholds=THRESHOLDS)
+    for b, x in enumerate(images):
+        assert [layer[b] for layer in got] == reference_single(x, proj, protect, THRESHOLDS)
+
+
+def test_the_reference_is_sensitive_to_the_order():
+    """Orders really differ on this data (so the tests above can fail): raster, batch and single paths."""
+    images, proj = make_images([23, 14, 19], seed=4)
+    authors, _, _ = run_dymu(images, proj, False, "authors", thresholds=THRESHOLDS)
+    raster, _, _ = run_dymu(images, proj, False, "raster", thresholds=THRESHOLDS)
+    single, _, _ = run_dymu(images, proj, False, "single", thresholds=THRESHOLDS)
+    assert authors[-1] != raster[-1] and authors[-1] != single[-1]
+    counts = lambda h: [len(g) for g in h[-1]]  # noqa: E731
+    assert counts(authors) != counts(raster)  # the order changes how many tokens survive, not only where
+
+
+def test_single_image_cap_binds_without_protection():
+    """Every A token above the threshold: the single path merges (n - 0) // 2, the batch path all of them."""
+    x = torch.ones(1, 7, 3) + 0.01 * torch.randn(1, 7, 3)
+    state = TokenState.init(x)
+    lone, _ = dtome_step(state, x, mode="infer", protect_first=False, threshold=-1.0, order="authors")
+    batch, _ = dtome_step(state, x, mode="infer", protect_first=False, threshold=-1.0, order="batch")
+    assert lone.num_tokens.tolist() == [7 - 3] and batch.num_tokens.tolist() == [7 - 4]
+
+
+def test_threshold_of_one_merges_nothing_even_for_identical_tokens():
+    x = torch.ones(2, 9, 4)  # every score rounds to 1 (or just above)
+    state = TokenState.init(x)
+    out, _ = dtome_step(state, x, mode="infer", protect_first=True, threshold=1.0, order="batch")
+    assert out is state
+
+
+def test_bad_order_is_refused():
+    x = torch.randn(1, 5, 2)
+    with pytest.raises(ValueError, match="token order must be one of authors, batch, single, raster"):
+        dtome_step(TokenState.init(x), x, mode="infer", protect_first=True, threshold=0.0, order="spatial")  # type: ignore[arg-type]
