@@ -191,7 +191,7 @@ def finding_list(work: Path, size: int, easy_vqa: int, crops: int, seed: int = 0
     return ImageList(paths, Path("/"))  # absolute paths: image_dir / path == path
 
 
-def find(model, size: int, k: int, images, output: Path, batch_size: int) -> None:
+def find(model, size: int, k: int, images, output: Path, batch_size: int, token_order: str = "authors") -> None:
     from dymu.finding import find_thresholds
     from dymu.thresholds import merge_schedule
 
@@ -200,7 +200,7 @@ def find(model, size: int, k: int, images, output: Path, batch_size: int) -> Non
     t0 = time.perf_counter()
     result = find_thresholds(
         model, images, SquareTransform(size), merge_counts=counts, batch_size=batch_size, output=output,
-        overwrite=True, model_source="dymu.weights:dinov2-small",
+        overwrite=True, model_source="dymu.weights:dinov2-small", token_order=token_order,
     )
     print(
         f"found {output.name}: {result.images_seen} images in {time.perf_counter() - t0:.0f}s, thresholds "
@@ -230,13 +230,18 @@ def eval_samples(easy_vqa: int, crops_per_photo: int, size: int) -> list[Sample]
 
 
 @torch.no_grad()
-def token_counts(model, checkpoint: Path, samples: list[Sample], size: int, batch_size: int) -> list[int]:
-    """Patch tokens (CLS excluded) each sample keeps after the last block with the checkpoint's thresholds."""
+def token_counts(
+    model, checkpoint: Path, samples: list[Sample], size: int, batch_size: int, token_order: str = "single"
+) -> list[int]:
+    """Patch tokens (CLS excluded) each sample keeps after the last block with the checkpoint's thresholds.
+
+    ``token_order="single"`` (the authors' order on each image as if alone: what their per-image inference keeps,
+    independent of how the samples are batched here) or ``"raster"``."""
     import dymu
     from dymu.thresholds import load_thresholds
 
     transform = SquareTransform(size)
-    dymu.patch(model, load_thresholds(checkpoint))
+    dymu.patch(model, load_thresholds(checkpoint), token_order=token_order)
     try:
         counts: list[int] = []
         for start in range(0, len(samples), batch_size):
@@ -322,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="a few images only, outputs into --work-dir")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--token-order", choices=["authors", "raster"], default="authors",
+                        help="DToMe token order (dymu.merge): finding in it, and measuring per image in it "
+                             "(authors: their single-image path). raster writes *-raster results and figure")
     args = parser.parse_args(argv)
+    suffix = "" if args.token_order == "authors" else f"_{args.token_order}"
+    measure_order = "single" if args.token_order == "authors" else args.token_order
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -350,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"exists, skipped: {output} (--refind to redo)")
                 continue
             images = finding_list(args.work_dir, size, *find_sizes[size])
-            find(model, size, k, images, output, args.batch_size)
+            find(model, size, k, images, output, args.batch_size, args.token_order)
 
     if args.stage in ("eval", "all"):
         results: dict = {}
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = samples_by_size[size]
             name = f"dinov2-small-{size}-tome-{k}out"
             t0 = time.perf_counter()
-            counts = token_counts(model, args.checkpoint_dir / f"{name}.safetensors", samples, size, 16)
+            counts = token_counts(model, args.checkpoint_dir / f"{name}.safetensors", samples, size, 16, measure_order)
             summary = summarize(counts, samples, cx_by_size[size])
             results[name] = {"size": size, "k": k, "counts": counts, "summary": summary}
             print(f"{name} ({time.perf_counter() - t0:.0f}s):\n" + json.dumps(summary, indent=1), flush=True)
@@ -377,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name, r in results.items()
         }
-        out = args.work_dir / "real_dinov2_results.json"  # per image: large, kept out of the repo
+        out = args.work_dir / f"real_dinov2_results{suffix}.json"  # per image: large, kept out of the repo
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(blob, indent=1))
-        plot(blob, args.docs_dir / "real_dinov2_tokens_vs_complexity.png")
+        plot(blob, args.docs_dir / f"real_dinov2_tokens_vs_complexity{suffix}.png")
         print(f"wrote {out}")
     return 0
 

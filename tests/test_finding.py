@@ -193,6 +193,7 @@ def test_thresholds_command(folder, tmp_path, monkeypatch, capsys):
     assert "images seen: 9" in out and "records without an image key (ignored): 1" in out
     reference = run_find(folder)
     torch.testing.assert_close(load_thresholds(default).thresholds, reference.checkpoint.thresholds, rtol=0, atol=0)
+    assert load_thresholds(default).token_order == "authors"  # the order finding used is recorded
     # the same budget given as r_total, with a linear schedule: another default name
     assert main(common + ["--r-total", "20", "--schedule", "linear"]) == 0
     linear = load_thresholds(tmp_path / "ckpts" / "clip-84px-p14-d64-tome-16out-linear.safetensors")

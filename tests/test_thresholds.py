@@ -29,7 +29,13 @@ def test_schedules_hand_computed():
     assert merge_schedule("linear", 12, 4) == [6, 4, 2, 0]
     assert merge_schedule("reverse_linear", 12, 4) == [0, 2, 4, 6]
     assert merge_schedule("reverse-linear", 12, 4) == [0, 2, 4, 6]
-    assert merge_schedule("linear", 10, 4) == [5, 3, 2, 0]  # 5, 3.33, 1.67, 0 by largest remainder
+    assert merge_schedule("linear", 10, 4) == [5, 3, 2, 0]
+    # the authors' ramp (r0 = 2M // N, minus r0 / N per layer, truncated; the rest on the last non-zero layer)
+    assert merge_schedule("linear", 504, 24) == [42, 40, 38, 36, 35, 33, 31, 29, 28, 26, 24, 22, 21, 19, 17, 15, 14, 12, 10, 8, 4, 0, 0, 0]
+    assert merge_schedule("linear", 20, 4) == [10, 7, 3, 0]  # not 10, 6.67, 3.33 rounded
+    assert merge_schedule("reverse_linear", 192, 24)[:3] == [0, 1, 2]
+    # their loop never ends for 96 over 24 layers: proportional ramp instead
+    assert merge_schedule("linear", 96, 24)[0] == 8 and sum(merge_schedule("linear", 96, 24)) == 96
     assert merge_schedule("linear", 7, 1) == [7]
     assert merge_schedule("constant", 0, 3) == [0, 0, 0]
 

@@ -212,3 +212,144 @@ def test_bad_order_is_refused():
     x = torch.randn(1, 5, 2)
     with pytest.raises(ValueError, match="token order must be one of authors, batch, single, raster"):
         dtome_step(TokenState.init(x), x, mode="infer", protect_first=True, threshold=0.0, order="spatial")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- checkpoints remember the order they were found in
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    pytest.importorskip("skimage")
+    import encoder_zoo
+
+    return encoder_zoo.build("hf-clip", tmp_path_factory.mktemp("order"))
+
+
+def test_checkpoint_order_is_recorded_adopted_and_mismatch_flagged(tiny_clip, tmp_path):
+    import warnings
+
+    import encoder_zoo
+
+    import dymu
+    from dymu.thresholds import ThresholdCheckpoint, load_thresholds, save_thresholds
+
+    fam = tiny_clip
+    x = fam.pixels(list(encoder_zoo.images().values()))
+    found = {}
+    for order in ("authors", "raster"):
+        dymu.patch(fam.model, merge_counts=[5, 5, 5, 5], token_order=order)
+        with torch.no_grad():
+            fam.pooled(fam.model, fam.pixels(list(encoder_zoo.finding_images().values())))
+        found[order] = dymu.last_run(fam.model).found_thresholds
+        dymu.unpatch(fam.model)
+        ckpt = ThresholdCheckpoint(found[order], encoder="clip-84px-p14-d64", token_order=order)
+        save_thresholds(tmp_path / f"{order}.safetensors", ckpt)
+        assert load_thresholds(tmp_path / f"{order}.safetensors").token_order == order
+    assert found["authors"] != found["raster"]  # the order changes what finding finds
+
+    # without token_order, the checkpoint's order is used
+    state = dymu.patch(fam.model, tmp_path / "raster.safetensors")
+    assert state.token_order == "raster"
+    dymu.configure(fam.model, tmp_path / "authors.safetensors")
+    assert state.token_order == "authors"
+    dymu.unpatch(fam.model)
+    # explicitly in the other order: a warning naming both
+    with pytest.warns(UserWarning, match="found in 'raster' token order but are used in 'authors' order"):
+        dymu.patch(fam.model, tmp_path / "raster.safetensors", token_order="authors")
+    dymu.unpatch(fam.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batch/single find the authors' thresholds: no warning
+        dymu.patch(fam.model, tmp_path / "authors.safetensors", token_order="single")
+    dymu.unpatch(fam.model)
+    # a checkpoint written before the order was recorded was found in raster order
+    from safetensors.torch import save_file
+
+    save_file(
+        {"thresholds": torch.tensor(found["raster"])},
+        str(tmp_path / "old.safetensors"),
+        metadata={"format": "dymu-thresholds", "encoder": "clip-84px-p14-d64", "num_layers": "4"},
+    )
+    assert load_thresholds(tmp_path / "old.safetensors").token_order == "raster"
+
+
+def test_authors_pth_edge_cases(tiny_clip, tmp_path):
+    import dymu
+    from dymu.thresholds import load_thresholds
+
+    fam = tiny_clip
+    values = [0.3, 0.2, 0.25, 0.1]
+    keys = lambda vals: {f"module.visual.transformer.resblocks.{i}.threshold": torch.tensor(v) for i, v in enumerate(vals)}  # noqa: E731
+    renamed = tmp_path / "my_thresholds.pth"
+    torch.save({"state_dict": keys(values)}, renamed)
+    ckpt = load_thresholds(renamed)
+    assert ckpt.encoder == "" and ckpt.token_order == "authors"
+    state = dymu.patch(fam.model, renamed)  # identity unknown: checked by layer count only
+    assert state.thresholds.tolist() == pytest.approx(values)
+    dymu.unpatch(fam.model)
+    six = tmp_path / "renamed6.pth"
+    torch.save({"state_dict": keys(values + [0.1, 0.1])}, six)
+    with pytest.raises(ValueError, match="hold 6 per-layer thresholds, but 'clip-84px-p14-d64' has 4 blocks"):
+        dymu.patch(fam.model, six)
+    named = tmp_path / "siglip-so400m-patch14-384-256out.pth"  # the authors' file name: identity from it
+    torch.save({"state_dict": keys(values)}, named)
+    assert load_thresholds(named).encoder == "siglip-so400m-patch14-384"
+    vector = tmp_path / "vector.pth"
+    torch.save({"state_dict": {**keys(values), "visual.transformer.resblocks.0.threshold": torch.tensor([0.3, 0.4])}}, vector)
+    with pytest.raises(ValueError, match="two '.threshold' entries|holds 2 values"):
+        load_thresholds(vector)
+    vector2 = tmp_path / "vector2.pth"
+    torch.save({"state_dict": {f"resblocks.{i}.threshold": torch.tensor([v, v]) for i, v in enumerate(values)}}, vector2)
+    with pytest.raises(ValueError, match=r"holds 2 values \(2,\); expected one threshold per block"):
+        load_thresholds(vector2)
+    for bad in (-math.inf, 1.5, -1.2):
+        path = tmp_path / "bad.pth"
+        torch.save({"state_dict": keys([0.3, bad, 0.2, 0.1])}, path)
+        with pytest.raises(ValueError, match="layer 1 has threshold .*expected a cosine similarity in \\[-1, 1\\]"):
+            load_thresholds(path)
+        with pytest.raises(ValueError, match="layer 1 has threshold"):
+            dymu.patch(fam.model, [0.3, bad, 0.2, 0.1])
+    # +inf (never merge) and the authors' untouched 1.0 are fine
+    torch.save({"state_dict": keys([0.3, math.inf, 1.0, 0.1])}, tmp_path / "ok.pth")
+    assert load_thresholds(tmp_path / "ok.pth").num_layers == 4
+    # a safetensors file under a .pth name is read by content
+    from dymu.thresholds import ThresholdCheckpoint, save_thresholds
+
+    save_thresholds(tmp_path / "st.safetensors", ThresholdCheckpoint(values, encoder="clip-84px-p14-d64"))
+    (tmp_path / "st.safetensors").rename(tmp_path / "st.pth")
+    assert load_thresholds(tmp_path / "st.pth").thresholds.tolist() == pytest.approx(values)
+
+
+# ---------------------------------------------------------------- what the LLM sees does not depend on the order
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_vtu_output_does_not_depend_on_the_merged_token_order(mode):
+    """The encoder's token order (authors' or spatial) only renumbers an image's merged tokens: with VTU every copy
+    sits at its own virtual position, so the text logits are the same and the visual ones are permuted alike.
+    Plain merged decoding (VTU off) feeds the tokens at consecutive positions, so there the order matters: dymu
+    hands tokens over in spatial order (by first patch) in every mode."""
+    from transformers import LlamaForCausalLM
+
+    from dymu.testing import scale_weights, tiny_llama_config
+    from dymu.vtu import concat_groups, enable_vtu, prepare_vtu, vtu_forward
+
+    model = scale_weights(LlamaForCausalLM(tiny_llama_config()).eval())
+    g = torch.Generator().manual_seed(0)
+    local = torch.tensor([0, 0, 1, 2, 1, 3, 2, 3, 4, 4, 0, 1])  # 12 patches -> 5 merged tokens
+    image = torch.randn(5, 64, generator=g)
+    text_before, text_after = torch.randn(3, 64, generator=g), torch.randn(4, 64, generator=g)
+    perm = torch.tensor([3, 0, 4, 1, 2])  # another order of the same tokens
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(5))
+
+    def logits(vtu_mode, tokens, local_map):
+        enable_vtu(model, vtu_mode)
+        batch = prepare_vtu([concat_groups([3, local_map, 4])])
+        embeds = torch.cat([text_before, tokens, text_after])[None]
+        with torch.no_grad():
+            if vtu_mode == "off":
+                return model(inputs_embeds=embeds).logits[0]
+            return vtu_forward(model, batch, inputs_embeds=embeds).logits[0]
+
+    spatial = logits(mode, image, local)
+    permuted = logits(mode, image[perm], inverse[local])
+    torch.testing.assert_close(permuted[:3], spatial[:3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(permuted[8:], spatial[8:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(permuted[3:8], spatial[3:8][perm], rtol=0, atol=1e-5)
+    off_spatial, off_permuted = logits("off", image, local), logits("off", image[perm], inverse[local])
+    assert float((off_permuted[8:] - off_spatial[8:]).abs().max()) > 1e-2
