@@ -67,12 +67,8 @@ def assert_close_scaled(ours, ref, rel=2e-6):
 def all_hidden(model, x):
     """Padded hidden states 0..L of a patched model, recorded by the patched blocks."""
     state = dymu.get_state(model)
-    state.record_layers = frozenset(range(state.num_layers + 1))
-    try:
-        with torch.no_grad():
-            state.forward(x)
-    finally:
-        state.record_layers = frozenset()
+    with state.overrides(record_layers=frozenset(range(state.num_layers + 1))), torch.no_grad():
+        state.forward(x)
     return [state.run.hidden_states[i] for i in range(state.num_layers + 1)]
 
 

@@ -20,8 +20,9 @@ thresholds equal those of one process running the whole global batch.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -171,13 +172,36 @@ class DToMeState:
         if self.stop_after is not None and index >= self.stop_after:
             raise StopEncoding(index)
 
+    @contextlib.contextmanager
+    def overrides(self, **fields) -> Iterator["DToMeState"]:
+        """Set some fields (``threshold_offset``, ``record_layers`` …) for the calls inside the block only."""
+        unknown = [name for name in fields if name not in self.__dataclass_fields__]
+        if unknown:
+            raise AttributeError(f"DToMeState has no field {', '.join(unknown)}")
+        saved = {name: getattr(self, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
     # -- hooks
-    def capture_keys(self, module: nn.Module, num_heads: int) -> None:
-        """Record ``module``'s output (the key projection, [B, N, H*D]) averaged over heads as the metric."""
+    def capture_keys(self, module: nn.Module, heads: int | Callable[[Tensor], Tensor]) -> None:
+        """Record the keys computed by ``module``, averaged over heads, as the next merge's metric.
+
+        ``heads``: the number of heads when ``module`` is the key projection (output ``[B, N, H*D]``), or a
+        function from ``module``'s output to the keys split by head, ``[B, N, H, D]`` (e.g. a fused qkv).
+        """
+
+        def split(output: Tensor) -> Tensor:
+            return output.view(*output.shape[:2], heads, -1)
+
+        keys_of = split if isinstance(heads, int) else heads
 
         def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-            B, N, _ = output.shape
-            self._keys = output.view(B, N, num_heads, -1).mean(2)
+            self._keys = keys_of(output).mean(2)
 
         self.hooks.append(module.register_forward_hook(hook))
 
@@ -253,8 +277,30 @@ def _subclass(factory: Callable[[type], type], parent: type) -> type:
     # one subclass per (factory, parent): isinstance checks and pickling stay stable across patches
     key = (factory, parent)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = factory(parent)
+        cls = factory(parent)
+        cls.__name__ = cls.__qualname__ = f"DToMe{parent.__name__}"  # e.g. DToMeCLIPEncoderLayer
+        _SUBCLASSES[key] = cls
     return _SUBCLASSES[key]
+
+
+def first_instance(model: nn.Module, classes: type | tuple[type, ...]) -> nn.Module | None:
+    """The first module of ``classes`` inside ``model`` (itself included), or None."""
+    return next((m for m in model.modules() if isinstance(m, classes)), None)
+
+
+def require_bias_attention(config, what: str) -> None:
+    """DToMe adds a per-key bias to attention: only transformers' sdpa and eager kernels take one."""
+    if config._attn_implementation not in ("sdpa", "eager", None):
+        raise ValueError(
+            f"DToMe needs an attention implementation that takes an additive bias ('sdpa' or 'eager'); "
+            f"{what} uses {config._attn_implementation!r}"
+        )
+
+
+def size_weighted_mean(x: Tensor, sizes: Tensor) -> Tensor:
+    """``[B, N, C]`` → ``[B, C]``: the mean over original positions (padding has size 0)."""
+    w = sizes[..., None].to(x.dtype)
+    return (x * w).sum(1) / w.sum(1)
 
 
 def patched_modules(model: nn.Module) -> Iterable[nn.Module]:

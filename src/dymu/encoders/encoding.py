@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dymu.encoders.base import DToMeRun, DToMeState, StopEncoding
+from dymu.encoders.patching import get_state
 from dymu.merge import spatial_order
 
 
@@ -74,8 +75,6 @@ class BudgetCalibration:
 
 
 def _state(model: nn.Module) -> DToMeState:
-    from dymu.encoders import get_state
-
     state = get_state(model)
     if state.forward is None:
         raise ValueError("this patched model has no tower forward recorded; re-patch it with dymu.patch")
@@ -96,16 +95,15 @@ def _run(
     returns the model output (None when stopped early)."""
     dtype = next((p.dtype for p in _params(state.forward)), pixel_values.dtype)
     device = next((p.device for p in _params(state.forward)), pixel_values.device)
-    saved = state.record_layers, state.stop_after
-    state.record_layers = (frozenset({layer}) | keep) if record else frozenset()
     last = max({layer} | keep)
-    state.stop_after = last if stop_early and last < state.num_layers else None
-    try:
-        return state.forward(pixel_values.to(device=device, dtype=dtype))
-    except StopEncoding:
-        return None
-    finally:
-        state.record_layers, state.stop_after = saved
+    with state.overrides(
+        record_layers=(frozenset({layer}) | keep) if record else frozenset(),
+        stop_after=last if stop_early and last < state.num_layers else None,
+    ):
+        try:
+            return state.forward(pixel_values.to(device=device, dtype=dtype))
+        except StopEncoding:
+            return None
 
 
 def _params(module: Any):
@@ -142,17 +140,12 @@ def encode(
         raise ValueError(f"{state.encoder} has no CLS token to drop")
     if token_budget is not None and threshold_offset is not None:
         raise ValueError("give token_budget or threshold_offset, not both")
-    saved_offset = state.threshold_offset
-    try:
-        if threshold_offset is not None:
-            state.threshold_offset = float(threshold_offset)
+    offset = state.threshold_offset if threshold_offset is None else float(threshold_offset)
+    with state.overrides(threshold_offset=offset):  # token_budget / threshold_offset hold for this call only
         if token_budget is not None:
-            calibrate_budget(model, pixel_values, token_budget, layer=layer)
+            offset = calibrate_budget(model, pixel_values, token_budget, layer=layer).offset
         with torch.no_grad():
             output = _run(state, pixel_values, index, stop_early=stop_early, record=True, keep=keep)
-        offset = state.threshold_offset
-    finally:
-        state.threshold_offset = saved_offset
     run = state.run
     hidden, sizes, source_map = run.hidden_states[index], run.sizes[index], run.source_maps[index]
     mask = sizes > 0
@@ -226,23 +219,18 @@ def calibrate_budget(
     tried: dict[float, float] = {}
 
     def evaluate(offset: float) -> float:
-        state.threshold_offset = offset
-        tried[offset] = mean_tokens(model, pixel_values, layer=index, batch_size=batch_size)
+        with state.overrides(threshold_offset=offset):
+            tried[offset] = mean_tokens(model, pixel_values, layer=index, batch_size=batch_size)
         return tried[offset]
 
-    saved = state.threshold_offset
-    try:
-        f_lo, f_hi = evaluate(lo), evaluate(hi)
-        if f_lo < target_tokens < f_hi:
-            while len(tried) < max_evaluations and hi - lo > 1e-6:
-                mid = (lo + hi) / 2
-                f = evaluate(mid)
-                if abs(f - target_tokens) <= tolerance:
-                    break
-                lo, hi = (mid, hi) if f < target_tokens else (lo, mid)
-    except BaseException:
-        state.threshold_offset = saved
-        raise
+    f_lo, f_hi = evaluate(lo), evaluate(hi)
+    if f_lo < target_tokens < f_hi:
+        while len(tried) < max_evaluations and hi - lo > 1e-6:
+            mid = (lo + hi) / 2
+            f = evaluate(mid)
+            if abs(f - target_tokens) <= tolerance:
+                break
+            lo, hi = (mid, hi) if f < target_tokens else (lo, mid)
     best = min(tried, key=lambda o: (abs(tried[o] - target_tokens), tried[o], o))
     state.threshold_offset = best
     return BudgetCalibration(best, tried[best], float(target_tokens), len(tried))

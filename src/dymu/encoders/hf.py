@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dymu.encoders.base import DToMeState, swap_class
+from dymu.encoders.base import DToMeState, first_instance, require_bias_attention, swap_class
 from dymu.encoders.names import encoder_identity
 
 
 def make_block(parent: type) -> type:
     class DToMeEncoderLayer(parent):
+        """Follows ``CLIPEncoderLayer.forward`` / ``SiglipEncoderLayer.forward``. Changes: the size bias (log size,
+        padding masked) is added to the attention mask; after attention + residual the tokens are merged
+        (metric: the keys captured from ``self_attn.k_proj``); the output's padding rows are zeroed."""
+
         def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
             state: DToMeState = self._dymu
             bias = state.attention_bias(hidden_states.dtype)
@@ -29,23 +33,25 @@ def make_block(parent: type) -> type:
             hidden_states = self.mlp(self.layer_norm2(hidden_states))
             return state.end_layer(residual + hidden_states)
 
-    DToMeEncoderLayer.__name__ = DToMeEncoderLayer.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeEncoderLayer
 
 
 def make_encoder(parent: type) -> type:
     class DToMeEncoder(parent):
+        """``CLIPEncoder`` / ``SiglipEncoder`` unchanged, but first starts the pass's token bookkeeping."""
+
         def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs):
             self._dymu.begin(inputs_embeds)
             return super().forward(inputs_embeds, attention_mask, **kwargs)
 
-    DToMeEncoder.__name__ = DToMeEncoder.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeEncoder
 
 
 def make_pooling_head(parent: type) -> type:
     class DToMePoolingHead(parent):
-        # SigLIP's probe attention: weight each key by its size and ignore padding
+        """Follows ``SiglipMultiheadAttentionPoolingHead.forward``. Change: the probe's attention takes the size
+        bias, so each key weighs by its size and padding is ignored (stock when nothing merged)."""
+
         def forward(self, hidden_state: Tensor) -> Tensor:
             bias = self._dymu.attention_bias(hidden_state.dtype)
             if bias is None:
@@ -59,7 +65,6 @@ def make_pooling_head(parent: type) -> type:
             hidden_state = residual + self.mlp(self.layernorm(hidden_state))
             return hidden_state[:, 0]
 
-    DToMePoolingHead.__name__ = DToMePoolingHead.__qualname__ = f"DToMe{parent.__name__}"
     return DToMePoolingHead
 
 
@@ -67,12 +72,8 @@ def find_tower(model: nn.Module) -> tuple[nn.Module, str] | None:
     """The first CLIP/SigLIP vision model inside ``model`` (itself included) and its family."""
     from transformers import CLIPVisionModel, SiglipVisionModel
 
-    for module in model.modules():
-        if isinstance(module, CLIPVisionModel):
-            return module, "clip"
-        if isinstance(module, SiglipVisionModel):
-            return module, "siglip"
-    return None
+    tower = first_instance(model, (CLIPVisionModel, SiglipVisionModel))
+    return None if tower is None else (tower, "clip" if isinstance(tower, CLIPVisionModel) else "siglip")
 
 
 def patch_model(model: nn.Module) -> DToMeState | None:
@@ -82,11 +83,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
         return None
     tower, kind = found
     config = tower.config
-    if config._attn_implementation not in ("sdpa", "eager", None):
-        raise ValueError(
-            f"DToMe needs an attention implementation that takes an additive bias ('sdpa' or 'eager'); "
-            f"the vision tower uses {config._attn_implementation!r}"
-        )
+    require_bias_attention(config, "the vision tower")
     layers = list(tower.encoder.layers)
     patches = (config.image_size // config.patch_size) ** 2
     state = DToMeState(
@@ -104,11 +101,3 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     if head is not None:
         swap_class(head, make_pooling_head, state)
     return state
-
-
-def hidden_states(model: nn.Module, pixel_values: Tensor) -> tuple[Tensor, ...]:
-    """All hidden states of the tower in ``model`` (first block's input, then each block's output), padded."""
-    found = find_tower(model)
-    if found is None:
-        raise ValueError(f"no CLIP/SigLIP vision model inside {type(model).__name__}")
-    return found[0](pixel_values=pixel_values, output_hidden_states=True).hidden_states

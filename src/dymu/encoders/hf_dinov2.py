@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dymu.encoders.base import DToMeState, swap_class
+from dymu.encoders.base import DToMeState, first_instance, require_bias_attention, swap_class
 from dymu.encoders.names import encoder_identity
 
 
 def make_layer(parent: type) -> type:
     class DToMeDinov2Layer(parent):
+        """Follows ``Dinov2Layer.forward``. Changes: attention takes the size bias; after the first residual add
+        the tokens are merged (metric: the keys captured from ``attention.k_proj``); padding rows are zeroed."""
+
         def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
             if attention_mask is not None:
                 # a padding mask has the unmerged length: it cannot follow the tokens through merges
@@ -37,23 +40,25 @@ def make_layer(parent: type) -> type:
             hidden_states = self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + residual
             return state.end_layer(hidden_states)
 
-    DToMeDinov2Layer.__name__ = DToMeDinov2Layer.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeDinov2Layer
 
 
 def make_encoder(parent: type) -> type:
     class DToMeDinov2Encoder(parent):
+        """``Dinov2Encoder`` unchanged, but first starts the bookkeeping (with this input's token count)."""
+
         def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
             self._dymu.input_tokens = hidden_states.shape[1]  # depends on the input resolution
             self._dymu.begin(hidden_states)
             return super().forward(hidden_states, attention_mask, **kwargs)
 
-    DToMeDinov2Encoder.__name__ = DToMeDinov2Encoder.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeDinov2Encoder
 
 
 def make_final_norm(parent: type) -> type:
     class DToMeFinalNorm(parent):
+        """The final ``LayerNorm``, with its output at padded slots re-zeroed."""
+
         def forward(self, x: Tensor) -> Tensor:
             out = super().forward(x)
             tokens = self._dymu.tokens
@@ -62,7 +67,6 @@ def make_final_norm(parent: type) -> type:
                 out = out * tokens.mask[..., None].to(out.dtype)
             return out
 
-    DToMeFinalNorm.__name__ = DToMeFinalNorm.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeFinalNorm
 
 
@@ -70,7 +74,7 @@ def find_tower(model: nn.Module) -> nn.Module | None:
     """The first ``Dinov2Model`` inside ``model`` (itself included), or None."""
     from transformers import Dinov2Model
 
-    return next((m for m in model.modules() if isinstance(m, Dinov2Model)), None)
+    return first_instance(model, Dinov2Model)
 
 
 def patch_model(model: nn.Module) -> DToMeState | None:
@@ -86,11 +90,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
             "(a Dinov2Model) and pool the merged tokens weighted by dymu.last_run(model).sizes instead"
         )
     config = tower.config
-    if config._attn_implementation not in ("sdpa", "eager", None):
-        raise ValueError(
-            f"DToMe needs an attention implementation that takes an additive bias ('sdpa' or 'eager'); "
-            f"DINOv2 uses {config._attn_implementation!r}"
-        )
+    require_bias_attention(config, "DINOv2")
     layers = list(tower.encoder.layer)
     state = DToMeState(
         num_layers=len(layers),

@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dymu.encoders.base import DToMeState, swap_class
+from dymu.encoders.base import DToMeState, first_instance, size_weighted_mean, swap_class
 from dymu.encoders.names import encoder_identity
 
 
 def make_block(parent: type) -> type:
     class DToMeResidualAttentionBlock(parent):
+        """Follows ``ResidualAttentionBlock.forward`` (self-attention only). Changes: attention is computed from the
+        fused ``in_proj_weight`` with SDPA so it can take the size bias and expose the keys (the stock call when
+        merging is off); after attention + residual the tokens are merged; padding rows are zeroed; the first
+        block starts the bookkeeping."""
+
         def forward(
             self,
             q_x: Tensor,
@@ -67,21 +72,20 @@ def make_block(parent: type) -> type:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
             return attn.out_proj(out.transpose(1, 2).reshape(B, N, C)), metric
 
-    DToMeResidualAttentionBlock.__name__ = DToMeResidualAttentionBlock.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeResidualAttentionBlock
 
 
 def make_vision_transformer(parent: type) -> type:
     class DToMeVisionTransformer(parent):
-        # 'avg' pooling must weight each merged token by its size and skip padding; 'tok' (CLS) is unaffected
+        """open_clip's ``VisionTransformer``; change: ``_global_pool`` with ``pool_type="avg"`` weights each merged
+        token by its size and skips padding ('tok', the CLS token, is unaffected)."""
+
         def _global_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
             state: DToMeState = self._dymu
             if self.pool_type != "avg" or state.tokens is None or state.tokens.sizes.shape[1] != x.shape[1]:
                 return super()._global_pool(x)
-            w = state.tokens.sizes[:, 1:, None].to(x.dtype)
-            return (x[:, 1:] * w).sum(1) / w.sum(1), x[:, 1:]
+            return size_weighted_mean(x[:, 1:], state.tokens.sizes[:, 1:]), x[:, 1:]
 
-    DToMeVisionTransformer.__name__ = DToMeVisionTransformer.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeVisionTransformer
 
 
@@ -91,7 +95,7 @@ def find_tower(model: nn.Module) -> nn.Module | None:
         from open_clip.transformer import VisionTransformer
     except ImportError:
         return None
-    return next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
+    return first_instance(model, VisionTransformer)
 
 
 def patch_model(model: nn.Module) -> DToMeState | None:

@@ -14,12 +14,16 @@ import inspect
 
 from torch import Tensor, nn
 
-from dymu.encoders.base import DToMeState, swap_class
+from dymu.encoders.base import DToMeState, first_instance, size_weighted_mean, swap_class
 from dymu.encoders.names import encoder_identity
 
 
 def make_block(parent: type) -> type:
     class DToMeBlock(parent):
+        """Follows timm's ``Block.forward``. Changes: timm's attention gets the size bias as ``attn_mask``; after
+        attention + residual the tokens are merged (metric: keys captured from the fused ``qkv``); padding rows are
+        zeroed; the first block starts the bookkeeping."""
+
         def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
             if attn_mask is not None or is_causal:
                 raise ValueError("DToMe blocks do not take an attention mask or causal attention")
@@ -31,12 +35,14 @@ def make_block(parent: type) -> type:
             x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
             return state.end_layer(x)
 
-    DToMeBlock.__name__ = DToMeBlock.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeBlock
 
 
 def make_trunk(parent: type) -> type:
     class DToMeTimmViT(parent):
+        """timm's ``VisionTransformer``; change: ``pool`` ('map' attention pooling and 'avg') weights each merged
+        token by its size and skips padding ('token' is unaffected)."""
+
         def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
             state: DToMeState = self._dymu
             bias = state.attention_bias(x.dtype) if state.tokens is not None else None
@@ -49,11 +55,9 @@ def make_trunk(parent: type) -> type:
             if pool_type in ("token", ""):
                 return super().pool(x, pool_type)
             if pool_type == "avg":
-                w = state.tokens.sizes[:, start:, None].to(x.dtype)
-                return (x[:, start:] * w).sum(1) / w.sum(1)
+                return size_weighted_mean(x[:, start:], state.tokens.sizes[:, start:])
             raise ValueError(f"timm pooling {pool_type!r} is not supported on merged tokens (use 'avg', 'token', 'map')")
 
-    DToMeTimmViT.__name__ = DToMeTimmViT.__qualname__ = f"DToMe{parent.__name__}"
     return DToMeTimmViT
 
 
@@ -63,7 +67,7 @@ def find_tower(model: nn.Module) -> nn.Module | None:
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
         return None
-    return next((m for m in model.modules() if isinstance(m, VisionTransformer)), None)
+    return first_instance(model, VisionTransformer)
 
 
 def patch_model(model: nn.Module) -> DToMeState | None:
@@ -104,19 +108,18 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     swap_class(trunk, make_trunk, state)
     for index, block in enumerate(blocks):
         swap_class(block, make_block, state, index=index)
-        _capture_timm_keys(state, block.attn)
+        state.capture_keys(block.attn.qkv, _keys_from_qkv(block.attn))
     return state
 
 
-def _capture_timm_keys(state: DToMeState, attn: nn.Module) -> None:
-    """Metric = the block's keys (after k_norm) averaged over heads, read from the fused qkv projection."""
+def _keys_from_qkv(attn: nn.Module):
+    """The keys (after ``k_norm``), split by head, from the fused qkv projection's output."""
 
-    def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-        B, N, _ = output.shape
-        k = output.view(B, N, 3, attn.num_heads, attn.head_dim)[:, :, 1]
-        state._keys = attn.k_norm(k).mean(2)
+    def keys(qkv: Tensor) -> Tensor:
+        B, N, _ = qkv.shape
+        return attn.k_norm(qkv.view(B, N, 3, attn.num_heads, attn.head_dim)[:, :, 1])
 
-    state.hooks.append(attn.qkv.register_forward_hook(hook))
+    return keys
 
 
 def _timm_available() -> bool:
