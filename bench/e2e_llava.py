@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     import dymu
+    from dymu.llm.compat import output_cache
     from dymu.samples import KINDS, image_set, make_image
     from dymu.vlm.llava import disable_dymu, enable_dymu, full_image_tokens
 
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({
             "config": name, "visual_tokens": visual, "ttft_s": t_first, "total_s": t_total,
             "decode_tokens_per_s": (args.new_tokens - 1) * args.batch / decode_s if decode_s > 0 else float("inf"),
-            "tokens_per_s": new / t_total, "kv_cache_bytes": cache_bytes(out.past_key_values), "peak_bytes": peak,
+            "tokens_per_s": new / t_total, "kv_cache_bytes": cache_bytes(output_cache(out)), "peak_bytes": peak,
             "prompt_tokens": int(input_ids.shape[1]),
         })
         generated[name] = out.sequences[:, -args.new_tokens :].cpu()

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dymu.llm.compat import cache_kwarg, output_cache
 from dymu.vtu import concat_groups, disable_vtu, enable_vtu, prepare_vtu, vtu_context
 
 ROW_NAMES = ("full (stock sdpa)", "merged, no VTU", "VTU fast", "VTU exact")
@@ -136,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlamaModel(config).to(dtype).eval()
+    cache_name = cache_kwarg(model)  # "cache" from transformers 5.24 on, "past_key_values" before
 
     before = min(8, args.text)
     n_virtual = before + args.visual + args.text - before
@@ -148,11 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def decode_step(out, position: int, cache_len: int) -> Callable[[], object]:
         """One decode step on top of a prefill's cache (cropped back after each run, so runs are alike)."""
         token = torch.randn(1, 1, args.hidden, generator=gen).to(device, dtype)
-        cache = out.past_key_values
+        cache = output_cache(out)
 
         def step():
             with torch.inference_mode():
-                res = model(inputs_embeds=token, past_key_values=cache, use_cache=True,
+                res = model(inputs_embeds=token, **{cache_name: cache}, use_cache=True,
                             position_ids=torch.tensor([[position]], device=device),
                             attention_mask=torch.ones(1, cache_len + 1, dtype=torch.long, device=device))
             cache.crop(-1)  # drop the step's token again
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t, out = median_time(lambda: run(full, torch.arange(n_virtual, device=device)[None], ones_full),
                          args.repeats, args.warmup, device)
-    rows.append((ROW_NAMES[0], n_virtual, t, cache_bytes(out.past_key_values)))
+    rows.append((ROW_NAMES[0], n_virtual, t, cache_bytes(output_cache(out))))
     decode.append((ROW_NAMES[0], n_virtual, time_decode(out, n_virtual, n_virtual)))
     for visual_merged in args.merged:
         groups = concat_groups([before, visual_groups(args.visual, visual_merged, gen), args.text - before])
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outs: dict[str, torch.Tensor] = {}
         t, out = median_time(lambda: run(merged, torch.arange(n_merged, device=device)[None], ones_merged),
                              args.repeats, args.warmup, device)
-        rows.append((ROW_NAMES[1], n_merged, t, cache_bytes(out.past_key_values)))
+        rows.append((ROW_NAMES[1], n_merged, t, cache_bytes(output_cache(out))))
         decode.append((ROW_NAMES[1], n_merged, time_decode(out, n_merged, n_merged)))
         times["merged"] = t
         modes = ("fast",) if args.skip_exact else ("fast", "exact")
@@ -195,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      args.repeats, args.warmup, device)
                 decode.append((name, n_merged, time_decode(out, n_virtual, n_merged)))
             disable_vtu(model)
-            rows.append((name, n_merged, t, cache_bytes(out.past_key_values)))
+            rows.append((name, n_merged, t, cache_bytes(output_cache(out))))
             times[mode] = t
             outs[mode] = out.last_hidden_state.float()
         diff = (outs["fast"] - outs["exact"]).abs().max().item() if "exact" in outs else None

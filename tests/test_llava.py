@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
 import dymu
+from dymu.llm import cache_kwarg, output_cache
 from dymu.samples import make_image
 from dymu.testing import save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
@@ -105,7 +106,9 @@ def test_merging_on_fast_equals_exact_and_reports_counts(model_and_inputs, thres
 
 def test_batch_equals_one_by_one(model_and_inputs, thresholds_file):
     model, processor, inputs = model_and_inputs
-    enable_dymu(model, thresholds_file, vtu="fast")
+    # the batch path for every batch: with the default "authors" order a lone image takes the authors'
+    # single-image path and may keep other counts than inside a batch (tests/test_token_order.py)
+    enable_dymu(model, thresholds_file, vtu="fast", token_order="batch")
     batch_logits = last_logits(model, inputs)
     batch_counts = list(model.dymu_last_counts)
     with torch.no_grad():
@@ -234,10 +237,14 @@ def test_bad_input(model_and_inputs, thresholds_file, tmp_path):
     model, processor, inputs = model_and_inputs
     other = ThresholdCheckpoint(torch.zeros(4), encoder="siglip-so400m-patch14-384")
     path = save_thresholds(tmp_path / "other.safetensors", other)
-    with pytest.raises(ValueError, match="thresholds are for encoder 'siglip-so400m-patch14-384'"):
+    with pytest.raises(ValueError, match="are for encoder 'siglip-so400m-patch14-384'"):
         enable_dymu(model, path)
     assert type(model) is LlavaForConditionalGeneration  # a failed enable leaves the model stock
     enable_dymu(model, thresholds_file)
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    with pytest.raises(ValueError, match="pixel_values with a non-empty cache"):  # under either cache keyword
+        model(**inputs, **{cache_kwarg(model): cache})
     no_image = processor.tokenizer(["USER: w1 w2 ASSISTANT:"], return_tensors="pt")
     with pytest.raises(ValueError, match="no prompt holds the image token"):
         model(**no_image, pixel_values=inputs["pixel_values"][:1])
@@ -345,3 +352,95 @@ def test_merged_llava_equals_vtu_definition(model_and_inputs, thresholds_file):
         bad = reference_logits(SimpleNamespace(model=lm, lm_head=model.lm_head), seen[0], wrong)[-1]
         assert float((bad - got).abs().max()) > 20 * tolerance
     disable_dymu(model)
+
+
+def llava_decode_errors(model, inputs, steps, monkeypatch):
+    """``max |logits − definition|`` per row and step ``[B, S]`` of DyMU LLaVA's own ``generate`` (step 0 = prefill),
+    and the :class:`PreparedInputs` it ran on. The reference (tests/test_vtu.py) runs each row alone on the merged
+    prompt the language model received, expanded by the row's groups, teacher-forced on the generated tokens."""
+    from types import SimpleNamespace
+
+    from test_vtu import reference_step_logits
+
+    import dymu.vlm.llava as llava_lib
+
+    preps, seen = [], []
+    prepare = llava_lib.prepare_inputs
+
+    def recording(*args, **kwargs):
+        preps.append(prepare(*args, **kwargs))
+        return preps[-1]
+
+    monkeypatch.setattr(llava_lib, "prepare_inputs", recording)
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        hook.remove()
+        monkeypatch.setattr(llava_lib, "prepare_inputs", prepare)
+    assert len(preps) == 1 and len(out.logits) == steps
+    prep, logits, tokens = preps[0], torch.stack(out.logits, 1), out.sequences[:, -steps:]
+    ref_model = SimpleNamespace(model=lm, lm_head=model.lm_head)
+    refs = [
+        reference_step_logits(ref_model, seen[0][b][prep.attention_mask[b].bool()], groups, tokens[b])
+        for b, groups in enumerate(prep.groups)
+    ]
+    return (logits - torch.stack(refs)).abs().amax(-1), prep
+
+
+@pytest.mark.parametrize("vtu", ["fast", "exact"])
+def test_generate_logits_equal_vtu_definition_every_step(model_and_inputs, thresholds_file, vtu, monkeypatch):
+    """Every step's logits of DyMU LLaVA's generate (placeholders collapsed, VTU on the merged prompt, merged-length
+    cache) equal the definition at 1e-4: one prompt alone, and the padded batch of three."""
+    model, processor, inputs = model_and_inputs
+    single = processor(images=[IMAGES[2]], text=[TEXTS[2]], return_tensors="pt")
+    enable_dymu(model, thresholds_file, vtu=vtu)
+    # the DyMU class's forward(**kwargs) is looked through to the stock one for the cache keyword
+    assert cache_kwarg(model) == cache_kwarg(model.model.language_model)
+    try:
+        for name, case in (("single", single), ("batch", inputs)):
+            err, prep = llava_decode_errors(model, case, GEN["max_new_tokens"], monkeypatch)
+            assert float(err.max()) <= 1e-4, (vtu, name, err.tolist())
+            virtual = [g.numel() for g in prep.groups]
+            merged = prep.attention_mask.sum(1).tolist()
+            if name == "single":
+                assert merged[0] < virtual[0]  # the image was merged
+            else:  # rows of different virtual and merged lengths: padded in both layouts
+                assert len(set(virtual)) > 1 and len(set(merged)) > 1, (virtual, merged)
+    finally:
+        disable_dymu(model)
+
+
+@pytest.mark.parametrize("variant", ["vtu-off", "attends-padded-columns", "positions-from-merged-count"])
+def test_generate_logits_comparison_catches_wrong_decode(model_and_inputs, thresholds_file, variant, monkeypatch):
+    """The same comparison fails for plain merged tokens (no VTU) and for deliberately wrong VTU decode steps."""
+    from test_vtu import _decode_attends_padded_columns, _decode_positions_from_merged_count
+
+    model, _, inputs = model_and_inputs
+    hook = None
+    if variant == "attends-padded-columns":
+        _decode_attends_padded_columns(monkeypatch)
+    elif variant == "positions-from-merged-count":
+        hook = _decode_positions_from_merged_count(monkeypatch, model.model.language_model)
+    try:
+        if variant != "vtu-off":  # the step-by-step test itself fails
+            with pytest.raises(AssertionError, match="fast"):
+                test_generate_logits_equal_vtu_definition_every_step(model_and_inputs, thresholds_file, "fast", monkeypatch)
+        enable_dymu(model, thresholds_file, vtu="off" if variant == "vtu-off" else "fast")
+        err, prep = llava_decode_errors(model, inputs, GEN["max_new_tokens"], monkeypatch)
+    finally:
+        if hook is not None:
+            hook.remove()
+        disable_dymu(model)
+    if variant == "vtu-off":
+        assert float(err.max()) > 0.1
+        return
+    assert float(err[:, 0].max()) <= 1e-4  # prefill is untouched
+    # the rows the bug concerns: padded in the virtual layout / virtual length != merged length
+    virtual = torch.tensor([g.numel() for g in prep.groups])
+    rows = virtual < virtual.max() if variant == "attends-padded-columns" else virtual != prep.attention_mask.sum(1)
+    assert bool(rows.any())
+    assert float(err[rows, 1:].amax(0).min()) > 0.1, err.tolist()  # every decode step is far off

@@ -32,6 +32,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
+from dymu.llm import cache_kwarg, output_cache  # noqa: E402
 from dymu.vtu import (  # noqa: E402
     concat_groups,
     current_vtu_batch,
@@ -161,6 +162,49 @@ def greedy(model: nn.Module, groups: list[torch.Tensor], embeds: list[torch.Tens
 
 def maxdiff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def reference_step_logits(
+    model: nn.Module, embeds: torch.Tensor, groups: torch.Tensor, tokens: torch.Tensor, decoder=None
+) -> torch.Tensor:
+    """Next-token logits ``[S, V]`` of every decode step by the definition, teacher-forced on ``tokens [S]``.
+
+    Step t is the reference on the prompt plus ``tokens[:t]``, recomputed from scratch (each merged token
+    expanded to its virtual positions, each copy at its own RoPE position; generated tokens are groups of
+    one at ``N, N+1, ...``): no cache, no dymu. Feeding the tokens the model under test generated keeps
+    the comparison meaningful at every step even where two logits are close.
+    """
+    dec = model.model if decoder is None else decoder
+    rows = []
+    for tok in tokens.tolist():
+        rows.append(reference_logits(model, embeds, groups, decoder=decoder)[-1])
+        embeds = torch.cat([embeds, dec.embed_tokens.weight[tok][None]])
+        groups = torch.cat([groups, groups.max()[None] + 1])
+    return torch.stack(rows)
+
+
+def generate_with_logits(
+    model: nn.Module, groups: list[torch.Tensor], embeds: list[torch.Tensor], steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy VTU generation: new tokens ``[B, S]`` and the logits ``generate`` scored each step with ``[B, S, V]``."""
+    batch = prepare_vtu(groups)
+    with torch.no_grad():
+        out = vtu_generate(model, batch, inputs_embeds=batch.pad(embeds), max_new_tokens=steps, do_sample=False,
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    logits = torch.stack(out.logits, 1)
+    assert logits.shape[:2] == (len(groups), steps)
+    return out.sequences[:, -steps:], logits
+
+
+def decode_errors(
+    model: nn.Module, groups: list[torch.Tensor], embeds: list[torch.Tensor], steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max |VTU − reference|`` per sequence and step ``[B, S]`` (step 0 = prefill, then cached decode steps),
+    and the generated logits. The reference runs each sequence alone on the tokens the batch generated."""
+    tokens, logits = generate_with_logits(model, groups, embeds, steps)
+    refs = torch.stack([reference_step_logits(model, e, g, t) for g, e, t in zip(groups, embeds, tokens)])
+    return (logits - refs).abs().amax(-1), logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,8 +376,125 @@ def test_generate_matches_reference_and_keeps_merged_cache(models, kind):
     assert results["fast"] == want and results["exact"] == want
     m = int(g.max()) + 1
     assert m < g.numel()
-    assert out.past_key_values.get_seq_length() == m  # merged length, not N
-    assert gen_out.past_key_values.get_seq_length() == m + 4 - 1  # + generated tokens fed back
+    assert output_cache(out).get_seq_length() == m  # merged length, not N
+    assert output_cache(gen_out).get_seq_length() == m + 4 - 1  # + generated tokens fed back
+
+
+# Decode, step by step: the logits of every generated token, not only the greedy tokens (whose top-1 /
+# top-2 margins go down to a few hundredths here, so a smaller decode error would pass a token test).
+DECODE_STEPS = 6
+DECODE_TOL = 1e-4
+
+
+def decode_case(layout: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``single``: one sequence (two images); ``padded``: four sequences of different virtual and merged
+    lengths, left-padded in both layouts (one of them plain text, N = M)."""
+    gen = torch.Generator().manual_seed(8)
+    groups = [random_groups(gen, images=2), random_groups(gen, images=1), torch.arange(5), random_groups(gen, images=1)]
+    embeds = [random_embeds(g, gen) for g in groups]
+    if layout == "single":
+        return groups[:1], embeds[:1]
+    assert len({g.numel() for g in groups}) == 4 and len({e.shape[0] for e in embeds}) == 4
+    return groups, embeds
+
+
+@pytest.mark.parametrize("layout", ["single", "padded"])
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decode_logits_equal_reference_every_step(models, kind, mode, layout):
+    model = models[kind]
+    groups, embeds = decode_case(layout)
+    enable_vtu(model, mode)
+    try:
+        err, logits = decode_errors(model, groups, embeds, DECODE_STEPS)
+    finally:
+        disable_vtu(model)
+    assert float(err.max()) <= DECODE_TOL, (kind, mode, layout, err.amax(0).tolist())
+    assert float(logits.abs().max()) > 1.0  # logits are not trivially small
+
+
+def _decode_attends_padded_columns(monkeypatch):
+    """Wrong decode: the new token also attends the padded columns of the virtual prompt layout."""
+    import dymu.vtu
+
+    build = dymu.vtu._build_layout
+
+    def wrong(batch, q_len, kv_len, device):
+        lay = build(batch, q_len, kv_len, device)
+        if q_len != kv_len:  # decode steps only; prefill stays right
+            padded = batch.group_index.to(device) < 0  # [B, N_max]
+            mask = lay.mask.clone()
+            mask[:, :, : padded.shape[1]] |= padded[:, None, :]
+            lay.mask, lay.sdpa_mask = mask, mask[:, None]
+        return lay
+
+    monkeypatch.setattr(dymu.vtu, "_build_layout", wrong)
+
+
+def _decode_positions_from_merged_count(monkeypatch, decoder):
+    """Wrong decode: generated tokens rotated at M_b, M_b+1, ... (what generate does with positions numbered
+    from the merged slots) while VTU places them at N_b, N_b+1, ... The position guard is switched off.
+    Returns the hook handle on ``decoder`` (the text decoder module)."""
+    import dymu.vtu
+
+    monkeypatch.setattr(dymu.vtu, "_check_positions", lambda *args: None)
+
+    def shift(module, args, kwargs):
+        batch = current_vtu_batch()
+        positions = kwargs["position_ids"]
+        if batch is not None and positions.shape[-1] != batch.max_merged:  # decode steps; prefill stays right
+            kwargs["position_ids"] = positions - (batch.num_virtual - batch.num_merged).to(positions.device)[:, None]
+        return args, kwargs
+
+    return decoder.register_forward_pre_hook(shift, with_kwargs=True)
+
+
+@pytest.mark.parametrize("variant", ["attends-padded-columns", "positions-from-merged-count"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decode_logits_comparison_catches_wrong_decode(models, kind, variant, monkeypatch):
+    """The step-by-step comparison fails for a deliberately wrong decode step: prefill (step 0) still
+    matches, every later step is far off the reference."""
+    model = models[kind]
+    groups, embeds = decode_case("padded")
+    hook = None
+    if variant == "attends-padded-columns":
+        _decode_attends_padded_columns(monkeypatch)
+    else:
+        hook = _decode_positions_from_merged_count(monkeypatch, model.model)
+    try:
+        for mode in ("fast", "exact"):
+            # the step-by-step test itself fails ...
+            with pytest.raises(AssertionError, match="padded"):
+                test_decode_logits_equal_reference_every_step(models, kind, mode, "padded")
+            # ... because of the decode steps alone: prefill matches, every decode step is far off
+            enable_vtu(model, mode)
+            err, _ = decode_errors(model, groups, embeds, DECODE_STEPS)
+            assert float(err[:, 0].max()) <= DECODE_TOL, (variant, mode)
+            assert float(err[:, 1:].amax(0).min()) > 1000 * DECODE_TOL, (variant, mode, err.tolist())
+    finally:
+        disable_vtu(model)
+        if hook is not None:
+            hook.remove()
+
+
+def test_cache_argument_follows_the_installed_transformers(models):
+    """dymu passes the KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values`` (before), whichever the
+    installed forward names, and reads it back from outputs without the deprecated attribute."""
+    import inspect
+    import warnings
+
+    model = models["llama"]
+    name = cache_kwarg(model)
+    assert name in inspect.signature(type(model).forward).parameters and cache_kwarg(model.model) == name
+    assert cache_kwarg(nn.Identity()) == name  # no forward names it: decided by the transformers version
+    ids = torch.randint(1, SMALL["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(9))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecate_kwarg warns with FutureWarning
+        prefix = model(input_ids=ids[:, :5], use_cache=True)
+        step = model(input_ids=ids[:, 5:], use_cache=True, **{name: output_cache(prefix)})
+        full = model(input_ids=ids, use_cache=False)
+    assert output_cache(step).get_seq_length() == 6 and output_cache(full) is None
+    assert float((step.logits[0, -1] - full.logits[0, -1]).abs().max()) <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -12,6 +12,8 @@ that question:
 * :func:`check_vtu_support` raises a :class:`ValueError` naming the problem when VTU would be wrong:
   a family that was not checked, a decoder without RoPE, partial rotary dims, RoPE scaling whose
   angles are not plain ``position * inv_freq`` (YaRN, LongRoPE, ...), or a sliding window in use.
+* :func:`cache_kwarg` / :func:`output_cache` (:mod:`dymu.llm.compat`) name the KV-cache argument
+  and output field as the installed transformers does (``cache`` from 5.24, ``past_key_values`` before).
 
 Supported families: ``llama``, ``qwen2``, ``mistral`` (their attention modules share the contract
 VTU relies on: q/k rotated with ``rotate_half`` RoPE before the attention function is called, and
@@ -24,7 +26,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from dymu.llm.compat import cache_kwarg, output_cache
+
 __all__ = [
+    "cache_kwarg",
+    "output_cache",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_ROPE_TYPES",
     "DecoderInfo",

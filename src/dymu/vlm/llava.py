@@ -27,6 +27,8 @@ from torch import Tensor, nn
 import dymu
 from dymu import vtu as vtu_lib
 from dymu.data import load_image
+from dymu.llm.compat import CACHE_NAMES
+from dymu.merge import TokenOrder
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +224,8 @@ def make_dymu_llava(parent: type) -> type:
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
             if pixel_values is None or input_ids is None:
                 return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            if kwargs.get("past_key_values") is not None and kwargs["past_key_values"].get_seq_length() > 0:
+            cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+            if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
             prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
             out["visual_token_counts"] = prep.visual_token_counts
@@ -250,12 +253,15 @@ def enable_dymu(
     *,
     vtu: VTUMode = "fast",
     threshold_offset: float = 0.0,
+    token_order: TokenOrder | None = None,
 ) -> nn.Module:
     """Make a stock ``LlavaForConditionalGeneration`` run DyMU (in place; returns the model).
 
     ``thresholds=None`` keeps merging off (the model then reproduces the stock outputs). ``vtu`` selects
     virtual token unmerging in the language model: ``"fast"`` (default), ``"exact"``, or ``"off"`` (merged
-    tokens at consecutive positions, the plain baseline).
+    tokens at consecutive positions, the plain baseline). ``token_order`` is passed to :func:`dymu.patch`
+    (``None``: the checkpoint's order; ``"authors"`` lets a lone image keep other counts than inside a
+    batch, as the original code does; ``"batch"``/``"single"`` make counts independent of the batch).
     """
     from transformers import LlavaForConditionalGeneration
 
@@ -265,7 +271,7 @@ def enable_dymu(
         raise ValueError(f"vtu must be 'fast', 'exact' or 'off', got {vtu!r}")
     if hasattr(model, "_dymu_llava_vtu"):
         raise ValueError("DyMU is already enabled on this model; call disable_dymu first")
-    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset)
+    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
     if vtu != "off":
         vtu_lib.enable_vtu(model, vtu)
     parent = model.__class__

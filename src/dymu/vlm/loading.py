@@ -111,7 +111,7 @@ def convert_original_llava(
     tower_source = vision_tower or (dymu_name.hf_name if dymu_name else tower_name)
     if tower_source is None:
         raise ValueError(f"mm_vision_tower {tower_name!r} has no known weights: pass vision_tower=<folder or hub name>")
-    tower = CLIPVisionModel.from_pretrained(tower_source, torch_dtype=torch_dtype)
+    tower = CLIPVisionModel.from_pretrained(tower_source, dtype=torch_dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     added = [t for t in ("<image>", "<pad>") if t not in tokenizer.get_vocab()]
@@ -134,7 +134,7 @@ def convert_original_llava(
         multimodal_projector_bias=True,
     )
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, torch_dtype=torch_dtype
+        path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, dtype=torch_dtype
     )
     model.model.vision_tower.load_state_dict(tower.state_dict())  # the tower is not in the original checkpoint
     # transformers records the key mapping and reverts it in save_pretrained; a converted model must save as llava-hf
@@ -184,7 +184,7 @@ def load_llava(
         model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
         settings = settings if settings.encoder is not None else None
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch_dtype).eval()
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(path)
         block = raw.get("dymu")
         settings = DyMUSettings.from_dict(block) if block is not None else None
