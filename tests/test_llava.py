@@ -29,11 +29,12 @@ def llava_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def thresholds_file(llava_dir, tmp_path_factory):
-    """Thresholds found on the tiny tower over generated images (8 merges over 4 blocks)."""
+    """Thresholds found on the tiny tower over generated images (8 merges over 4 blocks). Not on IMAGES: on the
+    finding batch one edge per layer sits exactly on its threshold, and rounding would decide it."""
     model, processor = load_llava(llava_dir, dymu=False)
     tower = model.model.vision_tower
     state = dymu.patch(tower, merge_counts=merge_schedule("constant", 8, 4))
-    calib = [make_image(k, 64, s) for s in range(3) for k in ("flat", "gradient", "stripes", "textured")]
+    calib = [make_image(k, 64, s) for s in range(3, 6) for k in ("flat", "gradient", "stripes", "textured")]
     with torch.no_grad():
         tower(processor.image_processor(calib, return_tensors="pt").pixel_values)
     ckpt = ThresholdCheckpoint(dymu.last_run(tower).found_thresholds, encoder=state.encoder, r_total=8)
