@@ -343,3 +343,35 @@ def test_cli_list_and_install(dinov2_dir: Path, tmp_path: Path, capsys: pytest.C
 
     assert main(["weights", "install", "typo", "--cache-dir", root]) == 2
     assert "unknown weights 'typo'" in capsys.readouterr().err
+
+
+@needs_dinov2
+def test_cli_encode_and_thresholds_take_the_real_dinov2(
+    dinov2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The committed DINOv2 checkpoints resolve by name outside the repository, through `dymu encode`."""
+    from PIL import Image
+
+    from dymu.samples import make_image
+    from dymu.thresholds import load_thresholds
+
+    skimage_data = pytest.importorskip("skimage.data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DYMU_CHECKPOINT_DIR", raising=False)
+    make_image("flat", 224).save("flat.png")
+    Image.fromarray(skimage_data.astronaut()).save("astronaut.png")
+    argv = ["encode", "--model", "dinov2-small-224-tome-64out", "--weights", str(dinov2_dir), "flat.png", "astronaut.png"]
+    assert main(argv + ["--json"]) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    flat, photo = (im["tokens"] for im in data["images"])
+    assert data["patch_tokens"] == 256 and data["encoder"] == DINO and flat * 4 <= photo
+
+    (tmp_path / "list.json").write_text(json.dumps(["flat.png", "astronaut.png"]))
+    monkeypatch.setenv("DYMU_CHECKPOINT_DIR", str(tmp_path / "ckpts"))
+    argv = ["thresholds", "--model", str(dinov2_dir), "--data", "list.json", "--out-tokens", "64", "--quiet",
+            "--num-workers", "0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    written = tmp_path / "ckpts" / "dinov2-small-224-tome-64out.safetensors"
+    assert f"wrote {written}" in out and "target 64 of 256 patch tokens" in out
+    assert load_thresholds(written, encoder=DINO, num_layers=12).r_total == 192

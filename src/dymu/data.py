@@ -207,15 +207,78 @@ class _HFTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+class SquashResize:
+    """PIL image -> ``[3, S, S]``: bicubic resize (squash) to S×S, scaled to [0, 1] and normalised by ``mean`` /
+    ``std`` (how the DINOv2 threshold checkpoints were found, see ``eval_scripts/real_dinov2_thresholds.py``)."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size, self.mean, self.std = int(size), [float(m) for m in mean], [float(s) for s in std]
+
+    @classmethod
+    def like(cls, transform: Transform, size: int) -> "SquashResize":
+        """Squash to ``size`` with the normalisation of ``transform``'s image processor (ImageNet's if none)."""
+        processor = getattr(transform, "processor", None)
+        mean = getattr(processor, "image_mean", None) or (0.485, 0.456, 0.406)
+        std = getattr(processor, "image_std", None) or (0.229, 0.224, 0.225)
+        return cls(size, mean, std)
+
+    def __call__(self, image) -> Tensor:
+        import numpy as np
+        from PIL import Image
+
+        resized = load_image(image).resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img):
+    """``img`` as 8-bit RGB, high-bit-depth greyscale scaled rather than clipped (``convert("RGB")`` would clip
+    every value above 255, leaving a 16-bit image a few grey levels):
+
+    * ``I;16*`` and ``I`` (Pillow's modes for 16-bit greyscale PNG / TIFF): the 16-bit range, value / 257
+      (0 -> 0, 65535 -> 255); ``I`` values outside [0, 65535] are clipped;
+    * ``F`` (32-bit float TIFF): values already in [0, 1] are scaled by 255; otherwise the image's own min-max
+      range is stretched to [0, 255] (a constant image becomes black); NaN / inf become 0;
+    * everything else: Pillow's ``convert("RGB")``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        a = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(a)
+        values = a[finite]
+        if values.size == 0:
+            a = np.zeros_like(a)
+        elif values.min() >= 0.0 and values.max() <= 1.0:
+            a = a * 255.0
+        else:
+            lo, hi = float(values.min()), float(values.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        a = np.where(finite, a, 0.0)
+    else:
+        return img.convert("RGB")
+    grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    return grey.convert("RGB")
+
+
 def load_image(image: "str | Path | object"):
-    """A decoded RGB PIL image from a path (or a PIL image); FileNotFoundError / ValueError name the bad file."""
+    """A decoded RGB PIL image from a path (or a PIL image); FileNotFoundError / ValueError name the bad file.
+
+    16-bit greyscale and float images are scaled to 8 bits, not clipped (see :func:`to_rgb`).
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     try:
         with Image.open(image) as img:
-            return img.convert("RGB")  # forces decoding: truncated files fail here
+            return to_rgb(img)  # forces decoding: truncated files fail here
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {image}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:

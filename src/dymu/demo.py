@@ -35,6 +35,12 @@ def run_demo(
 ) -> DemoResult:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if image_size < 2 * patch_size:
+        raise ValueError(f"image_size must be at least {2 * patch_size} px (2 patches of {patch_size} px), got {image_size}")
+    if not 0 <= r_total < (image_size // patch_size) ** 2:
+        raise ValueError(f"r_total must be in [0, {(image_size // patch_size) ** 2}) for {image_size}-px images, got {r_total}")
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=192,

@@ -16,7 +16,10 @@ averaged per-process thresholds of per-process batches; with equal shards this d
 Resuming: after every finished batch, rank 0 atomically writes ``<output>.resume.pt`` with the running
 thresholds, batches done, images seen and the skipped list. A killed run started again with the same settings
 continues from the next batch — nothing lost, nothing counted twice. Different settings (encoder, merge counts,
-batch size, image list) are refused. The resume file is removed once the checkpoint is written.
+batch size, image list, model dtype, device type) are refused. The resume file is removed once the checkpoint is
+written, and when no image at all could be read (nothing to resume: a rerun after fixing the images starts
+over). Images skipped in batches already done stay skipped when resuming; :attr:`FindingResult.readable_now`
+lists those that load now (start over to include them).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from dymu.data import ImageList, ImageListDataset, Transform, batches
+from dymu.merge import TokenOrder
 from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
 
 RESUME_FORMAT = "dymu-finding-resume/1"
@@ -47,6 +51,9 @@ class FindingSettings:
     num_images: int
     images: str  # fingerprint of the image dir + list
     model: str  # what was loaded (informational; compared too)
+    dtype: str | None = None  # model dtype ("float32"): another precision finds other thresholds
+    device: str | None = None  # device type ("cpu", "cuda"), not the index: torchrun ranks differ in it
+    token_order: str = "authors"  # raster finds other thresholds than the authors' order
 
 
 @dataclass
@@ -58,6 +65,7 @@ class FindingResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     resumed_from: int = 0  # batches already done when this run started
     output: Path | None = None  # written checkpoint (None while unfinished)
+    readable_now: list[str] = field(default_factory=list)  # skipped in resumed batches, readable now (--restart)
 
     @property
     def finished(self) -> bool:
@@ -112,13 +120,16 @@ def find_thresholds(
     max_batches: int | None = None,
     on_batch: Callable[[int, RunningThresholds], None] | None = None,
     model_source: str = "",
+    token_order: TokenOrder = "authors",
 ) -> FindingResult:
     """Find per-layer thresholds of the encoder in ``model`` on ``images`` (see module doc).
 
     ``merge_counts`` — per-layer merges per image (:func:`dymu.merge_schedule`); ``output`` — checkpoint to write
     (with resume state next to it; None keeps everything in memory); ``resume=False`` discards a resume file;
     ``max_batches`` stops once that many global batches are done in total (the run can be resumed later);
-    ``on_batch(batch_number, running)`` is called after each batch is saved.
+    ``on_batch(batch_number, running)`` is called after each batch is saved; ``token_order`` — the token order
+    after a merge (:mod:`dymu.merge`; ``"authors"``, ``"batch"`` and ``"single"`` all find the authors' thresholds,
+    ``"raster"`` other ones), recorded in the checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -132,7 +143,7 @@ def find_thresholds(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_batches = -(-len(images) // batch_size)
 
-    state = dymu.patch(model, merge_counts=merge_counts)
+    state = dymu.patch(model, merge_counts=merge_counts, token_order=token_order)
     try:
         state.sync_find = world > 1
         device = next(model.parameters()).device
@@ -146,11 +157,16 @@ def find_thresholds(
             num_images=len(images),
             images=images.fingerprint(),
             model=model_source,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device.type,
+            token_order="raster" if token_order == "raster" else "authors",
         )
         running = RunningThresholds(state.num_layers)
         done, seen, skipped = 0, 0, []
+        readable_now: list[str] = []
         if state_path is not None and state_path.exists() and resume:
             done, seen, skipped = _load_resume(state_path, settings, running)
+            readable_now = _readable_now(images, skipped)
         elif output is not None:
             if output.exists() and not overwrite:
                 raise ValueError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
@@ -196,10 +212,17 @@ def find_thresholds(
         r_total=sum(merge_counts),
         merge_counts=list(merge_counts),
         images_seen=seen,
+        token_order=token_order,
     )
     result = FindingResult(ckpt, done, num_batches, seen, skipped, resumed_from)
+    result.readable_now = readable_now
     if result.finished and seen == 0:
-        raise ValueError(f"no image could be read ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})")
+        if state_path is not None and state_path.exists() and rank == 0:
+            state_path.unlink()  # nothing learned: a rerun after the images are fixed must not resume this
+        raise ValueError(
+            f"no image could be read ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]}) under "
+            f"{images.image_dir}; fix the images (or --image-dir) and run again"
+        )
     if result.finished and output is not None:
         if rank == 0:
             save_thresholds(output, ckpt)
@@ -230,6 +253,21 @@ def _gather_failed(failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return [item for part in out for item in part]
 
 
+def _readable_now(images: ImageList, skipped, limit: int = 1000) -> list[str]:
+    """The images skipped in already-done batches that load now (checks the first ``limit``): a resumed run keeps
+    them skipped, which the report says (``--restart`` includes them)."""
+    from dymu.data import load_image
+
+    found = []
+    for path, _reason in skipped[:limit]:
+        try:
+            load_image(images.image_dir / path)
+        except (OSError, ValueError):
+            continue
+        found.append(path)
+    return found
+
+
 def _save_resume(path: Path, settings: FindingSettings, running: RunningThresholds, done: int, seen: int, skipped) -> None:
     blob = {
         "format": RESUME_FORMAT,
@@ -252,8 +290,15 @@ def _load_resume(path: Path, settings: FindingSettings, running: RunningThreshol
         raise ValueError(f"cannot read resume state {path}: {err}; delete it (or pass --restart) to start over") from err
     if not isinstance(blob, dict) or blob.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path} is not a dymu resume file; delete it (or pass --restart) to start over")
+    if int(blob.get("images_seen", 0)) == 0:
+        return 0, 0, []  # nothing learned yet (every image failed so far): start over
     stored = blob["settings"]
-    differ = [f"{k}: {stored.get(k)!r} then, {v!r} now" for k, v in asdict(settings).items() if stored.get(k) != v]
+    unrecorded = {"dtype", "device"}  # resume files written before these were recorded: not compared
+    differ = [
+        f"{k}: {stored.get(k)!r} then, {v!r} now"
+        for k, v in asdict(settings).items()
+        if stored.get(k) != v and not (k in unrecorded and k not in stored)
+    ]
     if differ:
         raise ValueError(
             f"refusing to resume from {path}: settings differ ({'; '.join(differ)}); "

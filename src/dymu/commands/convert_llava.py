@@ -2,8 +2,9 @@
 
 The result loads with transformers' LlavaForConditionalGeneration and with dymu.vlm.load_llava. When
 mm_vision_tower names a DyMU tower (e.g. ViT-L-14-336-tome-72out) or --thresholds is given, a "dymu"
-block is written into config.json so that load_llava turns DyMU on. A thresholds file is copied into
-the output folder.
+block is written into config.json so that load_llava turns DyMU on. A thresholds file (or a DyMU name's,
+looked up in $DYMU_CHECKPOINT_DIR if set, else in ./checkpoints/threshold_checkpoints, then among the
+checkpoints shipped with dymu) is copied into the output folder.
 
 Examples:
   dymu convert-llava checkpoints/vlm_checkpoints/llava-v1.5-7b out/llava-v1.5-7b-hf
@@ -22,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="original LLaVA-1.5 folder (config.json with mm_vision_tower)")
     parser.add_argument("output", help="folder to write the llava-hf checkpoint to")
     parser.add_argument("--vision-tower", help="load the CLIP tower from here instead of mm_vision_tower")
-    parser.add_argument("--thresholds", help="threshold checkpoint to bundle (copied into the output)")
-    parser.add_argument("--vtu", choices=["fast", "exact", "off"], default="fast", help="default: fast")
+    parser.add_argument("--thresholds", help="threshold checkpoint or DyMU name to bundle (copied into the output)")
+    parser.add_argument("--vtu", choices=["fast", "exact", "off"], default="fast", help="VTU mode for the dymu block")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,8 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    from dymu.encoders import resolve_thresholds_path
     from dymu.encoders.names import parse_dymu_name
     from dymu.vlm.loading import convert_original_llava
+
+    if args.thresholds is not None:  # before the (long) conversion
+        args.thresholds = str(resolve_thresholds_path(args.thresholds))
 
     model, processor, settings = convert_original_llava(args.source, vision_tower=args.vision_tower)
     out = Path(args.output)

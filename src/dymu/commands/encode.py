@@ -1,10 +1,11 @@
 """Encode images with a DToMe encoder and print how many tokens each keeps.
 
 Token counts are patch tokens (CLS excluded), as in the DyMU names ("72out" = 72 on average).
---model is a DyMU name (its thresholds are read from checkpoints/threshold_checkpoints/<name>.safetensors
-unless --thresholds is given), a transformers folder or hub name of a CLIP/SigLIP vision model, or
-open_clip:MODEL[:PRETRAINED]. --thresholds is a checkpoint file (dymu .safetensors or the authors' .pth) or a
-DyMU name.
+--model is a DyMU name (its thresholds are read from <checkpoint folder>/<name>.safetensors unless --thresholds
+is given), a transformers folder or hub name of a CLIP / SigLIP / DINOv2 vision model, an installed weights
+name (dinov2-small, see `dymu weights`), or open_clip:MODEL[:PRETRAINED]. --thresholds is a checkpoint file
+(dymu .safetensors or the authors' .pth) or a DyMU name. The checkpoint folder is $DYMU_CHECKPOINT_DIR if set,
+else ./checkpoints/threshold_checkpoints, and then the checkpoints shipped with dymu (the DINOv2-S ones).
 
 Budget control on top of the stored thresholds: --threshold-offset adds a constant to every layer's threshold
 (> 0 keeps more tokens, < 0 fewer); --token-budget K picks the offset that makes these images keep K tokens on
@@ -15,6 +16,7 @@ Examples:
   dymu encode --model ./my-clip --thresholds ckpt.safetensors --per-layer --layer -2 cat.jpg
   dymu encode --model ViT-L-14-336-tome-72out --token-budget 150 images/*.jpg
   dymu encode --model open_clip:ViT-L-14-336:openai --thresholds ViT-L-14-336-tome-192out --json cat.jpg
+  dymu weights install dinov2-small && dymu encode --model dinov2-small-224-tome-64out cat.jpg
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ HELP = "encode images with a DToMe encoder and print the tokens each keeps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dymu.commands._args import int_at_least, positive_float
+
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--model", required=True, help="DyMU name, transformers folder/hub name, or open_clip:MODEL[:PRETRAINED]")
-    parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of the hub")
+    parser.add_argument(
+        "--model", required=True,
+        help="DyMU name, transformers folder/hub name, installed weights name (dinov2-small) or open_clip:MODEL[:PRETRAINED]",
+    )
+    parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of its default")
     parser.add_argument("--thresholds", help="threshold checkpoint (.safetensors / authors' .pth) or DyMU name")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--threshold-offset", type=float, help="added to every layer's threshold (> 0: more tokens)")
-    budget.add_argument("--token-budget", type=float, help="target average tokens per image: calibrate the offset on these images")
-    parser.add_argument("--layer", type=int, default=-1, help="hidden-state index to count at (default -1; LLaVA-1.5 uses -2)")
+    budget.add_argument(
+        "--token-budget", type=positive_float, help="target average tokens per image: calibrate the offset on these images"
+    )
+    parser.add_argument("--layer", type=int, default=-1, help="hidden-state index to count at (LLaVA-1.5 uses -2)")
     parser.add_argument("--per-layer", action="store_true", help="also print the tokens after every layer")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--device", default="cpu", help="device (default cpu)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per forward pass")
+    parser.add_argument("--device", default="cpu", help="device")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

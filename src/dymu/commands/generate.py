@@ -2,7 +2,11 @@
 
 MODEL is a llava-hf folder or hub name (a "dymu" block in its config.json turns DyMU on) or an
 original LLaVA-1.5 folder (mm_vision_tower naming a DyMU tower such as ViT-L-14-336-tome-72out turns
-DyMU on). --thresholds turns it on for any checkpoint.
+DyMU on). --thresholds turns it on for any checkpoint. A DyMU name's thresholds are looked up in
+$DYMU_CHECKPOINT_DIR if set, else in ./checkpoints/threshold_checkpoints, then among dymu's own.
+
+Each prompt goes into the chat template with its image in front; a prompt that holds one <image> places
+the image there instead (no second one is added).
 
 Examples:
   dymu generate --model llava-hf/llava-1.5-7b-hf --thresholds checkpoints/threshold_checkpoints/ViT-L-14-336-tome-72out.safetensors \\
@@ -20,22 +24,45 @@ HELP = "answer a question about an image with LLaVA-1.5 + DyMU"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dymu.commands._args import int_at_least, positive_float
+
     parser.add_argument("--model", required=True, help="llava-hf or original LLaVA-1.5 checkpoint folder (or hub name)")
     parser.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
     parser.add_argument(
-        "--prompt", action="append", required=True, help="question; one for all images or one per --image"
+        "--prompt", action="append", required=True,
+        help="question; one for all images or one per --image (an <image> in it places the image)",
     )
-    parser.add_argument("--thresholds", help="threshold checkpoint (.safetensors, or the authors' .pth)")
+    parser.add_argument("--thresholds", help="threshold checkpoint (.safetensors, or the authors' .pth) or DyMU name")
     parser.add_argument("--vtu", choices=["fast", "exact", "off"], help="virtual token unmerging (default: config's, else fast)")
     parser.add_argument(
         "--threshold-offset", type=float, help="added to every threshold: > 0 keeps more visual tokens, < 0 fewer"
     )
-    parser.add_argument("--token-budget", type=float, help="target mean visual tokens per image (calibrated on the given images)")
+    parser.add_argument(
+        "--token-budget", type=positive_float,
+        help="target mean visual tokens per image (calibrated on the given images; needs thresholds)",
+    )
     parser.add_argument("--no-dymu", action="store_true", help="run the stock model (for comparison)")
     parser.add_argument("--vision-tower", help="where to load an original checkpoint's CLIP tower from (overrides mm_vision_tower)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="default: float32")
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default: cpu)")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate per answer")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def check_prompts(prompts: list[str]) -> list[bool]:
+    """Whether each prompt places its image itself (holds one <image>); ValueError for more than one."""
+    placed = []
+    for prompt in prompts:
+        n = prompt.count(IMAGE_TOKEN)
+        if n > 1:
+            raise ValueError(
+                f"--prompt {prompt!r} holds {n} {IMAGE_TOKEN} tokens, but each prompt goes with one --image: "
+                f"write at most one {IMAGE_TOKEN} (where the image goes), or none to put it first"
+            )
+        placed.append(n == 1)
+    return placed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts * len(images)
     if len(prompts) != len(images):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt, or one per --image")
+    placed = check_prompts(prompts)
+    if args.no_dymu:
+        given = [o for o, v in (("--thresholds", args.thresholds), ("--token-budget", args.token_budget),
+                                ("--threshold-offset", args.threshold_offset)) if v is not None]
+        if given:
+            raise ValueError(f"--no-dymu runs the stock model without merging: drop {' and '.join(given)}")
     model, processor = load_llava(
         args.model,
         thresholds=args.thresholds,
@@ -63,12 +96,45 @@ def run(args: argparse.Namespace) -> int:
     if args.token_budget is not None:
         from dymu.vlm.llava import calibrate_token_budget
 
+        state = getattr(model.model.vision_tower, "_dymu_state", None)
+        if state is None or state.mode != "infer":
+            raise ValueError(
+                "--token-budget needs --thresholds (a threshold checkpoint or DyMU name), or a checkpoint whose "
+                f"config.json has a dymu block; {args.model} has none"
+            )
         offset = calibrate_token_budget(model, processor, images, args.token_budget)
         print(f"threshold offset for {args.token_budget:g} visual tokens per image: {offset:+.4f}")
-    results = answer(model, processor, images, prompts, max_new_tokens=args.max_new_tokens)
+    if any(placed):
+        results = _answer_placed(model, processor, images, prompts, placed, max_new_tokens=args.max_new_tokens)
+    else:
+        results = answer(model, processor, images, prompts, max_new_tokens=args.max_new_tokens)
     for image, result in zip(images, results):
         print(f"[{image}] ({result.visual_tokens} visual tokens) {result.text}")
     counts = [r.visual_tokens for r in results]
     std = statistics.stdev(counts) if len(counts) > 1 else 0.0
     print(f"visual tokens per image: {statistics.mean(counts):.1f} ± {std:.1f}")
     return 0
+
+
+def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens: int):
+    """:func:`dymu.vlm.answer`, except that a prompt holding <image> is the whole user message (its <image> is
+    where the image goes) instead of being put after an image part."""
+    import torch
+
+    from dymu.data import load_image
+    from dymu.vlm.llava import Answer, full_image_tokens
+
+    pil = [load_image(i) for i in images]
+    texts = []
+    for prompt, own in zip(prompts, placed):
+        content = [{"type": "text", "text": prompt}]
+        if not own:
+            content.insert(0, {"type": "image"})
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model)] * len(pil)
+    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)]

@@ -9,9 +9,14 @@ command again after a crash to continue where it stopped; other settings are ref
 With torchrun, each process takes a contiguous slice of every global batch (--batch-size is the global batch)
 and the per-layer selection is made over all processes together: the thresholds equal a single-process run's.
 
---model is a DyMU name (fixes the budget and schedule), a transformers folder or hub name of a CLIP/SigLIP
-vision model, or open_clip:MODEL[:PRETRAINED]. The default output is
-checkpoints/threshold_checkpoints/<DyMU name>.safetensors.
+--model is a DyMU name (fixes the budget and schedule), a transformers folder or hub name of a CLIP / SigLIP /
+DINOv2 vision model, an installed weights name (dinov2-small, see `dymu weights`), or open_clip:MODEL[:PRETRAINED].
+The output is a .safetensors checkpoint, by default <checkpoint folder>/<DyMU name>.safetensors, where the
+checkpoint folder is $DYMU_CHECKPOINT_DIR if set, else ./checkpoints/threshold_checkpoints (DyMU names are looked
+up there, then among the checkpoints shipped with dymu). DINOv2 names carry the input side:
+dinov2-small-224-tome-64out.
+
+Ctrl-C stops after the last finished batch was saved: run the same command again to resume.
 
 Examples:
   dymu thresholds --model ViT-L-14-336-tome-72out --data images.json --image-dir images/
@@ -19,6 +24,7 @@ Examples:
   dymu thresholds --model ./my-clip --out-tokens 100 --schedule linear --data images.json --max-images 5000
   dymu thresholds --model open_clip:ViT-L-14-336:openai --r-total 504 --data images.json
   torchrun --nproc_per_node 8 -m dymu thresholds --model ViT-L-14-336-tome-72out --data images.json
+  dymu thresholds --model dinov2-small --out-tokens 64 --data images.json     # -> dinov2-small-224-tome-64out
 """
 
 from __future__ import annotations
@@ -27,29 +33,69 @@ import argparse
 
 NAME = "thresholds"
 HELP = "find per-layer DToMe thresholds over an image dataset (resumable, multi-process with torchrun)"
+INTERRUPTED = "the batches done so far are saved: run the same command again to resume (--restart starts over)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="DyMU name, transformers folder/hub name, or open_clip:MODEL[:PRETRAINED]")
-    parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of the hub")
+    from dymu.commands._args import add_schedule_argument, int_at_least
+
+    parser.add_argument(
+        "--model", required=True,
+        help="DyMU name, transformers folder/hub name, installed weights name (dinov2-small) or open_clip:MODEL[:PRETRAINED]",
+    )
+    parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of its default")
     parser.add_argument("--data", "--json", dest="data", required=True, help="JSON list of {\"image\": \"rel/path\"}")
     parser.add_argument("--image-dir", help="folder the image paths are relative to (default: the JSON's folder)")
-    parser.add_argument(
-        "--schedule", choices=["constant", "linear", "reverse_linear", "reverse-linear"], help="merge schedule (default: constant)"
-    )
+    add_schedule_argument(parser, default=None, help="merge schedule (default: constant, or the DyMU name's)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--r-total", type=int, help="tokens to merge per image over all layers")
-    budget.add_argument("--out-tokens", type=int, help="patch tokens to keep per image on average (r_total = patches - K)")
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch size (all processes together; default 32)")
-    parser.add_argument("--max-images", type=int, help="use only the first N images of the list")
-    parser.add_argument("--num-workers", type=int, default=2, help="image loading workers per process (default 2)")
-    parser.add_argument("--output", "-o", help="checkpoint path (default: checkpoints/threshold_checkpoints/<name>.safetensors)")
+    budget.add_argument("--r-total", type=int_at_least(0), help="tokens to merge per image over all layers")
+    budget.add_argument(
+        "--out-tokens", type=int_at_least(1), help="patch tokens to keep per image on average (r_total = patches - K)"
+    )
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="global batch size (all processes together)")
+    parser.add_argument("--max-images", type=int_at_least(1), help="use only the first N images of the list")
+    parser.add_argument("--num-workers", type=int_at_least(0), default=2, help="image loading workers per process")
+    parser.add_argument(
+        "--output", "-o",
+        help="checkpoint path, ending in .safetensors (default: <checkpoint folder>/<DyMU name>.safetensors)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
     parser.add_argument("--restart", action="store_true", help="ignore (delete) a resume state and start over")
-    parser.add_argument("--max-batches", type=int, help="stop after N global batches in total (resume later)")
+    parser.add_argument("--max-batches", type=int_at_least(1), help="stop after N global batches in total (resume later)")
     parser.add_argument("--device", help="device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _check_output(path, overwrite: bool) -> None:
+    """Refuse before any work an output dymu could not write or read back, or would not replace."""
+    from dymu.commands._args import check_writable_file
+    from dymu.finding import resume_path
+
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"--output {path}: dymu writes threshold checkpoints as safetensors; give a name ending in .safetensors "
+            f"(e.g. {path.with_suffix('.safetensors').name})"
+        )
+    check_writable_file(path, "the checkpoint")
+    if path.exists() and not overwrite and not resume_path(path).exists():
+        raise ValueError(f"{path} exists; pass --overwrite to replace it (or give another --output)")
+
+
+def _input_geometry(loaded, info) -> tuple[int, int | None]:
+    """(patch tokens per image, input side) as the preprocessing makes them. A DINOv2 takes any input size, so
+    its config's grid (37 x 37 for DINOv2-S) says nothing about the inputs, and its DyMU names carry the side;
+    other encoders have a fixed grid (side None: not part of their names)."""
+    from dymu.encoders.hf_dinov2 import find_tower
+
+    tower = find_tower(loaded.model) if info.encoder.startswith("dinov2") else None
+    if tower is None:
+        return info.input_tokens - int(info.protect_first), None
+    from PIL import Image
+
+    patch = tower.config.patch_size
+    h, w = loaded.preprocess(Image.new("RGB", (256, 256), (128, 128, 128))).shape[-2:]
+    return (h // patch) * (w // patch), (int(h) if h == w else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,17 +106,21 @@ def run(args: argparse.Namespace) -> int:
     from dymu.data import read_image_list
     from dymu.encoders import inspect_encoder
     from dymu.encoders.loading import load_encoder
-    from dymu.encoders.names import checkpoint_dir, dymu_name
+    from dymu.encoders.names import checkpoint_dir, dymu_name, is_dymu_name, parse_dymu_name
     from dymu.finding import find_thresholds, init_distributed
     from dymu.thresholds import merge_schedule
 
+    if args.output:  # checked before the (possibly long) model load
+        _check_output(Path(args.output), args.overwrite)
+    elif is_dymu_name(args.model) and not Path(args.model).exists():
+        _check_output(parse_dymu_name(args.model).checkpoint_path, args.overwrite)
     rank, world, device = init_distributed()
     try:
         images = read_image_list(args.data, args.image_dir, max_images=args.max_images)
         loaded = load_encoder(args.model, weights=args.weights, device=args.device or device, dtype=getattr(torch, args.dtype))
         info = inspect_encoder(loaded.model)
-        patches = info.input_tokens - int(info.protect_first)
-        schedule = (args.schedule or "constant").replace("-", "_")
+        patches, side = _input_geometry(loaded, info)
+        schedule = args.schedule or "constant"
         if loaded.dymu is not None:
             name = loaded.dymu
             if args.schedule and schedule != name.schedule:
@@ -87,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
             r_total = args.r_total if args.r_total is not None else patches - args.out_tokens
             if not 0 <= r_total < patches:
                 raise ValueError(f"r_total must be in [0, {patches}) for {info.encoder} ({patches} patch tokens), got {r_total}")
-            default_output = checkpoint_dir() / f"{dymu_name(info.encoder, patches - r_total, schedule)}.safetensors"
+            default_output = checkpoint_dir() / f"{dymu_name(info.encoder, patches - r_total, schedule, side)}.safetensors"
+            if not args.output:
+                _check_output(default_output, args.overwrite)
         counts = merge_schedule(schedule, r_total, info.num_layers)
         output = Path(args.output) if args.output else default_output
         result = find_thresholds(
@@ -129,6 +181,12 @@ def _report(result, encoder: str, patches: int, counts: list[int], schedule: str
         shown = ", ".join(f"{p} ({why})" for p, why in result.skipped[:10])
         more = f", … {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
         lines.append(f"skipped {len(result.skipped)} image(s): {shown}{more}")
+    if result.readable_now:
+        shown = ", ".join(result.readable_now[:10]) + (f", … {len(result.readable_now) - 10} more" if len(result.readable_now) > 10 else "")
+        lines.append(
+            f"{len(result.readable_now)} of them are readable now ({shown}) but were skipped in batches done before "
+            "this resumed run; pass --restart to start over with them"
+        )
     lines.append(f"{'layer':>5} {'r':>4} {'threshold':>10}")
     for i, (r, t) in enumerate(zip(counts, result.checkpoint.thresholds.tolist())):
         lines.append(f"{i:>5} {r:>4} {t:>10.6f}")

@@ -7,8 +7,9 @@ pixel at quality 75) against the visual tokens kept, with the Spearman rank corr
 
 Without --model the demo's small random CLIP is used, with thresholds found on built-in images
 (no downloads). --model takes a local transformers CLIP or SigLIP folder; give it real thresholds
-with --thresholds (a checkpoint, or comma-separated floats), else they are found on the built-in
-synthetic images.
+with --thresholds (a checkpoint, a DyMU name, or comma-separated floats), else they are found on the
+built-in synthetic images. A DyMU name's thresholds are looked up in $DYMU_CHECKPOINT_DIR if set, else
+in ./checkpoints/threshold_checkpoints, then among the checkpoints shipped with dymu.
 
 Examples:
   dymu visualize photo.jpg                         # -> merged.png
@@ -27,14 +28,19 @@ HELP = "picture of DToMe's merge groups for an image, or complexity vs tokens ov
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dymu.commands._args import add_schedule_argument, int_at_least
+
     parser.add_argument("image", nargs="?", help="image file to draw the merge groups of")
     parser.add_argument("--scatter", metavar="FOLDER", help="plot complexity vs tokens kept over the images in FOLDER")
     parser.add_argument("--model", help="local transformers CLIP/SigLIP folder (default: the demo's random CLIP)")
-    parser.add_argument("--thresholds", help="threshold checkpoint, or comma-separated per-layer floats")
-    parser.add_argument("--r-total", type=int, help="merges over all layers when thresholds are found on built-in images")
-    parser.add_argument("--schedule", choices=["constant", "linear", "reverse_linear"], default="constant",
-                        help="merge schedule when finding thresholds (default: constant)")
-    parser.add_argument("--layer", type=int, default=-1, help="hidden-state index to show (default: -1, the last block)")
+    parser.add_argument("--thresholds", help="threshold checkpoint, DyMU name, or comma-separated per-layer floats")
+    parser.add_argument(
+        "--r-total", type=int_at_least(0),
+        help="merges over all layers when thresholds are found on built-in images "
+        "(default: 150 for the demo model, 7/8 of the patches for --model)",
+    )
+    add_schedule_argument(parser, default="constant", help="merge schedule when finding thresholds")
+    parser.add_argument("--layer", type=int, default=-1, help="hidden-state index to show (-1: the last block)")
     parser.add_argument("--out", help="output PNG (default: merged.png, or complexity.png with --scatter)")
 
 
@@ -49,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from None
     from pathlib import Path
 
-    # check the inputs before building a model
+    from dymu.commands._args import check_writable_file
+
+    # check the inputs (and that the picture can be written) before building a model
+    out = Path(args.out or ("complexity.png" if args.scatter else "merged.png"))
+    check_writable_file(out, "the picture")
     files = viz.list_images(args.scatter) if args.scatter else None
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"image not found: {args.image}")
@@ -67,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {tower.description}")
     if args.scatter:
         result = viz.complexity_vs_tokens(tower, files, layer=args.layer)
-        viz.render_scatter(result, args.out or "complexity.png", subtitle=tower.description)
+        viz.render_scatter(result, out, subtitle=tower.description)
         width = max(len(n) for n in result.names)
         print(f"{'image':<{width}}  {'bytes/px':>8}  {'tokens':>6}")
         for name, c, t in zip(result.names, result.complexity, result.tokens):
@@ -76,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.path}")
         return 0
     view = viz.merge_view(tower, args.image, layer=args.layer)
-    rendered = viz.render_merge_view(view, args.out or "merged.png", subtitle=tower.description)
+    rendered = viz.render_merge_view(view, out, subtitle=tower.description)
     per_layer = " -> ".join(map(str, view.tokens_per_layer))
     print(f"tokens per layer{' (incl. CLS)' if view.has_cls else ''}: {per_layer}")
     print(f"after layer {view.layer}: {view.num_groups} merge groups over {view.groups.size} patches")

