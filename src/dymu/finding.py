@@ -9,7 +9,8 @@ images are dropped from their own batch only and reported.
 
 Several processes (``torchrun``; gloo on CPU, nccl on GPU): each rank loads a contiguous slice of every global
 batch, and the per-layer selection is made over the scores of all ranks together
-(:func:`~dymu.encoders.base.select_top_across_processes`), so N processes produce the same thresholds as one
+(:func:`select_top_across_processes`: the A-token scores of all ranks are gathered in rank order and the global
+top ``B_total * r`` merges), so N processes produce the same thresholds as one
 process with the same global batch size on the same images (up to float rounding). The original authors instead
 averaged per-process thresholds of per-process batches; with equal shards this differs only by sampling noise.
 
@@ -27,14 +28,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from dymu.data import ImageList, ImageListDataset, Transform, batches
-from dymu.merge import TokenOrder
+from dymu.merge import TokenOrder, select_top
 from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
+
+if TYPE_CHECKING:
+    from dymu.encoders.base import DToMeState
 
 RESUME_FORMAT = "dymu-finding-resume/1"
 
@@ -80,8 +85,6 @@ def resume_path(output: str | Path) -> Path:
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) without an initialised process group."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -90,8 +93,6 @@ def dist_info() -> tuple[int, int]:
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the ``torchrun`` process group if launched by it (gloo on CPU, nccl with CUDA); returns rank, world
     size and this process's device."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -188,8 +189,6 @@ def find_thresholds(
                             state.forward(batch.pixel_values.to(device=device, dtype=dtype))
                         found = state.run.found_thresholds
                     else:  # this rank's slice is empty: still take part in the per-layer selection
-                        from dymu.encoders.base import find_without_images
-
                         found = find_without_images(state, device)
                     running.update(found)
                 done, seen = batch.number + 1, seen + n_global
@@ -232,9 +231,41 @@ def find_thresholds(
     return result
 
 
-def _all_sum(n: int, device: torch.device) -> int:
-    import torch.distributed as dist
+# ---------------------------------------------------------------- the per-layer selection across processes
+def select_top_across_processes(scores: Tensor, r: int) -> tuple[Tensor, float]:
+    """:func:`dymu.merge.select_top` over the concatenation (in rank order) of every process's ``scores``.
 
+    Every process must call this for every layer of every batch, also with an empty ``[0, 0]`` tensor when it
+    holds no image of the batch. Returns this process's merge flags and the (identical) global threshold.
+    Without an initialised process group it is :func:`select_top`.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return select_top(scores, r)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shape = torch.tensor(scores.shape, dtype=torch.long, device=scores.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    rows, cols = [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
+    width, height = max(cols), max(rows)
+    padded = scores.new_full((height, width), -torch.inf)
+    padded[: scores.shape[0], : scores.shape[1]] = scores
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    # rows in rank order = image order of the global batch; -inf pads never merge and never set the threshold
+    merge, found = select_top(torch.cat([g[:n] for g, n in zip(gathered, rows)]), r)
+    start = sum(rows[:rank])
+    return merge[start : start + scores.shape[0], : scores.shape[1]], found
+
+
+def find_without_images(state: DToMeState, device: torch.device | str = "cpu") -> list[float]:
+    """Take part in a synchronised finding batch while holding no image (all skipped or a short last batch)."""
+    if state.mode != "find" or state.merge_counts is None:
+        raise ValueError("find_without_images needs a state in 'find' mode")
+    empty = torch.empty(0, 0, device=device)
+    return [select_top_across_processes(empty, r)[1] for r in state.merge_counts]
+
+
+def _all_sum(n: int, device: torch.device) -> int:
     if dist_info()[1] == 1:
         return n
     t = torch.tensor([n], dtype=torch.long, device=device)
@@ -243,8 +274,6 @@ def _all_sum(n: int, device: torch.device) -> int:
 
 
 def _gather_failed(failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    import torch.distributed as dist
-
     world = dist_info()[1]
     if world == 1:
         return failed

@@ -12,10 +12,8 @@ block's keys (averaged over heads) as the metric, then :meth:`DToMeState.end_lay
 The encoder wrapper (or the first block) calls :meth:`DToMeState.begin` with the
 first block's input, batch first.
 
-Threshold finding over several processes (``sync_find``): each process holds a
-disjoint slice of one global batch; per layer the A-token scores of all processes
-are gathered (in rank order) and the global top ``B_total * r`` is merged, so the
-thresholds equal those of one process running the whole global batch.
+Threshold finding over several processes (``sync_find``) plugs its cross-process
+selection (:func:`dymu.finding.select_top_across_processes`) into the merge step.
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from dymu.thresholds import check_thresholds
+from dymu.finding import select_top_across_processes
 from dymu.merge import TOKEN_ORDERS, Mode, TokenOrder, TokenState, dtome_step, select_top, size_bias
+from dymu.thresholds import check_thresholds
 
 
 class StopEncoding(Exception):
@@ -80,7 +79,7 @@ class DToMeState:
     merge_counts: list[int] | None = None
     threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
     token_order: TokenOrder = "authors"  # token order after a merge (dymu.merge module doc)
-    sync_find: bool = False  # finding: global top-k across torch.distributed processes (see module doc)
+    sync_find: bool = False  # finding: global top-k across torch.distributed processes (dymu.finding)
     record_layers: frozenset[int] = frozenset()  # hidden-state indices (0..L) to keep in run.hidden_states
     stop_after: int | None = None  # raise StopEncoding once hidden-state index stop_after is recorded
     tokens: TokenState | None = None
@@ -210,42 +209,6 @@ class DToMeState:
         if keys is None:
             raise RuntimeError("the block's key projection did not run: cannot compute the merge metric")
         return keys
-
-
-# ---------------------------------------------------------------- threshold finding across processes
-def select_top_across_processes(scores: Tensor, r: int) -> tuple[Tensor, float]:
-    """:func:`dymu.merge.select_top` over the concatenation (in rank order) of every process's ``scores``.
-
-    Every process must call this for every layer of every batch, also with an empty ``[0, 0]`` tensor when it
-    holds no image of the batch. Returns this process's merge flags and the (identical) global threshold.
-    Without an initialised process group it is :func:`select_top`.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return select_top(scores, r)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    shape = torch.tensor(scores.shape, dtype=torch.long, device=scores.device)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    rows, cols = [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
-    width, height = max(cols), max(rows)
-    padded = scores.new_full((height, width), -torch.inf)
-    padded[: scores.shape[0], : scores.shape[1]] = scores
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
-    # rows in rank order = image order of the global batch; -inf pads never merge and never set the threshold
-    merge, found = select_top(torch.cat([g[:n] for g, n in zip(gathered, rows)]), r)
-    start = sum(rows[:rank])
-    return merge[start : start + scores.shape[0], : scores.shape[1]], found
-
-
-def find_without_images(state: "DToMeState", device: torch.device | str = "cpu") -> list[float]:
-    """Take part in a synchronised finding batch while holding no image (all skipped or a short last batch)."""
-    if state.mode != "find" or state.merge_counts is None:
-        raise ValueError("find_without_images needs a state in 'find' mode")
-    empty = torch.empty(0, 0, device=device)
-    return [select_top_across_processes(empty, r)[1] for r in state.merge_counts]
 
 
 # ---------------------------------------------------------------- class swapping
