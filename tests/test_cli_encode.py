@@ -35,8 +35,10 @@ def setup(tmp_path_factory):
     x = torch.stack([loaded.preprocess(p) for p in pics.values()])
     counts = merge_schedule("constant", 20, 4)
     dymu.patch(loaded.model, merge_counts=counts)
+    # found on other images: on the finding batch one edge per layer sits exactly on its threshold
+    finding = torch.stack([loaded.preprocess(p) for p in encoder_zoo.finding_images().values()])
     with torch.no_grad():
-        loaded.model(pixel_values=x)
+        loaded.model(pixel_values=finding)
     thresholds = dymu.last_run(loaded.model).found_thresholds
     dymu.unpatch(loaded.model)
     ckpt = save_thresholds(
@@ -133,3 +135,14 @@ def test_encode_runs_as_a_program(setup):
     )
     rows = [line.split() for line in proc.stdout.splitlines()[1:3]]
     assert int(rows[0][1]) * 4 < int(rows[1][1])  # flat vs astronaut
+
+
+@pytest.mark.filterwarnings("ignore:.*found in 'authors' token order:UserWarning")  # raster on purpose
+def test_encode_token_order(setup, capsys):
+    model_dir, ckpt, paths, loaded, x = setup
+    for order in ("raster", "single"):
+        got = run_json(capsys, "--model", model_dir, "--thresholds", ckpt, "--token-order", order, "--batch-size", "1", *paths)
+        dymu.patch(loaded.model, ckpt, token_order=order)
+        expected = dymu.encode(loaded.model, x, drop_cls=True).num_tokens
+        dymu.unpatch(loaded.model)
+        assert [img["tokens"] for img in got["images"]] == expected, order

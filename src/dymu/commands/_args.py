@@ -67,3 +67,15 @@ def check_writable_file(path: str | Path, what: str = "output") -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {what} {path}: {parent} is not writable (give another folder)")
     return path
+
+
+def add_token_order_argument(parser: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
+    """``--token-order``: the DToMe token order after a merge (see :mod:`dymu.merge`)."""
+    from dymu.merge import TOKEN_ORDERS
+
+    parser.add_argument(
+        "--token-order", choices=TOKEN_ORDERS, default=default,
+        help=f"{help}. authors: exactly the original code (a lone image takes its single-image path); batch / "
+        "single: one of its two paths for every batch (batch-invariant); raster: merged tokens at their first "
+        "patch (dymu 0.1)",
+    )

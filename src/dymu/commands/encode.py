@@ -28,7 +28,7 @@ HELP = "encode images with a DToMe encoder and print the tokens each keeps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import int_at_least, positive_float
+    from dymu.commands._args import add_token_order_argument, int_at_least, positive_float
 
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument(
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="device")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_token_order_argument(parser, default=None, help="token order after a merge (default: the checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds = loaded.dymu.name
     pixel_values = load_images(args.images, loaded.preprocess)
     model = loaded.model
-    state = dymu.patch(model, thresholds, threshold_offset=args.threshold_offset or 0.0)
+    state = dymu.patch(model, thresholds, threshold_offset=args.threshold_offset or 0.0, token_order=args.token_order)
     calibration = None
     if args.token_budget is not None:
         calibration = dymu.calibrate_budget(model, pixel_values, args.token_budget, layer=args.layer, batch_size=args.batch_size)

@@ -37,7 +37,7 @@ INTERRUPTED = "the batches done so far are saved: run the same command again to 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_schedule_argument, int_at_least
+    from dymu.commands._args import add_schedule_argument, add_token_order_argument, int_at_least
 
     parser.add_argument(
         "--model", required=True,
@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_token_order_argument(
+        parser, default="authors", help="token order after a merge while finding (recorded in the checkpoint)"
+    )
 
 
 def _check_output(path, overwrite: bool) -> None:
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             resume=not args.restart,
             overwrite=args.overwrite,
             num_workers=args.num_workers,
+            token_order=args.token_order,
             progress=not args.quiet,
             max_batches=args.max_batches,
             model_source=loaded.source,
