@@ -1,0 +1,23 @@
+"""lmms-eval model plugin: ``--model dymu_llava`` (LLaVA-1.5 + DyMU) and ``dymu_llava_onevision`` (not yet).
+
+Registered through lmms-eval's entry-point group ``lmms_eval.models`` (``pip install 'dymu[eval]'``), so
+``python -m lmms_eval --model dymu_llava --model_args pretrained=DIR,thresholds=ViT-L-14-336-tome-72out ...`` works
+without touching lmms-eval. See docs/evaluation.md for the model arguments and where the visual token statistics go.
+
+This module stays importable without lmms-eval (the entry point loads it while lmms-eval builds its registry);
+the model classes live in :mod:`dymu.lmms_eval.llava` and :mod:`dymu.lmms_eval.onevision`.
+"""
+
+from __future__ import annotations
+
+MODELS = {
+    "dymu_llava": "dymu.lmms_eval.llava.DyMULlava",
+    "dymu_llava_onevision": "dymu.lmms_eval.onevision.DyMULlavaOneVision",
+}
+
+
+def manifests():
+    """The entry point's payload: one ``ModelManifest`` per model id (simple, i.e. ``doc_to_visual`` requests)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in MODELS.items()]
