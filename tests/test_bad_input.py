@@ -406,7 +406,8 @@ def llava(tmp_path_factory):
     model, processor = load_llava(llava_dir, dymu=False)
     tower = model.model.vision_tower
     state = dymu.patch(tower, merge_counts=merge_schedule("constant", 8, 4))
-    calib = [make_image(k, 64, s) for s in range(2) for k in ("flat", "gradient", "stripes", "textured")]
+    # not on the image used below: on the finding batch one edge per layer sits exactly on its threshold
+    calib = [make_image(k, 64, s) for s in range(2, 4) for k in ("flat", "gradient", "stripes", "textured")]
     with torch.no_grad():
         tower(processor.image_processor(calib, return_tensors="pt").pixel_values)
     ckpt = ThresholdCheckpoint(dymu.last_run(tower).found_thresholds, encoder=state.encoder, r_total=8)
