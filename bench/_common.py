@@ -14,6 +14,7 @@ Peak memory
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import resource
@@ -34,19 +35,23 @@ def sync(device: torch.device) -> None:
 
 
 def median_time(
-    fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
+    fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, list[float], Any]:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones (and the last output)."""
+    """Median time of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones (and the last output).
+
+    ``clock``: wall time by default; ``time.process_time`` times this process's CPU time (steadier on a shared CPU).
+    """
     out = None
     for _ in range(warmup):
         out = fn()
     times = []
     for _ in range(max(1, repeats)):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times), times, out
 
 
@@ -213,6 +218,49 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as the description, from "Examples:" on as the epilog."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        epilog=doc[doc.index("Examples:"):] if "Examples:" in doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def closing_lines(res: dict[str, Any], heading: str = "targets (not asserted):") -> list[str]:
+    """The last lines of a benchmark's report: its targets (PASS/MISS) and the process peak RSS."""
+    rss = f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}"
+    return [heading, *(t.line() for t in res["_targets"]), rss]
+
+
+def make_main(
+    parse_args: Callable[[Sequence[str] | None], Any],
+    run: Callable[[Any], dict[str, Any]],
+    format_results: Callable[[dict[str, Any]], str],
+) -> Callable[[Sequence[str] | None], int]:
+    """A benchmark's ``main(argv)``: parse, run, print the report, return 0."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        print(format_results(run(parse_args(argv))))
+        return 0
+
+    return main
+
+
+def clip_tower(
+    *, hidden: int, mlp: int, layers: int, heads: int, image_size: int, patch_size: int = 14, **config: Any
+) -> tuple[Any, Any]:
+    """A CLIP vision config of the given shape (random-weight benchmarks) and the matching image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image_size, patch_size=patch_size, **config,
+    )
+    return vision, CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
 
 
 def add_common_arguments(parser, *, repeats: int, warmup: int = 1) -> None:

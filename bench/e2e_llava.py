@@ -31,32 +31,27 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-try:  # as part of the bench package (python -m bench.e2e_llava, dymu bench)
-    from bench._common import (
-        Target, add_common_arguments, apply_threads, cache_bytes, environment_line, format_table, human_bytes,
-        maxrss_bytes, memory_method, peak_memory, resolve_device, sync,
-    )
-except ImportError:  # pragma: no cover - run as a file
-    from _common import (  # type: ignore[no-redef]
-        Target, add_common_arguments, apply_threads, cache_bytes, environment_line, format_table, human_bytes,
-        maxrss_bytes, memory_method, peak_memory, resolve_device, sync,
-    )
+if not __package__:  # run as a file (python bench/e2e_llava.py): make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import (  # noqa: E402
+    Target, add_common_arguments, apply_threads, argument_parser, cache_bytes, clip_tower, closing_lines,
+    environment_line, format_table, human_bytes, make_main, maxrss_bytes, memory_method, peak_memory, resolve_device,
+    sync,
+)
+from dymu.vtu import VTU_MODES  # noqa: E402
 
 FULL_VISION_LAYERS, FULL_TEXT_LAYERS = 24, 32
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.e2e_llava",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("python -m bench.e2e_llava", __doc__)
     p.add_argument("--vision-layers", type=int, help="CLIP blocks (default: 8 on CPU, 24 on CUDA)")
     p.add_argument("--text-layers", type=int, help="Llama decoder layers (default: 2 on CPU, 32 on CUDA)")
     p.add_argument("--visual-tokens", type=float, default=72.0, help="mean visual tokens kept by DyMU (default: 72)")
@@ -66,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=1024,
                    help="vocabulary size (default: 1024; LLaVA's 32064 would make the LM head a large share of "
                         "a few-layer decoder)")
-    p.add_argument("--modes", default="fast,exact,off", help="VTU modes to run with DyMU (default: fast,exact,off)")
+    p.add_argument("--modes", default=",".join(VTU_MODES), help="VTU modes to run with DyMU (default: fast,exact,off)")
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--vision-hidden", type=int, default=1024)
     p.add_argument("--vision-heads", type=int, default=16)
@@ -88,8 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.text_layers = FULL_TEXT_LAYERS if cuda else 2
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in args.mode_list:
-        if m not in ("fast", "exact", "off"):
-            p.error(f"--modes: unknown VTU mode {m!r} (expected fast, exact, off)")
+        if m not in VTU_MODES:
+            p.error(f"--modes: unknown VTU mode {m!r} (expected {', '.join(VTU_MODES)})")
     if args.vision_layers < 2:
         p.error("--vision-layers must be >= 2 (LLaVA takes the second-to-last layer)")
     if args.new_tokens < 2:
@@ -101,12 +96,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(args.seed)
-    vision = CLIPVisionConfig(
-        hidden_size=args.vision_hidden, intermediate_size=args.vision_mlp, num_hidden_layers=args.vision_layers,
-        num_attention_heads=args.vision_heads, image_size=args.image_size, patch_size=14,
+    vision, processor = clip_tower(
+        hidden=args.vision_hidden, mlp=args.vision_mlp, layers=args.vision_layers, heads=args.vision_heads,
+        image_size=args.image_size,
     )
     text = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
@@ -120,7 +115,6 @@ def build_llava(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": args.image_size}, crop_size=args.image_size)
     return model, processor
 
 
@@ -153,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import LogitsProcessorList
 
     import dymu
-    from dymu.llm.compat import output_cache
+    from dymu.vtu import output_cache
     from dymu.samples import KINDS, image_set, make_image
     from dymu.vlm.llava import disable_dymu, enable_dymu, full_image_tokens
 
@@ -300,15 +294,13 @@ def format_results(res: dict[str, Any]) -> str:
     lines.append("")
     for name, ok in res["checks"].items():
         lines.append(f"check: {name}: {'yes' if ok else 'NO'}")
-    lines.append("targets (not asserted; the prefill target is meant for the full decoder, see bench.vtu_prefill):")
-    lines += [t.line() for t in res["_targets"]]
-    lines.append(f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}")
+    lines += closing_lines(
+        res, "targets (not asserted; the prefill target is meant for the full decoder, see bench.vtu_prefill):"
+    )
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    print(format_results(run(parse_args(argv))))
-    return 0
+main = make_main(parse_args, run, format_results)
 
 
 if __name__ == "__main__":

@@ -33,32 +33,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-try:  # as part of the bench package (python -m bench.encoder, dymu bench)
-    from bench._common import (
-        Target, add_common_arguments, apply_threads, environment_line, format_table, human_bytes, maxrss_bytes,
-        mean_std, median_time, memory_method, peak_memory, resolve_device, sync,
-    )
-except ImportError:  # pragma: no cover - run as a file
-    from _common import (  # type: ignore[no-redef]
-        Target, add_common_arguments, apply_threads, environment_line, format_table, human_bytes, maxrss_bytes,
-        mean_std, median_time, memory_method, peak_memory, resolve_device, sync,
-    )
+if not __package__:  # run as a file (python bench/encoder.py): make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import (  # noqa: E402
+    Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line,
+    format_table, human_bytes, make_main, maxrss_bytes, mean_std, median_time, memory_method, peak_memory,
+    resolve_device, sync,
+)
 
 FULL_LAYERS = 24
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.encoder",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Examples:"):],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("python -m bench.encoder", __doc__)
     p.add_argument("--layers", type=int, help="encoder blocks (default: 8 on CPU, 24 on CUDA)")
     p.add_argument("--full", action="store_true", help="all 24 blocks of ViT-L/14-336")
     p.add_argument("--outs", default="72,192,384", help="final visual token counts K to test (default: 72,192,384)")
@@ -87,16 +81,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_tower(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     torch.manual_seed(args.seed)
-    config = CLIPVisionConfig(
-        hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, image_size=args.image_size, patch_size=args.patch_size,
-        attn_implementation="sdpa",
+    config, processor = clip_tower(
+        hidden=args.hidden, mlp=args.mlp, layers=args.layers, heads=args.heads, image_size=args.image_size,
+        patch_size=args.patch_size, attn_implementation="sdpa",
     )
     model = CLIPVisionModel(config).to(device, dtype).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": args.image_size}, crop_size=args.image_size)
     return model, processor
 
 
@@ -276,15 +268,11 @@ def format_results(res: dict[str, Any]) -> str:
     lines.append("")
     lines.append("tokens per image after the last block (batch order: " + ", ".join(
         f"{r['config']}: {r['tokens']}" for r in res["rows"][1:]) + ")")
-    lines.append("targets (not asserted):")
-    lines += [t.line() for t in res["_targets"]]
-    lines.append(f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}")
+    lines += closing_lines(res)
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    print(format_results(run(parse_args(argv))))
-    return 0
+main = make_main(parse_args, run, format_results)
 
 
 if __name__ == "__main__":

@@ -27,20 +27,26 @@ times this process's CPU time on one thread, which keeps the ratios steady.
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from dymu.llm.compat import cache_kwarg, output_cache
-from dymu.vtu import concat_groups, disable_vtu, enable_vtu, prepare_vtu, vtu_context
+if not __package__:  # run as a file (python bench/vtu_prefill.py): make the bench package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _common  # noqa: E402
+from bench._common import argument_parser, cache_bytes  # noqa: E402
+from dymu.vtu import (  # noqa: E402
+    cache_kwarg, concat_groups, disable_vtu, enable_vtu, output_cache, prepare_vtu, vtu_context,
+)
 
 ROW_NAMES = ("full (stock sdpa)", "merged, no VTU", "VTU fast", "VTU exact")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.vtu_prefill", description=__doc__.split("\n\n")[0])
+    p = argument_parser("python -m bench.vtu_prefill", __doc__)
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
     p.add_argument("--mlp", type=int, default=11008, help="MLP intermediate size (default 11008)")
@@ -86,32 +92,9 @@ CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> tuple[float, object]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = CLOCK()
-        out = fn()
-        sync()
-        times.append(CLOCK() - t0)
-    return statistics.median(times), out
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of keys + values held by a transformers cache."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """:func:`bench._common.median_time` on :data:`CLOCK`: the median and the last output."""
+    median, _, out = _common.median_time(fn, repeats, warmup, device, clock=CLOCK)
+    return median, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

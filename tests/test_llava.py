@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
 import dymu
-from dymu.llm import cache_kwarg, output_cache
+from dymu.vtu import cache_kwarg, output_cache
 from dymu.samples import make_image
 from dymu.testing import save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds

@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
-from dymu.llm import cache_kwarg, output_cache  # noqa: E402
+from dymu.vtu import cache_kwarg, output_cache  # noqa: E402
 from dymu.vtu import (  # noqa: E402
     concat_groups,
     current_vtu_batch,
@@ -307,7 +307,7 @@ def test_fast_and_exact_equal_reference(models, kind):
 
 def test_exact_in_small_blocks_equals_fast(models, monkeypatch):
     """The exact path's blocking over kv heads and query slots (used for long sequences) changes nothing."""
-    import dymu.vtu
+    import dymu.vtu.kernels
 
     model = models["qwen2"]
     gen = torch.Generator().manual_seed(7)
@@ -317,7 +317,7 @@ def test_exact_in_small_blocks_equals_fast(models, monkeypatch):
         enable_vtu(model, "fast")
         fast = vtu_logits(model, groups, embeds)
         enable_vtu(model, "exact")
-        monkeypatch.setattr(dymu.vtu, "EXACT_CHUNK_ELEMENTS", 1)  # one kv head x one query slot per block
+        monkeypatch.setattr(dymu.vtu.kernels, "EXACT_CHUNK_ELEMENTS", 1)  # one kv head x one query slot per block
         exact = vtu_logits(model, groups, embeds)
     finally:
         disable_vtu(model)
@@ -415,9 +415,9 @@ def test_decode_logits_equal_reference_every_step(models, kind, mode, layout):
 
 def _decode_attends_padded_columns(monkeypatch):
     """Wrong decode: the new token also attends the padded columns of the virtual prompt layout."""
-    import dymu.vtu
+    from dymu.vtu import VTUBatch
 
-    build = dymu.vtu._build_layout
+    build = VTUBatch._build_layout
 
     def wrong(batch, q_len, kv_len, device):
         lay = build(batch, q_len, kv_len, device)
@@ -428,16 +428,16 @@ def _decode_attends_padded_columns(monkeypatch):
             lay.mask, lay.sdpa_mask = mask, mask[:, None]
         return lay
 
-    monkeypatch.setattr(dymu.vtu, "_build_layout", wrong)
+    monkeypatch.setattr(VTUBatch, "_build_layout", wrong)
 
 
 def _decode_positions_from_merged_count(monkeypatch, decoder):
     """Wrong decode: generated tokens rotated at M_b, M_b+1, ... (what generate does with positions numbered
     from the merged slots) while VTU places them at N_b, N_b+1, ... The position guard is switched off.
     Returns the hook handle on ``decoder`` (the text decoder module)."""
-    import dymu.vtu
+    import dymu.vtu.integration
 
-    monkeypatch.setattr(dymu.vtu, "_check_positions", lambda *args: None)
+    monkeypatch.setattr(dymu.vtu.integration, "_check_positions", lambda *args: None)
 
     def shift(module, args, kwargs):
         batch = current_vtu_batch()

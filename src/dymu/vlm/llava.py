@@ -9,30 +9,33 @@
 3. the language model runs VTU (:mod:`dymu.vtu`): every merged token stands for the original patch positions it
    covers (its source map), placed where the image's placeholders were.
 
-Inputs are what the stock model takes (the llava-hf processor's output, any padding side); ``generate`` returns
-the caller's ``input_ids`` followed by the new tokens, like the stock model. ``forward``'s logits are laid out on
-the merged sequence (left-padded). Each call's per-image visual token counts are on
-``model.dymu_last_counts`` (also on the forward output as ``visual_token_counts``) and logged at INFO level.
+Images are encoded by :func:`dymu.encode` at ``vision_feature_layer`` (the tower stops there), which gives the merged
+features in spatial order and their source maps. Inputs are what the stock model takes (the llava-hf processor's
+output, any padding side), and ``forward`` shows ``generate`` the stock signature (so prefill keeps only the last
+logits); ``generate`` returns the caller's ``input_ids`` followed by the new tokens, like the stock model.
+``forward``'s logits are laid out on the merged sequence (left-padded). Each call's per-image visual token counts
+are on ``model.dymu_last_counts`` (also on the forward output as ``visual_token_counts``) and logged at INFO level.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dymu
 from dymu import vtu as vtu_lib
 from dymu.data import load_image
-from dymu.llm.compat import CACHE_NAMES
 from dymu.merge import TokenOrder
+from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
 
 logger = logging.getLogger(__name__)
-
-VTUMode = Literal["fast", "exact", "off"]
 
 
 @dataclass
@@ -53,8 +56,7 @@ class DyMUSettings:
                 "expected encoder, thresholds, vtu, threshold_offset"
             )
         settings = cls(**block)
-        if settings.vtu not in ("fast", "exact", "off"):
-            raise ValueError(f"dymu.vtu must be 'fast', 'exact' or 'off', got {settings.vtu!r}")
+        check_vtu_mode(settings.vtu, "dymu.vtu")
         return settings
 
 
@@ -67,7 +69,7 @@ class PreparedInputs:
     position_ids: Tensor | None  # [B, M] virtual positions (VTU), None without VTU
     image_features: list[Tensor]  # per image [k_i, D_text]
     visual_token_counts: list[int]
-    vtu_batch: Any = None  # dymu.vtu.VTUBatch when VTU is on
+    vtu_batch: vtu_lib.VTUBatch | None = None  # the VTU state when VTU is on
     groups: list[Tensor] = field(default_factory=list)  # per row: virtual position -> merged slot
 
 
@@ -78,12 +80,12 @@ def full_image_tokens(model: nn.Module) -> int:
     return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
 
 
-@torch.no_grad()
 def encode_images(model: nn.Module, pixel_values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Run the DToMe tower; return per image its projected merged features ``[k_i, D]`` and patch map.
 
-    The patch map ``[n_full]`` gives, for every feature position the stock model would produce, the index of the
-    merged feature that covers it (the source map of ``vision_feature_layer``, CLS dropped for 'default').
+    :func:`dymu.encode` at ``vision_feature_layer`` (the tower stops after that layer; CLS dropped for the
+    'default' strategy): features in spatial order, and a patch map ``[n_full]`` giving, for every feature
+    position the stock model would produce, the index of the merged feature that covers it.
     """
     config = model.config
     layer = config.vision_feature_layer
@@ -91,20 +93,11 @@ def encode_images(model: nn.Module, pixel_values: Tensor) -> tuple[list[Tensor],
         raise ValueError(
             f"DyMU needs one vision_feature_layer (merged token sets differ between layers), got {layer!r}"
         )
-    tower = model.model.vision_tower
-    pixel_values = pixel_values.to(tower.dtype)
-    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
-    run = dymu.last_run(tower)
-    counts = run.num_tokens(layer).tolist()
-    source_map = run.source_maps[layer]
     drop_cls = config.vision_feature_select_strategy == "default"
-    features, patch_maps = [], []
-    for b, n in enumerate(counts):
-        start = 1 if drop_cls else 0  # CLS is protected: alone at index 0
-        features.append(hidden[b, start:n])
-        patch_maps.append(source_map[b, start:] - start)
-    projected = model.model.multi_modal_projector(torch.cat(features))
-    return list(projected.split([f.shape[0] for f in features])), patch_maps
+    enc = dymu.encode(model.model.vision_tower, pixel_values, layer=layer, drop_cls=drop_cls, stop_early=True)
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(torch.cat(enc.features))
+    return list(projected.split(enc.num_tokens)), enc.source_maps
 
 
 def collapse_placeholders(
@@ -160,19 +153,20 @@ def collapse_placeholders(
     return rows, groups
 
 
-def left_pad(rows: list[Tensor], pad_value: int) -> tuple[Tensor, Tensor]:
-    length = max(r.shape[0] for r in rows)
-    ids = rows[0].new_full((len(rows), length), pad_value)
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
-    for b, r in enumerate(rows):
-        ids[b, length - r.shape[0] :] = r
-        mask[b, length - r.shape[0] :] = 1
-    return ids, mask
+def prepare_inputs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    pixel_values: Tensor,
+    vtu: VTUMode | None = None,
+) -> PreparedInputs:
+    """Encode the images with DToMe and lay the prompt out on the merged sequence (left-padded).
 
-
-def prepare_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor) -> PreparedInputs:
-    """Encode the images with DToMe and lay the prompt out on the merged sequence."""
+    ``vtu``: ``"fast"``/``"exact"`` give the VTU batch and its virtual positions, ``"off"`` neither (merged
+    tokens at consecutive positions); ``None`` follows the language model (:func:`dymu.vtu.vtu_mode`).
+    """
     config = model.config
+    vtu = vtu_lib.vtu_mode(model) if vtu is None else check_vtu_mode(vtu, "vtu")
     if not bool((input_ids == config.image_token_id).any()):
         raise ValueError(
             f"pixel_values were given but no prompt holds the image token (id {config.image_token_id}); "
@@ -184,15 +178,12 @@ def prepare_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     )
     counts = [f.shape[0] for f in features]
     pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
-    mode = model._dymu_llava_vtu
-    if mode == "off":
-        ids, mask = left_pad(rows, pad)
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in rows])
+    ids = batch.pad(rows, value=pad)
+    mask = batch.attention_mask.to(ids.device)
+    if vtu == "off":
         return PreparedInputs(ids, mask, None, features, counts, None, groups)
-    batch = vtu_lib.prepare_vtu(groups, padding_side="left")
-    ids, mask = left_pad(rows, pad)
-    return PreparedInputs(
-        ids, batch.attention_mask.to(ids.device), batch.position_ids.to(ids.device), features, counts, batch, groups
-    )
+    return PreparedInputs(ids, mask, batch.position_ids.to(ids.device), features, counts, batch, groups)
 
 
 def _log_counts(model: nn.Module, counts: list[int]) -> None:
@@ -203,22 +194,26 @@ def _log_counts(model: nn.Module, counts: list[int]) -> None:
 
 
 def make_dymu_llava(parent: type) -> type:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    """The DyMU subclass of ``parent`` (a ``LlavaForConditionalGeneration`` class) that :func:`enable_dymu` swaps in.
+
+    Its ``forward`` carries the stock signature (``__signature__``), so ``generate`` sees what the stock model
+    accepts: it passes ``logits_to_keep=1`` at prefill and builds ``position_ids`` from the attention mask when
+    none are given (``vtu="off"``); with VTU the batch's virtual positions are passed explicitly.
+    """
+    stock_forward = inspect.signature(parent.forward)
 
     class DyMULlavaForConditionalGeneration(parent):
         def _dymu_call(self, method, input_ids, pixel_values, attention_mask, kwargs):
             """Encode, collapse the placeholders, then run the stock ``method`` on the merged layout under VTU."""
-            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values)
+            if kwargs.get("mm_encoder_outputs") is not None:
+                raise ValueError("give pixel_values or mm_encoder_outputs, not both")
+            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values, vtu=vtu_lib.vtu_mode(self))
             _log_counts(self, prep.visual_token_counts)
             if prep.position_ids is not None:
                 kwargs["position_ids"] = prep.position_ids
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)}
             with vtu_lib.vtu_context(prep.vtu_batch):
-                out = method(
-                    input_ids=prep.input_ids,
-                    attention_mask=prep.attention_mask,
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
-                    **kwargs,
-                )
+                out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
             return prep, out
 
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
@@ -230,6 +225,8 @@ def make_dymu_llava(parent: type) -> type:
             prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
             out["visual_token_counts"] = prep.visual_token_counts
             return out
+
+        forward.__signature__ = stock_forward  # what generate inspects (logits_to_keep, position_ids, ...)
 
         def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
             if pixel_values is None or input_ids is None:
@@ -263,12 +260,9 @@ def enable_dymu(
     (``None``: the checkpoint's order; ``"authors"`` lets a lone image keep other counts than inside a
     batch, as the original code does; ``"batch"``/``"single"`` make counts independent of the batch).
     """
-    from transformers import LlavaForConditionalGeneration
-
     if not isinstance(model, LlavaForConditionalGeneration):
         raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration, got {type(model).__name__}")
-    if vtu not in ("fast", "exact", "off"):
-        raise ValueError(f"vtu must be 'fast', 'exact' or 'off', got {vtu!r}")
+    check_vtu_mode(vtu, "vtu")
     if hasattr(model, "_dymu_llava_vtu"):
         raise ValueError("DyMU is already enabled on this model; call disable_dymu first")
     dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
@@ -277,7 +271,7 @@ def enable_dymu(
     parent = model.__class__
     model.__class__ = make_dymu_llava(parent)
     model._dymu_llava_parent = parent
-    model._dymu_llava_vtu = vtu
+    model._dymu_llava_vtu = vtu  # the mode enabled; read by dymu.evaluation, dymu.lmms_eval, `dymu eval`
     return model
 
 
@@ -286,8 +280,8 @@ def disable_dymu(model: nn.Module) -> nn.Module:
     parent = model.__dict__.pop("_dymu_llava_parent", None)
     if parent is None:
         return model
-    if model.__dict__.pop("_dymu_llava_vtu") != "off":
-        vtu_lib.disable_vtu(model)
+    model.__dict__.pop("_dymu_llava_vtu", None)
+    vtu_lib.disable_vtu(model)  # a no-op with vtu="off"
     dymu.unpatch(model.model.vision_tower)
     model.__class__ = parent
     model.__dict__.pop("dymu_last_counts", None)

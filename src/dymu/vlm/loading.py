@@ -17,8 +17,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaProcessor,
+)
 
-from dymu.vlm.llava import DyMUSettings, VTUMode, enable_dymu
+from dymu.encoders.names import is_dymu_name, parse_dymu_name
+from dymu.vlm.llava import DyMUSettings, enable_dymu
+from dymu.vtu import VTUMode
 
 # transformers' names for the original checkpoint's weights
 ORIGINAL_KEY_MAPPING = {
@@ -70,8 +83,6 @@ def is_original_llava(config: dict[str, Any]) -> bool:
 
 def dymu_tower(name: str):
     """The parsed DyMU name if ``mm_vision_tower`` names a DyMU tower (``ViT-L-14-336-tome-72out``), else None."""
-    from dymu.encoders.names import is_dymu_name, parse_dymu_name
-
     return parse_dymu_name(name) if is_dymu_name(name) else None
 
 
@@ -87,17 +98,6 @@ def convert_original_llava(
     by default ``mm_vision_tower`` is used, or for a DyMU name its base encoder. Returns the model, the processor
     and the DyMU settings implied by ``mm_vision_tower`` (encoder set when it names a DyMU tower).
     """
-    from transformers import (
-        AutoImageProcessor,
-        AutoTokenizer,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessor,
-        LlavaProcessor,
-    )
-
     path = Path(path)
     raw = read_config(path)
     if not is_original_llava(raw):
@@ -177,8 +177,6 @@ def load_llava(
     names a DyMU tower, or when ``thresholds`` is given; ``dymu=False`` forces it off, ``dymu=True`` on
     (merging off without thresholds: stock outputs). Keyword arguments override the config's settings.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     raw = read_config(path)
     if is_original_llava(raw):
         model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
@@ -193,8 +191,6 @@ def load_llava(
     settings = settings or DyMUSettings()
     chosen = thresholds if thresholds is not None else settings.thresholds
     if chosen is None and settings.encoder is not None:
-        from dymu.encoders.names import parse_dymu_name
-
         chosen = parse_dymu_name(settings.encoder).find_checkpoint()
     if isinstance(chosen, str) and not Path(chosen).is_absolute() and (Path(path) / chosen).is_file():
         chosen = Path(path) / chosen  # a path in the dymu block is relative to the checkpoint folder

@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import transformers
+from packaging.version import Version
 from torch import nn
 
 __all__ = ["CACHE_NAMES", "cache_kwarg", "output_cache"]
@@ -21,9 +23,6 @@ CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")
 
 
 def _transformers_default() -> str:
-    import transformers
-    from packaging.version import Version
-
     return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 

@@ -1,9 +1,8 @@
-"""Decoder-family knowledge for VTU: find a VLM's RoPE text decoder and check that VTU applies.
+"""Decoder-family knowledge for VTU: find a model's RoPE text decoder and check that VTU applies.
 
-VTU (:mod:`dymu.vtu`) plugs into transformers through one generic hook, an attention function
-registered with ``AttentionInterface``, so no decoder file is copied and no class is swapped. What
-differs between families is only *whether* that hook is valid for a given model. This module answers
-that question:
+VTU plugs into transformers through one generic hook, an attention function registered with
+``AttentionInterface`` (:mod:`dymu.vtu.integration`), so no decoder file is copied and no class is swapped.
+What differs between families is only *whether* that hook is valid for a given model:
 
 * :func:`find_decoder` locates the text decoder inside a ``*ForCausalLM``, a bare ``*Model`` or a VLM
   (e.g. ``LlavaForConditionalGeneration``, whose text model is ``model.model.language_model``) and
@@ -12,8 +11,6 @@ that question:
 * :func:`check_vtu_support` raises a :class:`ValueError` naming the problem when VTU would be wrong:
   a family that was not checked, a decoder without RoPE, partial rotary dims, RoPE scaling whose
   angles are not plain ``position * inv_freq`` (YaRN, LongRoPE, ...), or a sliding window in use.
-* :func:`cache_kwarg` / :func:`output_cache` (:mod:`dymu.llm.compat`) name the KV-cache argument
-  and output field as the installed transformers does (``cache`` from 5.24, ``past_key_values`` before).
 
 Supported families: ``llama``, ``qwen2``, ``mistral`` (their attention modules share the contract
 VTU relies on: q/k rotated with ``rotate_half`` RoPE before the attention function is called, and
@@ -26,11 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from dymu.llm.compat import cache_kwarg, output_cache
-
 __all__ = [
-    "cache_kwarg",
-    "output_cache",
     "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_ROPE_TYPES",
     "DecoderInfo",
