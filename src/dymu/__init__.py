@@ -26,7 +26,6 @@ from dymu.encoders import (
     unpatch,
 )
 from dymu.encoders.names import DyMUName, parse_dymu_name
-from dymu.vtu import VTUBatch, concat_groups, disable_vtu, enable_vtu, prepare_vtu, vtu_context
 from dymu.merge import TokenState, dtome_step, size_bias
 from dymu.thresholds import (
     RunningThresholds,
@@ -36,6 +35,20 @@ from dymu.thresholds import (
     merge_schedule,
     save_thresholds,
 )
+
+# dymu.vtu imports transformers (seconds): loaded on first use, so `import dymu` and `dymu --help` stay quick
+_VTU_NAMES = ("VTUBatch", "concat_groups", "disable_vtu", "enable_vtu", "prepare_vtu", "vtu_context")
+
+
+def __getattr__(name: str):
+    if name in _VTU_NAMES:
+        import dymu.vtu
+
+        value = getattr(dymu.vtu, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dymu' has no attribute {name!r}")
+
 
 __all__ = [
     "patch",
