@@ -1,0 +1,565 @@
+"""LLaVA-OneVision with DyMU, on transformers' own ``LlavaOnevisionForConditionalGeneration`` (no forked model code).
+
+:func:`enable_dymu_onevision` turns a stock model into a DyMU model in place:
+
+1. **DToMe in the SigLIP tower** (:func:`dymu.patch`): every crop of every image of the call — each image's base
+   crop and its anyres tiles, as the stock processor makes them — goes through the patched tower as *one* batch,
+   each crop keeping its own number of tokens (``token_order="batch"`` by default: the authors' OneVision code
+   flattens the crops into a batch). The features are those of ``vision_feature_layer`` (stock default -1),
+   selected with ``dymu.encode(..., layer=vision_feature_layer)``.
+2. **One group map per image, on the stock layout.** The stock ``pack_image_features`` lays an image out as the
+   base crop's ``h·w`` tokens, then the tiles stitched into one grid (row-major over the whole stitched image),
+   unpadded, with ``image_newline`` after each row (multi-image prompts: base crop + one newline per image).
+   :func:`stock_layout` derives, for every stock placeholder position, which crop patch ``(crop, patch)`` it
+   comes from or that it is an ``image_newline`` — by running the *stock* ``pack_image_features`` itself on
+   integer codes instead of features, so the layout is the stock one by construction. Then:
+
+   * a merged token's group = the stock positions whose source patch it covers (its ``source_map``);
+   * a patch that unpadding removes is in no group; a merged token all of whose patches were unpadded away is
+     dropped (it has no stock position, so the stock model would not have seen it either);
+   * each ``image_newline`` is a group of one at its stock position;
+   * slots are numbered by their first stock position, so the merged sequence follows the stock order.
+
+   With merging off, every group is one position and the features are the stock ones: stock logits.
+3. **Placeholders collapsed**: each image's run of ``image_token_id`` (its stock count) is collapsed to its number
+   of slots, rows are left-padded again, and the projected merged features go to the stock code through
+   ``mm_encoder_outputs``; the Qwen2 decoder runs VTU (:mod:`dymu.vtu`) on the combined group maps.
+
+**Downsampling past ``anyres_max_N``**: when the unpadded grid is larger than ``N`` crops (ratio > 1.1), the
+stock model bilinearly downsamples the stitched features. A bilinear sample blends up to four patches; VTU can only
+*copy* one merged token to a virtual position, so it cannot represent it. ``downsample="nearest"`` (default) keeps
+the stock *layout* (same positions, rows and newlines, same placeholder count) and maps every downsampled
+position to its nearest source patch (``interpolate(mode="nearest-exact")``, the pixel-centre rule): that image
+then differs from stock even with merging off (nearest instead of bilinear features), everything else is as above.
+``downsample="error"`` refuses such images instead. Images that do not reach the limit are unaffected.
+
+Video (``pixel_values_videos``) is refused. Inputs are otherwise what the stock model takes (the processor's
+output, any padding side). ``generate`` returns the caller's ``input_ids`` followed by the new tokens;
+``forward``'s logits are laid out on the merged, left-padded sequence. Per-image visual token counts (merged
+tokens + newlines) are on ``model.dymu_last_counts``, per-crop token counts on ``model.dymu_last_crop_counts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dymu
+from dymu import vtu as vtu_lib
+from dymu.merge import TokenOrder
+
+logger = logging.getLogger(__name__)
+
+VTUMode = Literal["fast", "exact", "off"]
+Downsample = Literal["nearest", "error"]
+NEWLINE = -1  # layout code of an image_newline position
+CACHE_NAMES = ("cache", "past_key_values")
+_NO_LIMIT = "anyres_max_1000000000"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout: for every stock placeholder position, the crop patch it comes from (or a newline)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.model if hasattr(model, "lm_head") else model
+
+
+def crops_per_image(model: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | list[int] | None) -> list[int]:
+    """Crops the stock ``get_image_features`` takes per image (base + tiles; 1 for images of multi-image prompts)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        image_size_to_num_patches,
+    )
+
+    config = _inner(model).config
+    if batch_num_images is None:
+        need = [True] * len(image_sizes)
+    else:
+        need = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        if len(need) != len(image_sizes):
+            raise ValueError(
+                f"batch_num_images {list(map(int, batch_num_images))} counts {len(need)} images, "
+                f"but image_sizes has {len(image_sizes)}"
+            )
+    return [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size) if n else 1
+        for size, n in zip(image_sizes, need)
+    ]
+
+
+def _pack_codes(model: nn.Module, num_crops: int, image_size: Tensor, aspect: str) -> Tensor:
+    """Stock ``pack_image_features`` run on integer codes ``crop·hw + patch`` (newline = -1) of one image."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        LlavaOnevisionModel,
+    )
+
+    inner = _inner(model)
+    vc = inner.config.vision_config
+    hw = (vc.image_size // vc.patch_size) ** 2
+    codes = torch.arange(num_crops * hw, dtype=torch.float64).view(num_crops, hw, 1)
+    newline = torch.full((1,), float(NEWLINE), dtype=torch.float64)
+    packed, _ = LlavaOnevisionModel.pack_image_features(
+        inner, [codes], image_size.view(1, 2), image_newline=newline, vision_aspect_ratio=aspect
+    )
+    return packed[0][:, 0]
+
+
+def stock_layout(
+    model: nn.Module, num_crops: int, image_size: Tensor, *, downsample: Downsample = "nearest"
+) -> Tensor:
+    """Codes ``[n_stock]`` of one image's stock placeholder positions: ``crop·h·w + patch`` or ``NEWLINE`` (-1).
+
+    ``crop`` is local to the image (0 = base crop), ``patch`` the raster index in the crop's ``h×w`` grid. Derived
+    by the stock ``pack_image_features`` itself; see the module docstring for downsampled images.
+    """
+    inner = _inner(model)
+    aspect = inner.config.vision_aspect_ratio or "anyres_max_9"
+    try:
+        full = _pack_codes(model, num_crops, image_size, _NO_LIMIT)
+        stock = _pack_codes(model, num_crops, image_size, aspect)
+    except (RuntimeError, ValueError) as error:
+        vc = inner.config.vision_config
+        raise ValueError(
+            f"image of size {tuple(int(s) for s in image_size)} (H, W) with {num_crops} crops does not fit the anyres "
+            f"grid (image_grid_pinpoints {inner.config.image_grid_pinpoints}, crops of {vc.image_size} px): {error}"
+        ) from error
+    if stock.shape == full.shape and torch.equal(stock, full):
+        return full.round().long()
+    # the stock model downsamples this image bilinearly (past anyres_max_N)
+    if downsample == "error":
+        raise ValueError(
+            f"the stock layout downsamples this image (size {tuple(int(s) for s in image_size)} (H, W), "
+            f"{num_crops - 1} tiles, past {aspect}) by bilinear interpolation, which VTU cannot represent "
+            "(a bilinear sample blends several patches); use downsample='nearest' or a smaller image"
+        )
+    vc = inner.config.vision_config
+    base = (vc.image_size // vc.patch_size) ** 2
+    rows_full = int((full[base:] == NEWLINE).sum())
+    grid = full[base:].view(rows_full, -1)[:, :-1]  # drop the newline column
+    rows = int((stock[base:] == NEWLINE).sum())
+    cols = (stock.numel() - base) // rows - 1
+    nearest = F.interpolate(grid[None, None], size=[rows, cols], mode="nearest-exact")[0, 0]
+    nearest = torch.cat([nearest, torch.full((rows, 1), float(NEWLINE), dtype=nearest.dtype)], dim=1)
+    return torch.cat([full[:base], nearest.flatten()]).round().long()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding: all crops in one DToMe batch, one group map per image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedImages:
+    features: list[Tensor]  # per image [k_i, D_text]: merged tokens and newlines, in slot order
+    groups: list[Tensor]  # per image [n_stock_i]: stock placeholder position -> local slot
+    crop_counts: list[list[int]]  # per image, tokens kept per crop by DToMe
+    downsampled: list[bool]
+
+
+def _flat_crops(pixel_values: Tensor | list[Tensor], crops: list[int]) -> Tensor:
+    if isinstance(pixel_values, (list, tuple)):
+        pixel_values = [p if p.dim() == 4 else p[None] for p in pixel_values]
+        return torch.cat([p[:n] for p, n in zip(pixel_values, crops)])
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(crops):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} images but image_sizes has {len(crops)}")
+        short = [i for i, n in enumerate(crops) if n > pixel_values.shape[1]]
+        if short:
+            raise ValueError(
+                f"image {short[0]} needs {crops[short[0]]} crops for its size but pixel_values hold "
+                f"{pixel_values.shape[1]} per image: the image_sizes do not match the processed pixels"
+            )
+        return torch.cat([p[:n] for p, n in zip(pixel_values, crops)])
+    if pixel_values.dim() == 4:
+        if pixel_values.shape[0] != sum(crops):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} crops, image_sizes need {sum(crops)}")
+        return pixel_values
+    raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+
+
+def _image_groups(layout: Tensor, token_of: Tensor, crop0: int, hw: int, width: int) -> tuple[Tensor, Tensor]:
+    """Local groups ``[n]`` and the slot keys (``crop·width + token`` or ``-(position+1)`` for newlines)."""
+    n = layout.numel()
+    is_nl = layout == NEWLINE
+    code = layout.clamp(min=0)
+    crop = crop0 + code // hw
+    keys = crop * width + token_of[crop, code % hw]
+    keys = torch.where(is_nl, -(torch.arange(n) + 1), keys)
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full((uniq.numel(),), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank[inverse], uniq[order]
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    pixel_values: Tensor | list[Tensor],
+    image_sizes: Tensor,
+    batch_num_images: Tensor | list[int] | None = None,
+    *,
+    vision_feature_layer: int | None = None,
+    downsample: Downsample = "nearest",
+) -> EncodedImages:
+    """Run every crop through the DToMe tower as one batch; per image its merged features and group map."""
+    inner = _inner(model)
+    config = inner.config
+    layer = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"DyMU needs one vision_feature_layer (merged token sets differ between layers), got {layer!r}"
+        )
+    strategy = config.vision_feature_select_strategy
+    tower = inner.vision_tower
+    state = dymu.get_state(tower)
+    if strategy == "default" and not state.protect_first:
+        raise ValueError(
+            f"vision_feature_select_strategy='default' drops a CLS token, but {state.encoder} has none "
+            "(LLaVA-OneVision's SigLIP uses 'full')"
+        )
+    image_sizes = torch.as_tensor(image_sizes).cpu()
+    crops = crops_per_image(model, image_sizes, batch_num_images)
+    flat = _flat_crops(pixel_values, crops)
+    vc = config.vision_config
+    if tuple(flat.shape[-2:]) != (vc.image_size, vc.image_size):
+        raise ValueError(f"crops of {tuple(flat.shape[-2:])} px, but the tower takes {vc.image_size}×{vc.image_size}")
+    layouts, downsampled = [], []
+    for size, n in zip(image_sizes, crops):
+        layout = stock_layout(model, n, size, downsample=downsample)
+        layouts.append(layout)
+        downsampled.append(bool(n > 1 and layout.numel() != _pack_codes(model, n, size, _NO_LIMIT).numel()))
+    enc = dymu.encode(tower, flat, layer=layer, drop_cls=strategy == "default")
+    start = 1 if strategy == "default" else 0
+    projected = inner.multi_modal_projector(enc.hidden_states.to(inner.multi_modal_projector.linear_1.weight.dtype))
+    width = projected.shape[1]
+    hw = (vc.image_size // vc.patch_size) ** 2
+    token_of = enc.padded_source_map[:, start:].cpu().long()  # [crops, hw] -> row of hidden_states (encoder order)
+    if token_of.shape[1] != hw:
+        raise ValueError(f"the tower gives {token_of.shape[1]} patches per crop, the layout expects {hw}")
+    flat_proj = projected.reshape(-1, projected.shape[-1])
+    newline = inner.image_newline.to(projected.device, projected.dtype)
+    counts = [int(c) - start for c in enc.mask.sum(1).tolist()]
+    features, groups, crop_counts = [], [], []
+    crop0 = 0
+    for layout, n in zip(layouts, crops):
+        local, keys = _image_groups(layout, token_of, crop0, hw, width)
+        rows = flat_proj[keys.clamp(min=0).to(projected.device)]
+        rows = torch.where((keys < 0).to(projected.device)[:, None], newline[None], rows)
+        features.append(rows)
+        groups.append(local)
+        crop_counts.append(counts[crop0 : crop0 + n])
+        crop0 += n
+    return EncodedImages(features, groups, crop_counts, downsampled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt layout: collapse each image's placeholders to its merged count
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def collapse_placeholders(
+    input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int, groups: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per row: merged token ids and the row's groups (virtual sequence = the row as the stock model sees it)."""
+    stock_counts = [g.numel() for g in groups]
+    merged_counts = [int(g.max()) + 1 for g in groups]
+    rows, row_groups = [], []
+    image = 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+        values, lengths = torch.unique_consecutive(ids == image_token_id, return_counts=True)
+        merged, parts, position = [], [], 0
+        for is_image, length in zip(values.tolist(), lengths.tolist()):
+            if not is_image:
+                merged.append(ids[position : position + length])
+                parts.append(length)
+            else:
+                left = length
+                while left > 0:
+                    if image >= len(groups):
+                        raise ValueError(
+                            f"row {b} holds more image placeholders than the {len(groups)} images given "
+                            f"({left} placeholder tokens left over)"
+                        )
+                    if stock_counts[image] > left:
+                        raise ValueError(
+                            f"row {b}: image {image} needs {stock_counts[image]} placeholder tokens (its stock "
+                            f"layout) but the run holds {left}: prompts and images do not match"
+                        )
+                    merged.append(torch.full((merged_counts[image],), image_token_id, dtype=ids.dtype, device=ids.device))
+                    parts.append(groups[image])
+                    left -= stock_counts[image]
+                    image += 1
+            position += length
+        rows.append(torch.cat(merged))
+        row_groups.append(vtu_lib.concat_groups(parts))
+    if image != len(groups):
+        raise ValueError(
+            f"{len(groups)} images were given but the prompts hold placeholders for {image}: "
+            "each image needs an <image> token in its prompt"
+        )
+    return rows, row_groups
+
+
+def _left_pad(rows: list[Tensor], pad_value: int) -> tuple[Tensor, Tensor]:
+    length = max(r.shape[0] for r in rows)
+    ids = rows[0].new_full((len(rows), length), pad_value)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for b, r in enumerate(rows):
+        ids[b, length - r.shape[0] :] = r
+        mask[b, length - r.shape[0] :] = 1
+    return ids, mask
+
+
+@dataclass
+class PreparedInputs:
+    input_ids: Tensor  # [B, M] left-padded
+    attention_mask: Tensor
+    position_ids: Tensor  # virtual positions (VTU on); 0..M_b-1 after the padding (VTU off)
+    image_features: list[Tensor]
+    groups: list[Tensor]  # per row: virtual position -> merged slot
+    vtu_batch: Any
+    encoded: EncodedImages
+
+
+def prepare_inputs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    pixel_values: Tensor,
+    image_sizes: Tensor,
+    batch_num_images: Tensor | None = None,
+    vision_feature_layer: int | None = None,
+) -> PreparedInputs:
+    """Encode the images with DToMe and lay the prompts out on the merged sequence."""
+    config = model.config
+    if image_sizes is None:
+        raise ValueError("pixel_values without image_sizes: pass the processor's image_sizes")
+    if not bool((input_ids == config.image_token_id).any()):
+        raise ValueError(
+            f"pixel_values were given but no prompt holds the image token (id {config.image_token_id}); "
+            "put '<image>' in the prompt"
+        )
+    enc = encode_images(
+        model, pixel_values, image_sizes, batch_num_images,
+        vision_feature_layer=vision_feature_layer, downsample=model._dymu_ov["downsample"],
+    )
+    rows, groups = collapse_placeholders(input_ids, attention_mask, config.image_token_id, enc.groups)
+    pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+    ids, mask = _left_pad(rows, pad)
+    if model._dymu_ov["vtu"] == "off":  # merged tokens at consecutive positions, as generate numbers them
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return PreparedInputs(ids, mask, positions, enc.features, groups, None, enc)
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left")
+    return PreparedInputs(
+        ids, batch.attention_mask.to(ids.device), batch.position_ids.to(ids.device), enc.features, groups, batch, enc
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+VIDEO_MESSAGE = (
+    "video is not supported with DyMU yet: got pixel_values_videos; the stock video path pools h·w tokens per "
+    "frame. Call disable_dymu_onevision(model) for video inputs"
+)
+
+
+def _log_counts(model: nn.Module, enc: EncodedImages) -> None:
+    counts = [int(f.shape[0]) for f in enc.features]
+    model.dymu_last_counts = counts
+    model.dymu_last_crop_counts = enc.crop_counts
+    t = torch.tensor(counts, dtype=torch.float32)
+    std = float(t.std()) if len(counts) > 1 else 0.0
+    logger.info("DyMU visual tokens per image: %.1f ± %.1f (%s)", float(t.mean()), std, counts)
+
+
+def make_dymu_onevision(parent: type) -> type:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    class DyMUOnevision(parent):
+        def _dymu_call(self, method, input_ids, pixel_values, attention_mask, kwargs):
+            if kwargs.get("pixel_values_videos") is not None:
+                raise ValueError(VIDEO_MESSAGE)
+            kwargs.pop("pixel_values_videos", None)
+            kwargs.pop("image_sizes_videos", None)
+            image_sizes = kwargs.pop("image_sizes", None)
+            batch_num_images = kwargs.pop("batch_num_images", None)
+            layer = kwargs.pop("vision_feature_layer", None)
+            strategy = kwargs.pop("vision_feature_select_strategy", None)
+            if strategy is not None and strategy != self.config.vision_feature_select_strategy:
+                raise ValueError("a vision_feature_select_strategy other than the config's is not supported with DyMU")
+            kwargs.pop("vision_aspect_ratio", None)
+            if kwargs.get("inputs_embeds") is not None:
+                raise ValueError("DyMU needs input_ids (to find the image placeholders), not inputs_embeds")
+            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, layer)
+            _log_counts(self, prep.encoded)
+            if prep.position_ids is not None:
+                kwargs["position_ids"] = prep.position_ids
+            with vtu_lib.vtu_context(prep.vtu_batch):
+                out = method(
+                    input_ids=prep.input_ids,
+                    attention_mask=prep.attention_mask,
+                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
+                    **kwargs,
+                )
+            self.dymu_last_inputs = prep
+            return prep, out
+
+        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            if kwargs.get("pixel_values_videos") is not None:
+                raise ValueError(VIDEO_MESSAGE)
+            if pixel_values is None or input_ids is None:
+                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+            cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
+            prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
+            out["visual_token_counts"] = [int(f.shape[0]) for f in prep.image_features]
+            return out
+
+        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            if kwargs.get("pixel_values_videos") is not None:
+                raise ValueError(VIDEO_MESSAGE)
+            if pixel_values is None or input_ids is None:
+                return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+            prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
+            sequences = out if isinstance(out, Tensor) else out.sequences
+            full = torch.cat([input_ids.to(sequences.device), sequences[:, prep.input_ids.shape[1] :]], dim=1)
+            if isinstance(out, Tensor):
+                return full
+            out.sequences = full
+            return out
+
+    DyMUOnevision.__qualname__ = DyMUOnevision.__name__ = f"DyMU{parent.__name__}"
+    return DyMUOnevision
+
+
+def enable_dymu_onevision(
+    model: nn.Module,
+    thresholds: dymu.encoders.ThresholdsLike | None = None,
+    *,
+    vtu: VTUMode = "fast",
+    token_order: TokenOrder | None = "batch",
+    threshold_offset: float = 0.0,
+    downsample: Downsample = "nearest",
+) -> nn.Module:
+    """Make a stock ``LlavaOnevisionForConditionalGeneration`` run DyMU (in place; returns the model).
+
+    ``thresholds=None`` keeps merging off (stock outputs, except images the stock model downsamples, see the module
+    docstring). ``vtu``: ``"fast"`` (default), ``"exact"`` or ``"off"`` (merged tokens at consecutive positions).
+    ``token_order`` goes to :func:`dymu.patch` (default ``"batch"``: the authors' OneVision crop batch; counts do
+    not depend on the batch). ``downsample``: ``"nearest"`` or ``"error"`` for images past ``anyres_max_N``.
+    """
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    if not isinstance(model, LlavaOnevisionForConditionalGeneration):
+        raise ValueError(
+            f"enable_dymu_onevision expects a LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
+        )
+    if vtu not in ("fast", "exact", "off"):
+        raise ValueError(f"vtu must be 'fast', 'exact' or 'off', got {vtu!r}")
+    if downsample not in ("nearest", "error"):
+        raise ValueError(f"downsample must be 'nearest' or 'error', got {downsample!r}")
+    if hasattr(model, "_dymu_ov"):
+        raise ValueError("DyMU is already enabled on this model; call disable_dymu_onevision first")
+    if not isinstance(model.config.vision_feature_layer, int):
+        raise ValueError(
+            f"DyMU needs one vision_feature_layer (merged token sets differ between layers), "
+            f"got {model.config.vision_feature_layer!r}"
+        )
+    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
+    try:
+        if vtu != "off":
+            vtu_lib.enable_vtu(model, vtu)
+    except Exception:
+        dymu.unpatch(model.model.vision_tower)
+        raise
+    parent = model.__class__
+    model.__class__ = make_dymu_onevision(parent)
+    model._dymu_ov = {"parent": parent, "vtu": vtu, "downsample": downsample}
+    return model
+
+
+def disable_dymu_onevision(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_dymu_onevision`: stock class, tower and attention implementation."""
+    settings = model.__dict__.pop("_dymu_ov", None)
+    if settings is None:
+        return model
+    if settings["vtu"] != "off":
+        vtu_lib.disable_vtu(model)
+    dymu.unpatch(model.model.vision_tower)
+    model.__class__ = settings["parent"]
+    for name in ("dymu_last_counts", "dymu_last_crop_counts", "dymu_last_inputs"):
+        model.__dict__.pop(name, None)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random model for tests and docs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_onevision(
+    crop: int = 28, patch: int = 7, max_tiles: int = 4, seed: int = 0, std: float | None = 0.3,
+    vision_layers: int = 3, text_layers: int = 2, vision_aspect_ratio: str = "anyres_max_9",
+):
+    """A tiny random ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) and its processor.
+
+    Crops of ``crop`` px (``(crop/patch)²`` patches each); grid pinpoints up to ``max_tiles × max_tiles`` crops.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from dymu.testing import scale_weights, word_tokenizer
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    pins = [[crop * a, crop * b] for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1)]
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+        image_size=crop, patch_size=patch,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=8192,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("USER:"),  # unused id (video is refused)
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pins,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    if std is not None:
+        scale_weights(model, std, seed)
+        with torch.no_grad():
+            model.model.image_newline.normal_(0, std, generator=torch.Generator().manual_seed(seed + 1))
+    size = {"height": crop, "width": crop}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pins, crop_size=size),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tok,
+        num_image_tokens=(crop // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
