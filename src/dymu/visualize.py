@@ -68,20 +68,14 @@ def demo_tower(
     *, layers: int = 6, image_size: int = 224, r_total: int = 150, schedule: str = "constant",
     calibration_images: int = 16, seed: int = 0,
 ) -> Tower:
-    """The demo's small random CLIP ViT (``dymu demo``), with thresholds found on built-in images."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
+    """The demo's small random CLIP ViT (``dymu demo``, :func:`dymu.demo.random_clip`), with thresholds found on
+    built-in images."""
+    from dymu.demo import random_clip
     from dymu.samples import image_set
 
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=192, intermediate_size=384, num_hidden_layers=layers, num_attention_heads=6,
-        image_size=image_size, patch_size=14,
-    )
-    model = CLIPVisionModel(config).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+    model, processor = random_clip(layers=layers, image_size=image_size, patch_size=14, seed=seed)
     tower = Tower(model, processor, "", True, 14, image_size)
-    find_thresholds(tower, r_total=r_total, schedule=schedule, images=image_set(calibration_images, image_size))
+    find_and_apply_thresholds(tower, r_total=r_total, schedule=schedule, images=image_set(calibration_images, image_size))
     tower.description = (
         f"random CLIP ViT ({layers} layers, {image_size} px, patch 14); thresholds found on "
         f"{calibration_images} built-in images, r_total {r_total} ({schedule})"
@@ -123,7 +117,7 @@ def load_tower(
 
         patches = (vc.image_size // vc.patch_size) ** 2
         r = r_total if r_total is not None else patches - patches // 8
-        find_thresholds(tower, r_total=r, schedule=schedule, images=image_set(16, vc.image_size))
+        find_and_apply_thresholds(tower, r_total=r, schedule=schedule, images=image_set(16, vc.image_size))
         tower.description += f"; thresholds found on 16 built-in (synthetic) images, r_total {r} — pass real ones with --thresholds"
     else:
         dymu.patch(model, thresholds)
@@ -132,7 +126,7 @@ def load_tower(
     return tower
 
 
-def find_thresholds(tower: Tower, *, r_total: int, schedule: str, images: Sequence[Any]) -> list[float]:
+def find_and_apply_thresholds(tower: Tower, *, r_total: int, schedule: str, images: Sequence[Any]) -> list[float]:
     """Find thresholds on ``images`` and leave the tower patched in inference mode with them."""
     model = tower.model
     if "_dymu_state" in model.__dict__:

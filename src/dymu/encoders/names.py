@@ -207,16 +207,6 @@ class DyMUName:
         )
 
 
-def hf_name_of(identity: str) -> str | None:
-    """transformers hub name of a known encoder identity (or alias); None if it has none."""
-    return base_encoder(identity).hf_name
-
-
-def checkpoint_path(name: str) -> Path:
-    """Default threshold checkpoint path of a DyMU name (see :attr:`DyMUName.checkpoint_path`)."""
-    return parse_dymu_name(name).checkpoint_path
-
-
 def checkpoint_dir() -> Path:
     return Path(os.environ.get("DYMU_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
 
