@@ -1,6 +1,17 @@
-"""DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`)."""
+"""DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision
+(:mod:`dymu.vlm.onevision`)."""
 
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
 from dymu.vlm.loading import convert_original_llava, load_llava
+from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
 
-__all__ = ["Answer", "answer", "enable_dymu", "disable_dymu", "load_llava", "convert_original_llava"]
+__all__ = [
+    "Answer",
+    "answer",
+    "enable_dymu",
+    "disable_dymu",
+    "load_llava",
+    "convert_original_llava",
+    "enable_dymu_onevision",
+    "disable_dymu_onevision",
+]
