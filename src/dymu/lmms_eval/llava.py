@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 from dymu import evaluation
 from dymu.evaluation import Prompt
+from dymu.vtu import VTU_MODES
 
 NAME = "dymu_llava"
-VTU_MODES = ("fast", "exact", "off")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

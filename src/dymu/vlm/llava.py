@@ -232,16 +232,21 @@ def make_dymu_llava(parent: type) -> type:
             if pixel_values is None or input_ids is None:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
             prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
-            # give back the caller's prompt + the new tokens, as the stock model does
-            sequences = out if isinstance(out, Tensor) else out.sequences
-            full = torch.cat([input_ids.to(sequences.device), sequences[:, prep.input_ids.shape[1] :]], dim=1)
-            if isinstance(out, Tensor):
-                return full
-            out.sequences = full
-            return out
+            return with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
 
     DyMULlavaForConditionalGeneration.__qualname__ = DyMULlavaForConditionalGeneration.__name__ = f"DyMU{parent.__name__}"
     return DyMULlavaForConditionalGeneration
+
+
+def with_caller_prompt(out: Any, input_ids: Tensor, merged_length: int) -> Any:
+    """``generate``'s output with the caller's prompt (placeholders expanded, as given) + the new tokens, as the
+    stock model returns it; ``merged_length`` is the length of the collapsed prompt generate ran on."""
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    full = torch.cat([input_ids.to(sequences.device), sequences[:, merged_length:]], dim=1)
+    if isinstance(out, Tensor):
+        return full
+    out.sequences = full
+    return out
 
 
 def enable_dymu(

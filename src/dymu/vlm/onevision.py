@@ -52,13 +52,13 @@ from torch import Tensor, nn
 import dymu
 from dymu import vtu as vtu_lib
 from dymu.merge import TokenOrder
+from dymu.vlm.llava import with_caller_prompt
+from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
 
 logger = logging.getLogger(__name__)
 
-VTUMode = Literal["fast", "exact", "off"]
 Downsample = Literal["nearest", "error"]
 NEWLINE = -1  # layout code of an image_newline position
-CACHE_NAMES = ("cache", "past_key_values")
 _NO_LIMIT = "anyres_max_1000000000"
 
 
@@ -433,12 +433,7 @@ def make_dymu_onevision(parent: type) -> type:
             if pixel_values is None or input_ids is None:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
             prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
-            sequences = out if isinstance(out, Tensor) else out.sequences
-            full = torch.cat([input_ids.to(sequences.device), sequences[:, prep.input_ids.shape[1] :]], dim=1)
-            if isinstance(out, Tensor):
-                return full
-            out.sequences = full
-            return out
+            return with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
 
     DyMUOnevision.__qualname__ = DyMUOnevision.__name__ = f"DyMU{parent.__name__}"
     return DyMUOnevision
@@ -466,8 +461,7 @@ def enable_dymu_onevision(
         raise ValueError(
             f"enable_dymu_onevision expects a LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
         )
-    if vtu not in ("fast", "exact", "off"):
-        raise ValueError(f"vtu must be 'fast', 'exact' or 'off', got {vtu!r}")
+    check_vtu_mode(vtu, "vtu")
     if downsample not in ("nearest", "error"):
         raise ValueError(f"downsample must be 'nearest' or 'error', got {downsample!r}")
     if hasattr(model, "_dymu_ov"):
