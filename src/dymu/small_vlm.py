@@ -1,0 +1,181 @@
+"""A small real LLaVA-1.5-style VLM from the real parts: DINOv2-S/14 + ``mlp2x_gelu`` + SmolLM2-135M-Instruct.
+
+Everything is stock transformers: the model is a ``LlavaForConditionalGeneration`` (``model.model.vision_tower``
+is a ``Dinov2Model``, ``model.model.language_model`` a ``LlamaModel``) and the processor a ``LlavaProcessor``
+(``BitImageProcessor`` squashing any image to 224×224 with bicubic resampling and ImageNet mean/std, the SmolLM2
+tokenizer, a chat template that is SmolLM2's with image items rendered as the image token). At 224 px DINOv2
+gives 1 CLS + 256 patch tokens; ``vision_feature_select_strategy="default"`` drops CLS, so each image is 256
+placeholder tokens. The image token is SmolLM2's ``<empty_output>`` (id 16), a real vocabulary entry that chat
+text never contains.
+
+``build_small_vlm(projector_weights)`` loads a trained projector (and, if the file holds them, LoRA deltas that
+are merged into the language model's linear layers) from a safetensors file, e.g.
+``checkpoints/small_vlm/projector.safetensors`` (trained by ``dymu train-projector``). Without weights
+the projector is randomly initialised (seeded). ``save_pretrained`` round-trips through
+``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "small_vlm" / "projector.safetensors"
+
+IMAGE_TOKEN = "<empty_output>"
+IMAGE_SIZE = 224
+PATCH_SIZE = 14
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 256
+VISION_FEATURE_LAYER = -1  # last DINOv2 block (before the final layernorm); CLS dropped by "default"
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+LORA_PREFIX = "lora."
+
+
+def build_processor(smol_dir: str | os.PathLike[str]) -> Any:
+    from transformers import AutoTokenizer, BitImageProcessor, LlavaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    image_processor = BitImageProcessor(
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,  # bicubic
+        do_center_crop=False,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def build_config(dino_dir: str | os.PathLike[str], smol_dir: str | os.PathLike[str], image_token_id: int) -> Any:
+    from transformers import AutoConfig, LlavaConfig
+
+    vision = AutoConfig.from_pretrained(dino_dir)
+    text = AutoConfig.from_pretrained(smol_dir)
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=VISION_FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        image_seq_length=NUM_IMAGE_TOKENS,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+
+
+def lora_targets(language_model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The ``nn.Linear`` modules of ``language_model`` whose last name part is in ``names`` (e.g. q_proj)."""
+    return {
+        path: mod
+        for path, mod in language_model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and path.rsplit(".", 1)[-1] in names
+    }
+
+
+@torch.no_grad()
+def load_trained(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load projector weights (``multi_modal_projector.*``) and merge LoRA deltas (``lora.<module>.A/B`` with
+    ``lora.<module>.scale``) from a safetensors file into ``model``; returns the file's metadata."""
+    from safetensors import safe_open
+
+    projector: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if key.startswith(LORA_PREFIX):
+                module, part = key[len(LORA_PREFIX) :].rsplit(".", 1)
+                lora.setdefault(module, {})[part] = f.get_tensor(key)
+            elif key.startswith("multi_modal_projector."):
+                projector[key[len("multi_modal_projector.") :]] = f.get_tensor(key)
+            else:
+                raise ValueError(f"{path}: unexpected tensor {key!r}")
+    model.model.multi_modal_projector.load_state_dict(projector)
+    lm = model.model.language_model
+    modules = dict(lm.named_modules())
+    for name, parts in lora.items():
+        linear = modules[name]
+        delta = (parts["B"].float() @ parts["A"].float()) * parts["scale"].float()
+        linear.weight += delta.to(linear.weight.dtype)
+    return meta
+
+
+def build_small_vlm(
+    projector_weights: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """Assemble the model and processor from the real weights (built by ``dymu.weights.install`` when absent).
+
+    ``projector_weights``: a safetensors file of the trained projector (and optional LoRA deltas), or
+    ``"default"`` for the committed ``checkpoints/small_vlm/projector.safetensors``; ``None`` keeps the seeded
+    random projector. Returns ``(model, processor)``, the model in eval mode, fp32.
+    """
+    from transformers import (
+        Dinov2Model,
+        LlamaForCausalLM,
+        LlavaForConditionalGeneration,
+    )
+
+    from dymu import weights
+
+    dino_dir = weights.install("dinov2-small", cache_dir=cache_dir, progress=False)
+    smol_dir = weights.install("smollm2-135m-instruct", cache_dir=cache_dir, progress=False)
+    processor = build_processor(smol_dir)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = build_config(dino_dir, smol_dir, image_token_id)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    dino = Dinov2Model.from_pretrained(dino_dir)
+    model.model.vision_tower.load_state_dict(dino.state_dict())
+    smol = LlamaForCausalLM.from_pretrained(smol_dir)
+    model.model.language_model.load_state_dict(smol.model.state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(smol.lm_head.weight)
+    model.generation_config.eos_token_id = smol.generation_config.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    del dino, smol
+    if projector_weights == "default":
+        projector_weights = DEFAULT_CHECKPOINT
+    if projector_weights is not None:
+        load_trained(model, projector_weights)
+    return model.eval(), processor
