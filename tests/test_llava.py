@@ -445,3 +445,13 @@ def test_generate_logits_comparison_catches_wrong_decode(model_and_inputs, thres
     rows = virtual < virtual.max() if variant == "attends-padded-columns" else virtual != prep.attention_mask.sum(1)
     assert bool(rows.any())
     assert float(err[rows, 1:].amax(0).min()) > 0.1, err.tolist()  # every decode step is far off
+
+
+def test_full_image_tokens_follow_the_pixel_grid(llava_dir):
+    """A tower whose config size is not its input size (DINOv2: 518 in the config, 224 px in use) gets the
+    placeholder count of the pixels it is given."""
+    from dymu.vlm.llava import full_image_tokens
+
+    model, _ = load_llava(llava_dir, dymu=False)
+    assert full_image_tokens(model) == (56 // 14) ** 2
+    assert full_image_tokens(model, torch.zeros(1, 3, 84, 112)) == 6 * 8

@@ -73,10 +73,13 @@ class PreparedInputs:
     groups: list[Tensor] = field(default_factory=list)  # per row: virtual position -> merged slot
 
 
-def full_image_tokens(model: nn.Module) -> int:
-    """Placeholder tokens per image in the stock model (576 for CLIP ViT-L/14-336 with 'default')."""
+def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None) -> int:
+    """Placeholder tokens per image in the stock model (576 for CLIP ViT-L/14-336 with 'default'): the patch grid
+    of ``pixel_values`` when given (a DINOv2 tower's config size, 518, says nothing about its input), else of the
+    vision config's image size."""
     vc = model.config.vision_config
-    patches = (vc.image_size // vc.patch_size) ** 2
+    h, w = pixel_values.shape[-2:] if pixel_values is not None else (vc.image_size, vc.image_size)
+    patches = (h // vc.patch_size) * (w // vc.patch_size)
     return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
 
 
@@ -174,7 +177,7 @@ def prepare_inputs(
         )
     features, patch_maps = encode_images(model, pixel_values)
     rows, groups = collapse_placeholders(
-        input_ids, attention_mask, config.image_token_id, full_image_tokens(model), patch_maps
+        input_ids, attention_mask, config.image_token_id, full_image_tokens(model, pixel_values), patch_maps
     )
     counts = [f.shape[0] for f in features]
     pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
