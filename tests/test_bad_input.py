@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import dymu
 from dymu import weights
 from dymu.cli import build_parser, main
 from dymu.data import load_image
@@ -398,21 +397,16 @@ def test_float_tiff_is_scaled(tmp_path):
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from dymu.testing import save_tiny_llava
+    from dymu.testing import find_and_save_thresholds, save_tiny_llava
     from dymu.vlm import load_llava
 
     root = tmp_path_factory.mktemp("llava")
     llava_dir = save_tiny_llava(root / "llava", image_size=56)
     model, processor = load_llava(llava_dir, dymu=False)
-    tower = model.model.vision_tower
-    state = dymu.patch(tower, merge_counts=merge_schedule("constant", 8, 4))
     # not on the image used below: on the finding batch one edge per layer sits exactly on its threshold
     calib = [make_image(k, 64, s) for s in range(2, 4) for k in ("flat", "gradient", "stripes", "textured")]
-    with torch.no_grad():
-        tower(processor.image_processor(calib, return_tensors="pt").pixel_values)
-    ckpt = ThresholdCheckpoint(dymu.last_run(tower).found_thresholds, encoder=state.encoder, r_total=8)
-    dymu.unpatch(tower)
-    thresholds = save_thresholds(root / "tiny.safetensors", ckpt)
+    pixels = processor.image_processor(calib, return_tensors="pt").pixel_values
+    thresholds = find_and_save_thresholds(model.model.vision_tower, pixels, 8, root / "tiny.safetensors")
     image = root / "img.png"
     make_image("textured", 64, 1).save(image)
     return llava_dir, thresholds, image

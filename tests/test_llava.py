@@ -12,8 +12,9 @@ from transformers import LlavaForConditionalGeneration
 import dymu
 from dymu.vtu import cache_kwarg, output_cache
 from dymu.samples import make_image
+from dymu.testing import find_and_save_thresholds
 from dymu.testing import save_tiny_llava
-from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
+from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 from dymu.vlm import answer, disable_dymu, enable_dymu, load_llava
 from dymu.vlm.llava import collapse_placeholders
 
@@ -32,14 +33,9 @@ def thresholds_file(llava_dir, tmp_path_factory):
     """Thresholds found on the tiny tower over generated images (8 merges over 4 blocks). Not on IMAGES: on the
     finding batch one edge per layer sits exactly on its threshold, and rounding would decide it."""
     model, processor = load_llava(llava_dir, dymu=False)
-    tower = model.model.vision_tower
-    state = dymu.patch(tower, merge_counts=merge_schedule("constant", 8, 4))
     calib = [make_image(k, 64, s) for s in range(3, 6) for k in ("flat", "gradient", "stripes", "textured")]
-    with torch.no_grad():
-        tower(processor.image_processor(calib, return_tensors="pt").pixel_values)
-    ckpt = ThresholdCheckpoint(dymu.last_run(tower).found_thresholds, encoder=state.encoder, r_total=8)
-    dymu.unpatch(tower)
-    return save_thresholds(tmp_path_factory.mktemp("thr") / "tiny-tome.safetensors", ckpt)
+    pixels = processor.image_processor(calib, return_tensors="pt").pixel_values
+    return find_and_save_thresholds(model.model.vision_tower, pixels, 8, tmp_path_factory.mktemp("thr") / "tiny-tome.safetensors")
 
 
 @pytest.fixture()

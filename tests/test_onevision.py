@@ -15,10 +15,10 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches,
 )
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 import dymu
 from dymu.samples import make_image
+from dymu.testing import plain_attention
 from dymu.thresholds import ThresholdCheckpoint
 from dymu.vlm import onevision as ov
 from dymu.vlm.onevision import (
@@ -79,19 +79,6 @@ def maxdiff(a, b) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: the VTU definition on the stock layout, independent of dymu.vlm.onevision's bookkeeping
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def plain_attention(attn, x, cos, sin):
-    n, d = x.shape[1], attn.head_dim
-    q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
-    v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-    v = v.repeat_interleave(attn.num_key_value_groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling
-    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, n, -1)
 
 
 @torch.no_grad()

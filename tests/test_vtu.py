@@ -30,7 +30,7 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+from dymu.testing import plain_attention  # noqa: E402
 
 from dymu.vtu import cache_kwarg, output_cache  # noqa: E402
 from dymu.vtu import (  # noqa: E402
@@ -96,21 +96,6 @@ def random_embeds(groups: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The reference: plain, no dymu, one sequence at a time
 # ---------------------------------------------------------------------------------------------
-
-
-def plain_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention of a stock attention module's weights over x [1, N, C] (eager math)."""
-    n, d = x.shape[1], attn.head_dim
-    q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
-    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
-    v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-    v = v.repeat_interleave(attn.num_key_value_groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * attn.scaling
-    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    out = scores.softmax(-1) @ v  # [1, H, N, d]
-    return out.transpose(1, 2).reshape(1, n, -1)  # before o_proj
 
 
 @torch.no_grad()

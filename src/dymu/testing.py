@@ -121,3 +121,38 @@ def save_tiny_llava(directory: str | Path, **kw) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def plain_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of a stock Llama/Qwen2 attention module's weights over ``x [1, N, C]`` (eager math,
+    before ``o_proj``): the reference VTU is checked against."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
+
+    n, d = x.shape[1], attn.head_dim
+    q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
+    v = v.repeat_interleave(attn.num_key_value_groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    out = scores.softmax(-1) @ v  # [1, H, N, d]
+    return out.transpose(1, 2).reshape(1, n, -1)
+
+
+def find_and_save_thresholds(tower: nn.Module, pixel_values: torch.Tensor, r_total: int, path: str | Path) -> Path:
+    """Find constant-schedule thresholds for ``tower`` on ``pixel_values`` and save them to ``path`` (the tower is
+    left unpatched). Check them on other images: on the finding batch one edge per layer sits on its threshold."""
+    import dymu
+    from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
+
+    state = dymu.patch(tower)
+    try:
+        dymu.configure(tower, merge_counts=merge_schedule("constant", r_total, state.num_layers))
+        with torch.no_grad():
+            tower(pixel_values)
+        found = dymu.last_run(tower).found_thresholds
+    finally:
+        dymu.unpatch(tower)
+    return save_thresholds(path, ThresholdCheckpoint(found, encoder=state.encoder, r_total=r_total))
