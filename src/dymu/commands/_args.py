@@ -79,3 +79,22 @@ def add_token_order_argument(parser: argparse.ArgumentParser, *, default: str | 
         "single: one of its two paths for every batch (batch-invariant); raster: merged tokens at their first "
         "patch (dymu 0.1)",
     )
+
+
+def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
+    """``dymu.vlm.load_llava`` with the options ``generate`` and ``eval`` share (``--thresholds``, ``--vtu``,
+    ``--threshold-offset``, ``--vision-tower``, ``--dtype``, ``--no-dymu``), moved to ``--device``."""
+    import torch
+
+    from dymu.vlm import load_llava
+
+    loaded, processor = load_llava(
+        model or args.model,
+        thresholds=args.thresholds,
+        vtu=args.vtu,
+        threshold_offset=args.threshold_offset,
+        vision_tower=args.vision_tower,
+        torch_dtype=getattr(torch, args.dtype),
+        dymu=False if args.no_dymu else None,
+    )
+    return loaded.to(args.device), processor

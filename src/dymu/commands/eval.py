@@ -59,26 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from dymu.data import load_image
     from dymu.evaluation import SHORT_ANSWER, evaluate_questions, read_questions, resolve_pretrained, set_token_order
-    from dymu.vlm import load_llava
+    from dymu.commands._args import load_llava_from_args
 
     if args.token_budget is not None and args.threshold_offset is not None:
         raise ValueError("give --token-budget or --threshold-offset, not both (the budget sets the offset)")
     questions, image_dir = read_questions(args.data, args.image_dir)
     output = Path(args.output) if args.output else Path(Path(args.data).stem + ".dymu_eval.jsonl")
-    model, processor = load_llava(
-        resolve_pretrained(args.model),
-        thresholds=args.thresholds,
-        vtu=args.vtu,
-        threshold_offset=args.threshold_offset,
-        vision_tower=args.vision_tower,
-        torch_dtype=getattr(torch, args.dtype),
-        dymu=False if args.no_dymu else None,
-    )
-    model.to(args.device)
+    model, processor = load_llava_from_args(args, resolve_pretrained(args.model))
     token_order = set_token_order(model, args.token_order)
     settings = {
         "model": str(args.model),

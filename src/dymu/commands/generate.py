@@ -68,9 +68,8 @@ def check_prompts(prompts: list[str]) -> list[bool]:
 def run(args: argparse.Namespace) -> int:
     import statistics
 
-    import torch
-
-    from dymu.vlm import answer, load_llava
+    from dymu.commands._args import load_llava_from_args
+    from dymu.vlm import answer
 
     images, prompts = args.image, args.prompt
     if len(prompts) == 1:
@@ -83,16 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                 ("--threshold-offset", args.threshold_offset)) if v is not None]
         if given:
             raise ValueError(f"--no-dymu runs the stock model without merging: drop {' and '.join(given)}")
-    model, processor = load_llava(
-        args.model,
-        thresholds=args.thresholds,
-        vtu=args.vtu,
-        threshold_offset=args.threshold_offset,
-        vision_tower=args.vision_tower,
-        torch_dtype=getattr(torch, args.dtype),
-        dymu=False if args.no_dymu else None,
-    )
-    model.to(args.device)
+    model, processor = load_llava_from_args(args)
     if args.token_budget is not None:
         from dymu.vlm.llava import calibrate_token_budget
 
