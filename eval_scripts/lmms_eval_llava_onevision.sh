@@ -13,42 +13,11 @@ set -euo pipefail
 MODEL=${MODEL:-lmms-lab/llava-onevision-qwen2-7b-si}
 OUTPUT=${OUTPUT:-logs/llava_onevision}
 TASKS=${TASKS:-gqa,mmbench_en_dev,mme,pope,scienceqa_img,seedbench,textvqa_val,mmvet,llava_in_the_wild}
-SETTINGS=${SETTINGS:-full low mid high}
 THR_LOW=${THR_LOW:-siglip-so400m-patch14-384-128out}    # placeholders: not checked against the paper
 THR_MID=${THR_MID:-siglip-so400m-patch14-384-256out}
 THR_HIGH=${THR_HIGH:-siglip-so400m-patch14-384-512out}
-VTU=${VTU:-fast}
-BATCH_SIZE=${BATCH_SIZE:-1}
-MODEL_ARGS_EXTRA=${MODEL_ARGS_EXTRA:-}
-LMMS_ARGS=${LMMS_ARGS:-}
-PYTHON=${PYTHON:-python}
 PORT=${PORT:-29518}
-if [ -z "${NUM_GPUS:-}" ]; then
-  NUM_GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-fi
-[ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
-if [ "$NUM_GPUS" -gt 1 ]; then
-  LAUNCH=(accelerate launch --num_processes="$NUM_GPUS" --main_process_port "$PORT" -m lmms_eval)
-else
-  LAUNCH=("$PYTHON" -m lmms_eval)
-fi
-
-run() {
-  echo "+ $*"
-  if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
-}
-
-for setting in $SETTINGS; do
-  case "$setting" in
-    full) dymu_args="dymu=false" ;;
-    low)  dymu_args="thresholds=$THR_LOW,vtu=$VTU" ;;
-    mid)  dymu_args="thresholds=$THR_MID,vtu=$VTU" ;;
-    high) dymu_args="thresholds=$THR_HIGH,vtu=$VTU" ;;
-    *) echo "unknown setting '$setting' (expected full, low, mid, high)" >&2; exit 2 ;;
-  esac
-  # shellcheck disable=SC2086
-  run "${LAUNCH[@]}" --model dymu_llava_onevision \
-    --model_args "pretrained=$MODEL,$dymu_args$MODEL_ARGS_EXTRA" \
-    --tasks "$TASKS" --batch_size "$BATCH_SIZE" \
-    --output_path "$OUTPUT/$setting" --log_samples $LMMS_ARGS
-done
+BACKEND=dymu_llava_onevision
+# shellcheck source=eval_scripts/_lmms_eval_settings.sh
+source "$(dirname "$0")/_lmms_eval_settings.sh"
+run_settings

@@ -15,7 +15,7 @@ from dymu.samples import make_image
 from dymu.testing import find_and_save_thresholds
 from dymu.testing import save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
-from dymu.vlm import answer, disable_dymu, enable_dymu, load_llava
+from dymu.vlm import answer, disable_dymu, dymu_vtu_mode, enable_dymu, load_llava
 from dymu.vlm.llava import collapse_placeholders
 
 IMAGES = [make_image("flat", 64, 0), make_image("textured", 64, 1), make_image("stripes", 64, 2)]
@@ -135,7 +135,7 @@ def test_dymu_block_in_config_json(llava_dir, thresholds_file, tmp_path):
     assert [r.visual_tokens for r in results] == model.dymu_last_counts
     assert all(isinstance(r.text, str) and r.text for r in results)
     plain, _ = load_llava(target, dymu=False)
-    assert not hasattr(plain, "_dymu_llava_vtu")
+    assert dymu_vtu_mode(plain) is None and dymu_vtu_mode(model) == "exact"
     config["dymu"] = {"thresholds": "thresholds.safetensors", "vtu": "sideways"}
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="dymu.vtu must be"):
@@ -200,7 +200,7 @@ def original_checkpoint(llava_dir, tmp_path_factory):
 def test_original_checkpoint_loads_and_matches(original_checkpoint):
     hf_model, ckpt, _ = original_checkpoint
     model, processor = load_llava(ckpt)
-    assert not hasattr(model, "_dymu_llava_vtu")  # a plain tower name: DyMU stays off
+    assert dymu_vtu_mode(model) is None  # a plain tower name: DyMU stays off
     assert processor.image_processor.do_pad  # image_aspect_ratio 'pad'
     inputs = processor(images=IMAGES[:2], text=TEXTS[:2], return_tensors="pt", padding=True)
     torch.testing.assert_close(last_logits(model, inputs), last_logits(hf_model, inputs), atol=1e-5, rtol=1e-5)

@@ -20,7 +20,7 @@ import dymu
 from dymu.samples import make_image
 from dymu.testing import plain_attention
 from dymu.thresholds import ThresholdCheckpoint
-from dymu.vlm import onevision as ov
+from dymu.vlm import dymu_vtu_mode, onevision as ov
 from dymu.vlm.onevision import (
     disable_dymu_onevision,
     enable_dymu_onevision,
@@ -325,7 +325,7 @@ def test_bad_input(tiny, model):
     clip = ThresholdCheckpoint(torch.full((3,), 0.5), encoder="clip-28px-p7-d32")
     with pytest.raises(ValueError, match="are for encoder"):
         enable_dymu_onevision(model, clip)
-    assert not hasattr(model, "_dymu_ov")
+    assert dymu_vtu_mode(model) is None
     with pytest.raises(ValueError, match="3 blocks"):
         enable_dymu_onevision(model, [0.5] * 24)
     enable_dymu_onevision(model, THRESHOLDS)

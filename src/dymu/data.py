@@ -20,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,18 @@ class ImageList:
         return len(self.paths)
 
 
+def read_json(json_path: Path, what: str) -> Any:
+    """The parsed content of a JSON file; FileNotFoundError / ValueError name the file and the problem."""
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{what} not found: {json_path}")
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{json_path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{json_path} is not UTF-8 text: {err}") from err
+
+
 def read_image_list(json_path: str | Path, image_dir: str | Path | None = None, *, max_images: int | None = None) -> ImageList:
     """Read and validate the JSON list; ``image_dir`` defaults to the JSON file's folder.
 
@@ -56,14 +68,7 @@ def read_image_list(json_path: str | Path, image_dir: str | Path | None = None, 
     list with no image at all.
     """
     json_path = Path(json_path)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"image list not found: {json_path}")
-    try:
-        records = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{json_path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{json_path} is not UTF-8 text: {err}") from err
+    records = read_json(json_path, "image list")
     if not isinstance(records, list):
         raise ValueError(f"{json_path} must hold a JSON list of {{\"image\": \"relative/path\"}} records, got a {type(records).__name__}")
     paths, without = [], 0

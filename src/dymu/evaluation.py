@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from dymu.data import load_image
+from dymu.data import load_image, read_json
 
 # LLaVA-1.5's short-answer instruction (its VQAv2 / GQA / TextVQA prompts)
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -90,7 +90,9 @@ def chat_text(processor: Any, text: str, num_images: int) -> str:
 
 
 def _dymu_on(model: nn.Module) -> bool:
-    return hasattr(model, "_dymu_llava_vtu")
+    from dymu.vlm.base import dymu_vtu_mode
+
+    return dymu_vtu_mode(model) is not None
 
 
 def _encode_batch(model: nn.Module, processor: Any, texts: list[str], prompts: Sequence[Prompt]):
@@ -334,12 +336,7 @@ def read_questions(json_path: str | Path, image_dir: str | Path | None = None) -
     ``answer`` is a string or a list of accepted strings. Raises FileNotFoundError / ValueError naming the problem.
     """
     json_path = Path(json_path)
-    if not json_path.is_file():
-        raise FileNotFoundError(f"question list not found: {json_path}")
-    try:
-        records = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{json_path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
+    records = read_json(json_path, "question list")
     if not isinstance(records, list) or not records:
         raise ValueError(f'{json_path} must hold a non-empty JSON list of {{"image", "question", "answer"}} records')
     questions = []

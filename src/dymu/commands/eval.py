@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from dymu.data import load_image
     from dymu.evaluation import SHORT_ANSWER, evaluate_questions, read_questions, resolve_pretrained, set_token_order
     from dymu.commands._args import load_llava_from_args
+    from dymu.vlm import dymu_vtu_mode
 
     if args.token_budget is not None and args.threshold_offset is not None:
         raise ValueError("give --token-budget or --threshold-offset, not both (the budget sets the offset)")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "model": str(args.model),
         "thresholds": args.thresholds,
-        "vtu": getattr(model, "_dymu_llava_vtu", None),
+        "vtu": dymu_vtu_mode(model),
         "threshold_offset": args.threshold_offset,
         "token_budget": args.token_budget,
         "token_order": token_order,

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from dymu import evaluation
 from dymu.evaluation import Prompt
+from dymu.vlm.base import dymu_vtu_mode
 from dymu.vtu import VTU_MODES
 
 NAME = "dymu_llava"
@@ -238,8 +239,8 @@ class DyMULlava(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.loglikelihood_output = loglikelihood_output
         self.tokens_path = Path(tokens_path) if tokens_path else None
-        self.merging = hasattr(model, "_dymu_llava_vtu") and self._merging_on()
-        self.settings["vtu"] = getattr(model, "_dymu_llava_vtu", None)
+        self.merging = dymu_vtu_mode(model) is not None and self._merging_on()
+        self.settings["vtu"] = dymu_vtu_mode(model)
         self.settings["merging"] = self.merging
         self._token_budget = token_budget
         self._calibration_images = int(calibration_images)

@@ -1,6 +1,7 @@
 """DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision
 (:mod:`dymu.vlm.onevision`)."""
 
+from dymu.vlm.base import dymu_vtu_mode
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
 from dymu.vlm.loading import convert_original_llava, load_llava
 from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
@@ -14,4 +15,5 @@ __all__ = [
     "convert_original_llava",
     "enable_dymu_onevision",
     "disable_dymu_onevision",
+    "dymu_vtu_mode",
 ]

@@ -19,7 +19,6 @@ are on ``model.dymu_last_counts`` (also on the forward output as ``visual_token_
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dymu
 from dymu import vtu as vtu_lib
 from dymu.data import load_image
 from dymu.merge import TokenOrder
-from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
+from dymu.vlm import base
+from dymu.vtu import VTUMode, check_vtu_mode
 
 logger = logging.getLogger(__name__)
 
@@ -189,67 +188,9 @@ def prepare_inputs(
     return PreparedInputs(ids, mask, batch.position_ids.to(ids.device), features, counts, batch, groups)
 
 
-def _log_counts(model: nn.Module, counts: list[int]) -> None:
-    model.dymu_last_counts = counts
-    t = torch.tensor(counts, dtype=torch.float32)
-    std = float(t.std()) if len(counts) > 1 else 0.0
-    logger.info("DyMU visual tokens per image: %.1f ± %.1f (%s)", float(t.mean()), std, counts)
-
-
-def make_dymu_llava(parent: type) -> type:
-    """The DyMU subclass of ``parent`` (a ``LlavaForConditionalGeneration`` class) that :func:`enable_dymu` swaps in.
-
-    Its ``forward`` carries the stock signature (``__signature__``), so ``generate`` sees what the stock model
-    accepts: it passes ``logits_to_keep=1`` at prefill and builds ``position_ids`` from the attention mask when
-    none are given (``vtu="off"``); with VTU the batch's virtual positions are passed explicitly.
-    """
-    stock_forward = inspect.signature(parent.forward)
-
-    class DyMULlavaForConditionalGeneration(parent):
-        def _dymu_call(self, method, input_ids, pixel_values, attention_mask, kwargs):
-            """Encode, collapse the placeholders, then run the stock ``method`` on the merged layout under VTU."""
-            if kwargs.get("mm_encoder_outputs") is not None:
-                raise ValueError("give pixel_values or mm_encoder_outputs, not both")
-            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values, vtu=vtu_lib.vtu_mode(self))
-            _log_counts(self, prep.visual_token_counts)
-            if prep.position_ids is not None:
-                kwargs["position_ids"] = prep.position_ids
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)}
-            with vtu_lib.vtu_context(prep.vtu_batch):
-                out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
-            return prep, out
-
-        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if pixel_values is None or input_ids is None:
-                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
-            prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
-            out["visual_token_counts"] = prep.visual_token_counts
-            return out
-
-        forward.__signature__ = stock_forward  # what generate inspects (logits_to_keep, position_ids, ...)
-
-        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if pixel_values is None or input_ids is None:
-                return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
-            return with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
-
-    DyMULlavaForConditionalGeneration.__qualname__ = DyMULlavaForConditionalGeneration.__name__ = f"DyMU{parent.__name__}"
-    return DyMULlavaForConditionalGeneration
-
-
-def with_caller_prompt(out: Any, input_ids: Tensor, merged_length: int) -> Any:
-    """``generate``'s output with the caller's prompt (placeholders expanded, as given) + the new tokens, as the
-    stock model returns it; ``merged_length`` is the length of the collapsed prompt generate ran on."""
-    sequences = out if isinstance(out, Tensor) else out.sequences
-    full = torch.cat([input_ids.to(sequences.device), sequences[:, merged_length:]], dim=1)
-    if isinstance(out, Tensor):
-        return full
-    out.sequences = full
-    return out
+def _prepare(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor,
+             kwargs: dict) -> PreparedInputs:
+    return prepare_inputs(model, input_ids, attention_mask, pixel_values, vtu=vtu_lib.vtu_mode(model))
 
 
 def enable_dymu(
@@ -270,30 +211,15 @@ def enable_dymu(
     """
     if not isinstance(model, LlavaForConditionalGeneration):
         raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration, got {type(model).__name__}")
-    check_vtu_mode(vtu, "vtu")
-    if hasattr(model, "_dymu_llava_vtu"):
-        raise ValueError("DyMU is already enabled on this model; call disable_dymu first")
-    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
-    if vtu != "off":
-        vtu_lib.enable_vtu(model, vtu)
-    parent = model.__class__
-    model.__class__ = make_dymu_llava(parent)
-    model._dymu_llava_parent = parent
-    model._dymu_llava_vtu = vtu  # the mode enabled; read by dymu.evaluation, dymu.lmms_eval, `dymu eval`
-    return model
+    return base.enable(
+        model, _prepare, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
+        token_order=token_order, log=logger,
+    )
 
 
 def disable_dymu(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_dymu`: stock classes, hooks and attention implementation."""
-    parent = model.__dict__.pop("_dymu_llava_parent", None)
-    if parent is None:
-        return model
-    model.__dict__.pop("_dymu_llava_vtu", None)
-    vtu_lib.disable_vtu(model)  # a no-op with vtu="off"
-    dymu.unpatch(model.model.vision_tower)
-    model.__class__ = parent
-    model.__dict__.pop("dymu_last_counts", None)
-    return model
+    return base.disable(model)
 
 
 @dataclass

@@ -52,8 +52,9 @@ from torch import Tensor, nn
 import dymu
 from dymu import vtu as vtu_lib
 from dymu.merge import TokenOrder
-from dymu.vlm.llava import with_caller_prompt
-from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
+from dymu.vlm import base
+from dymu.vlm.base import enabled
+from dymu.vtu import VTUMode
 
 logger = logging.getLogger(__name__)
 
@@ -309,16 +310,6 @@ def collapse_placeholders(
     return rows, row_groups
 
 
-def _left_pad(rows: list[Tensor], pad_value: int) -> tuple[Tensor, Tensor]:
-    length = max(r.shape[0] for r in rows)
-    ids = rows[0].new_full((len(rows), length), pad_value)
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
-    for b, r in enumerate(rows):
-        ids[b, length - r.shape[0] :] = r
-        mask[b, length - r.shape[0] :] = 1
-    return ids, mask
-
-
 @dataclass
 class PreparedInputs:
     input_ids: Tensor  # [B, M] left-padded
@@ -350,18 +341,17 @@ def prepare_inputs(
         )
     enc = encode_images(
         model, pixel_values, image_sizes, batch_num_images,
-        vision_feature_layer=vision_feature_layer, downsample=model._dymu_ov["downsample"],
+        vision_feature_layer=vision_feature_layer, downsample=enabled(model).options["downsample"],
     )
     rows, groups = collapse_placeholders(input_ids, attention_mask, config.image_token_id, enc.groups)
     pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
-    ids, mask = _left_pad(rows, pad)
-    if model._dymu_ov["vtu"] == "off":  # merged tokens at consecutive positions, as generate numbers them
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in rows])
+    ids = batch.pad(rows, value=pad)
+    mask = batch.attention_mask.to(ids.device)
+    if enabled(model).vtu == "off":  # merged tokens at consecutive positions, as generate numbers them
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return PreparedInputs(ids, mask, positions, enc.features, groups, None, enc)
-    batch = vtu_lib.prepare_vtu(groups, padding_side="left")
-    return PreparedInputs(
-        ids, batch.attention_mask.to(ids.device), batch.position_ids.to(ids.device), enc.features, groups, batch, enc
-    )
+    return PreparedInputs(ids, mask, batch.position_ids.to(ids.device), enc.features, groups, batch, enc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,69 +364,27 @@ VIDEO_MESSAGE = (
 )
 
 
-def _log_counts(model: nn.Module, enc: EncodedImages) -> None:
-    counts = [int(f.shape[0]) for f in enc.features]
-    model.dymu_last_counts = counts
-    model.dymu_last_crop_counts = enc.crop_counts
-    t = torch.tensor(counts, dtype=torch.float32)
-    std = float(t.std()) if len(counts) > 1 else 0.0
-    logger.info("DyMU visual tokens per image: %.1f ± %.1f (%s)", float(t.mean()), std, counts)
+def _refuse_video(kwargs: dict) -> None:
+    if kwargs.get("pixel_values_videos") is not None:
+        raise ValueError(VIDEO_MESSAGE)
 
 
-def make_dymu_onevision(parent: type) -> type:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    class DyMUOnevision(parent):
-        def _dymu_call(self, method, input_ids, pixel_values, attention_mask, kwargs):
-            if kwargs.get("pixel_values_videos") is not None:
-                raise ValueError(VIDEO_MESSAGE)
-            kwargs.pop("pixel_values_videos", None)
-            kwargs.pop("image_sizes_videos", None)
-            image_sizes = kwargs.pop("image_sizes", None)
-            batch_num_images = kwargs.pop("batch_num_images", None)
-            layer = kwargs.pop("vision_feature_layer", None)
-            strategy = kwargs.pop("vision_feature_select_strategy", None)
-            if strategy is not None and strategy != self.config.vision_feature_select_strategy:
-                raise ValueError("a vision_feature_select_strategy other than the config's is not supported with DyMU")
-            kwargs.pop("vision_aspect_ratio", None)
-            if kwargs.get("inputs_embeds") is not None:
-                raise ValueError("DyMU needs input_ids (to find the image placeholders), not inputs_embeds")
-            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, layer)
-            _log_counts(self, prep.encoded)
-            if prep.position_ids is not None:
-                kwargs["position_ids"] = prep.position_ids
-            with vtu_lib.vtu_context(prep.vtu_batch):
-                out = method(
-                    input_ids=prep.input_ids,
-                    attention_mask=prep.attention_mask,
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)},
-                    **kwargs,
-                )
-            self.dymu_last_inputs = prep
-            return prep, out
-
-        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if kwargs.get("pixel_values_videos") is not None:
-                raise ValueError(VIDEO_MESSAGE)
-            if pixel_values is None or input_ids is None:
-                return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
-            prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
-            out["visual_token_counts"] = [int(f.shape[0]) for f in prep.image_features]
-            return out
-
-        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if kwargs.get("pixel_values_videos") is not None:
-                raise ValueError(VIDEO_MESSAGE)
-            if pixel_values is None or input_ids is None:
-                return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-            prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
-            return with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
-
-    DyMUOnevision.__qualname__ = DyMUOnevision.__name__ = f"DyMU{parent.__name__}"
-    return DyMUOnevision
+def _prepare(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor,
+             kwargs: dict) -> PreparedInputs:
+    """:func:`prepare_inputs` with the stock keyword arguments it consumes popped from ``kwargs``."""
+    kwargs.pop("pixel_values_videos", None)
+    kwargs.pop("image_sizes_videos", None)
+    kwargs.pop("vision_aspect_ratio", None)
+    strategy = kwargs.pop("vision_feature_select_strategy", None)
+    if strategy is not None and strategy != model.config.vision_feature_select_strategy:
+        raise ValueError("a vision_feature_select_strategy other than the config's is not supported with DyMU")
+    prep = prepare_inputs(
+        model, input_ids, attention_mask, pixel_values, kwargs.pop("image_sizes", None),
+        kwargs.pop("batch_num_images", None), kwargs.pop("vision_feature_layer", None),
+    )
+    model.dymu_last_crop_counts = prep.encoded.crop_counts
+    model.dymu_last_inputs = prep
+    return prep
 
 
 def enable_dymu_onevision(
@@ -461,41 +409,23 @@ def enable_dymu_onevision(
         raise ValueError(
             f"enable_dymu_onevision expects a LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
         )
-    check_vtu_mode(vtu, "vtu")
     if downsample not in ("nearest", "error"):
         raise ValueError(f"downsample must be 'nearest' or 'error', got {downsample!r}")
-    if hasattr(model, "_dymu_ov"):
-        raise ValueError("DyMU is already enabled on this model; call disable_dymu_onevision first")
     if not isinstance(model.config.vision_feature_layer, int):
         raise ValueError(
             f"DyMU needs one vision_feature_layer (merged token sets differ between layers), "
             f"got {model.config.vision_feature_layer!r}"
         )
-    dymu.patch(model.model.vision_tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
-    try:
-        if vtu != "off":
-            vtu_lib.enable_vtu(model, vtu)
-    except Exception:
-        dymu.unpatch(model.model.vision_tower)
-        raise
-    parent = model.__class__
-    model.__class__ = make_dymu_onevision(parent)
-    model._dymu_ov = {"parent": parent, "vtu": vtu, "downsample": downsample}
-    return model
+    return base.enable(
+        model, _prepare, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
+        token_order=token_order, refuse=_refuse_video, log=logger, undo_hint="disable_dymu_onevision",
+        downsample=downsample,
+    )
 
 
 def disable_dymu_onevision(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_dymu_onevision`: stock class, tower and attention implementation."""
-    settings = model.__dict__.pop("_dymu_ov", None)
-    if settings is None:
-        return model
-    if settings["vtu"] != "off":
-        vtu_lib.disable_vtu(model)
-    dymu.unpatch(model.model.vision_tower)
-    model.__class__ = settings["parent"]
-    for name in ("dymu_last_counts", "dymu_last_crop_counts", "dymu_last_inputs"):
-        model.__dict__.pop(name, None)
-    return model
+    return base.disable(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
