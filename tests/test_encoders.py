@@ -225,6 +225,25 @@ def test_batch_equals_single_images(fam, pics, order):
             assert not batch_hidden[layer][b, n:].any()  # padding rows stay zero
 
 
+def test_fixed_mode_is_tome_same_count_every_image(fam, pics):
+    """mode="fixed" (the ToMe baseline): every image merges merge_counts[l] at block l, so all keep the same count,
+    and an image in a batch equals the image alone."""
+    x = fam.pixels(list(pics.values()))
+    counts = merge_schedule("constant", R_TOTAL, encoder_zoo.LAYERS)
+    dymu.patch(fam.model, merge_counts=counts, mode="fixed")
+    batch_hidden = all_hidden(fam.model, x)
+    run = dymu.last_run(fam.model)
+    assert run.found_thresholds == []  # nothing is found in fixed mode
+    start = int(run.num_tokens(0)[0])
+    for layer in range(1, encoder_zoo.LAYERS + 1):
+        assert run.num_tokens(layer).tolist() == [start - sum(counts[:layer])] * len(x)
+    for b in range(len(x)):
+        single_hidden = all_hidden(fam.model, x[b : b + 1])
+        single = dymu.last_run(fam.model)
+        assert torch.equal(run.source_maps[-1][b], single.source_maps[-1][0])
+        assert_close_scaled(batch_hidden[-1][b], single_hidden[-1][0])
+
+
 def test_authors_order_is_its_batch_or_single_path(fam, pics):
     x = fam.pixels(list(pics.values()))
     thresholds, _, _ = found_thresholds(fam)

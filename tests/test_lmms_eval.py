@@ -277,7 +277,8 @@ def test_construction_errors_are_clear(work):
         _evaluate(work, "dymu_llava", model_args=f"pretrained={work['llava']},thresholds=ViT-L-14-336-tome-72out")
     with pytest.raises(ValueError, match=r"unknown model_args \['threshold'\]"):
         _evaluate(work, "dymu_llava", model_args=f"pretrained={work['llava']},threshold=0.5")
-    with pytest.raises(NotImplementedError, match="LLaVA-OneVision is not supported by dymu yet"):
+    # the OneVision backend given a LLaVA-1.5 folder names the backend to use
+    with pytest.raises(ValueError, match="dymu_llava_onevision: cannot load .* for LLaVA-1.5 use --model dymu_llava"):
         _evaluate(work, "dymu_llava_onevision", model_args=f"pretrained={work['llava']}")
 
 

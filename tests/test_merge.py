@@ -284,3 +284,27 @@ def test_merge_tokens_keeps_dtype():
     state = TokenState.init(x)
     out = merge_tokens(state, torch.tensor([[False, True, False]]), torch.tensor([[1, 3, 5]]))
     assert out.x.dtype == torch.bfloat16 and out.num_tokens.tolist() == [5]
+
+
+def test_fixed_mode_is_tome_per_image():
+    """Fixed mode merges each image's own r best pairs (ToMe), independent of the other images, on a held-out
+    batch; a batch-wide top-B·r (finding's selection) picks differently and fails the same check."""
+    from dymu.merge import TokenState, bipartite_scores, dtome_step, select_top
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 17, 8, generator=g)
+    x[0] = x[0, :1] + 0.05 * torch.randn(17, 8, generator=g)  # image 0: near-duplicates, high scores everywhere
+    metric = x.clone()
+    r = 4
+    state, found = dtome_step(TokenState.init(x), metric, mode="fixed", protect_first=True, r=r)
+    assert found is None
+    assert state.num_tokens.tolist() == [17 - r] * 3
+    for b in range(3):
+        alone, _ = dtome_step(TokenState.init(x[b : b + 1]), metric[b : b + 1], mode="fixed", protect_first=True, r=r)
+        torch.testing.assert_close(state.x[b], alone.x[0])
+        assert torch.equal(state.source_map[b], alone.source_map[0])
+    scores, _ = bipartite_scores(metric, torch.ones(3, 17, dtype=torch.bool), True)
+    batch_top, _ = select_top(scores, r)
+    assert batch_top.sum(1).tolist() != [r] * 3  # the batch-wide selection is not per image
+    with pytest.raises(ValueError, match="cannot merge 9 tokens"):
+        dtome_step(TokenState.init(x), metric, mode="fixed", protect_first=True, r=9)

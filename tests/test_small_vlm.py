@@ -152,3 +152,22 @@ def test_committed_checkpoint_answers_easy_vqa():
     correct = [ev.normalise(p) == ev.normalise(r["answer"]) for p, r in zip(preds, rows)]
     assert counts == [256] * 10
     assert sum(correct) >= 8, list(zip(preds, [r["answer"] for r in rows]))
+
+
+def test_real_demo_answers_with_fewer_tokens_on_the_flat_image(capsys):
+    """`dymu demo` with the real packages: the small real VLM answers for a flat and a busy image, full tokens and
+    DyMU (64out); the flat image keeps far fewer tokens than the busy one, both fewer than 256."""
+    from dymu.cli import main
+    from dymu.demo import run_real_demo
+
+    results = run_real_demo(repeats=1)
+    flat, busy = results
+    assert flat.image.startswith("flat") and busy.image.startswith("busy")
+    assert flat.tokens_full == busy.tokens_full == 256
+    assert 2 * flat.tokens_dymu < busy.tokens_dymu < 256 and flat.tokens_dymu < 40
+    assert all(r.answer_full and r.answer_dymu for r in results)
+    assert flat.answer_full.lower() in {"red", "green", "blue", "teal", "brown", "yellow", "gray", "black"}
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "small real VLM" in out and "visual tokens" in out and "time saved" in out
+

@@ -107,14 +107,15 @@ def _encode_batch(model: nn.Module, processor: Any, texts: list[str], prompts: S
     return inputs
 
 
-def _row_counts(model: nn.Module, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Per prompt, the visual tokens each of its images kept in the last call (stock model: the full count)."""
+def _row_counts(model: nn.Module, prompts: Sequence[Prompt], inputs: Any) -> list[list[int]]:
+    """Per prompt, the visual tokens each of its images kept in the last call (stock model: the full count at the
+    batch's pixel grid)."""
     from dymu.vlm.llava import full_image_tokens
 
     n_images = sum(len(p.images) for p in prompts)
     counts = getattr(model, "dymu_last_counts", None) if _dymu_on(model) else None
     if n_images and counts is None:
-        counts = [full_image_tokens(model)] * n_images
+        counts = [full_image_tokens(model, inputs.get("pixel_values"))] * n_images
     counts = list(counts or [])
     if len(counts) != n_images:
         raise RuntimeError(f"{n_images} images in the batch but {len(counts)} visual token counts were reported")
@@ -204,7 +205,7 @@ def generate(
     else:  # greedy: keep the checkpoint's sampling defaults from raising warnings
         kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(**inputs, **kwargs)
-    rows = _row_counts(model, prompts)
+    rows = _row_counts(model, prompts, inputs)
     n_in = _llm_input_tokens(model, inputs, rows)
     new = out[:, inputs["input_ids"].shape[1] :]
     results = []
@@ -255,7 +256,7 @@ def loglikelihood(
     inputs = _encode_batch(model, processor, full_texts, prompts)
     keep = max(lengths) + 1
     logits = model(**inputs, logits_to_keep=keep).logits[:, -keep:].float()
-    rows = _row_counts(model, prompts)
+    rows = _row_counts(model, prompts, inputs)
     logprobs = torch.log_softmax(logits, dim=-1)
     results = []
     for b, n in enumerate(lengths):

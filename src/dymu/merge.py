@@ -54,7 +54,9 @@ source nor a destination; padded slots never match. Then either
 * finding mode: over the whole batch, the ``B * r`` best A tokens merge and the
   layer's threshold is the highest score *not* merged (clamped >= 0); or
 * inference mode: per image, every A token whose score is strictly greater than
-  the threshold merges.
+  the threshold merges; or
+* fixed mode (ToMe, the fixed-count baseline): per image, its ``r`` best A tokens
+  merge, so every image keeps the same count.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Mode = Literal["off", "find", "infer"]
+Mode = Literal["off", "find", "infer", "fixed"]
 TokenOrder = Literal["authors", "batch", "single", "raster"]
 TOKEN_ORDERS: tuple[str, ...] = ("authors", "batch", "single", "raster")
 # how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score
@@ -180,6 +182,19 @@ def select_top(scores: Tensor, r: int) -> tuple[Tensor, float]:
     return merge.view_as(scores), max(next_best, 0.0)
 
 
+def select_top_per_row(scores: Tensor, r: int) -> tuple[Tensor, float]:
+    """Fixed mode (ToMe): merge each image's ``r`` best edges (ties by position). Returns the merge flags
+    ``[B, Na]`` and, for :func:`dtome_step`'s signature, 1.0 (no threshold is found)."""
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    candidates = int(torch.isfinite(scores).sum(1).min()) if scores.numel() else 0
+    if r > candidates:
+        raise ValueError(f"cannot merge {r} tokens in every image: one image has only {candidates} tokens that can "
+                         "still merge; lower r")
+    merge = _descending_rank(scores) < r
+    return merge, 1.0
+
+
 def select_above(scores: Tensor, threshold: float | Tensor, max_per_row: Tensor | int | None = None) -> Tensor:
     """Inference mode: merge every A token whose score is strictly above the threshold.
 
@@ -265,7 +280,7 @@ def merge_path(order: TokenOrder, mode: Mode, batch: int) -> Literal["batch", "s
         raise ValueError(f"token order must be one of {', '.join(TOKEN_ORDERS)}, got {order!r}")
     if order == "raster":
         return "raster"
-    if mode == "find":
+    if mode in ("find", "fixed"):  # every image merges: the batch path, as ToMe's merge_wavg lays it out
         return "batch"
     if order == "authors":
         return "single" if batch == 1 else "batch"
@@ -287,7 +302,8 @@ def dtome_step(
 
     ``mode="off"`` returns the state unchanged; ``"find"`` merges the batch's
     ``B*r`` best pairs and returns the found threshold; ``"infer"`` merges every
-    pair above ``threshold`` (a float or a per-image ``[B]`` tensor). ``order``:
+    pair above ``threshold`` (a float or a per-image ``[B]`` tensor); ``"fixed"``
+    merges each image's ``r`` best pairs (ToMe). ``order``:
     the token order after the merge (module doc). ``top``: finding's selection
     (:func:`select_top`; threshold finding over processes passes its own).
     """
@@ -296,16 +312,17 @@ def dtome_step(
             f"metric is {tuple(metric.shape)} but the hidden states are {tuple(state.x.shape)}: "
             "batch and token dimensions must agree"
         )
-    if mode not in ("off", "find", "infer"):
-        raise ValueError(f"mode must be 'off', 'find' or 'infer', got {mode!r}")
+    if mode not in ("off", "find", "infer", "fixed"):
+        raise ValueError(f"mode must be 'off', 'find', 'infer' or 'fixed', got {mode!r}")
     path = merge_path(order, mode, state.x.shape[0])
     if mode == "off":
         return state, None
     scores, dst = bipartite_scores(metric, state.mask, protect_first)
-    if mode == "find":
+    if mode in ("find", "fixed"):
         if r is None:
-            raise ValueError("mode='find' needs r (tokens to merge per image at this layer)")
-        merge, found = top(scores, r)
+            raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
+        merge, found = (top if mode == "find" else select_top_per_row)(scores, r)
+        found = found if mode == "find" else None
         active = r > 0
     else:
         if threshold is None:

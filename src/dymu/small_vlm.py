@@ -25,6 +25,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "small_vlm" / "projector.safetensors"
+# DyMU thresholds found on easy-VQA train images 2000-2511 (docs/results.md): <K>out and <K>out-raster, K = 28/88/176
+THRESHOLD_DIR = REPO / "checkpoints" / "small_vlm" / "thresholds"
 
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE = 224

@@ -98,3 +98,36 @@ def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
         dymu=False if args.no_dymu else None,
     )
     return loaded.to(args.device), processor
+
+
+def load_vlm_from_args(args: argparse.Namespace, model: str | None = None):
+    """``dymu.vlm.load`` (LLaVA-1.5 or LLaVA-OneVision, by the checkpoint's config.json) with the options of
+    :func:`load_llava_from_args`, plus ``--downsample`` where the command has it; moved to ``--device``."""
+    import torch
+
+    from dymu.vlm import load
+
+    loaded, processor = load(
+        model or args.model,
+        thresholds=args.thresholds,
+        vtu=args.vtu,
+        threshold_offset=args.threshold_offset,
+        vision_tower=getattr(args, "vision_tower", None),
+        downsample=getattr(args, "downsample", None),
+        torch_dtype=getattr(torch, args.dtype),
+        dymu=False if args.no_dymu else None,
+    )
+    return loaded.to(args.device), processor
+
+
+def checkpoint_model_type(path: str) -> str | None:
+    """``model_type`` of a local checkpoint folder's config.json (None for anything else: hub names, files)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        return None

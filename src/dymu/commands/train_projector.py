@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true", help="ignore an existing state checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the frozen LLM's matmuls "
+                        "(weights, optimizer and loss stay fp32; ~2x faster on CPUs with AMX/AVX512-BF16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -283,6 +285,8 @@ class Trainer:
         return F.cross_entropy(logits.float(), targets[where])
 
     def step(self) -> float:
+        import torch
+
         start = time.perf_counter()
         items = []
         for epoch, image_id in self.batch_ids(self.step_index):
@@ -292,7 +296,8 @@ class Trainer:
         for g, peak in zip(self.optimizer.param_groups, self.peak):
             g["lr"] = peak * factor
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_on(items)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            loss = self.loss_on(items)
         loss.backward()
         self.optimizer.step()
         self.step_index += 1
@@ -377,7 +382,10 @@ class Trainer:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that define a run (a resumed run must match them)."""
     keys = ("images", "turns", "batch", "steps", "lr", "lora_lr", "warmup", "lora_rank", "lora_targets", "seed")
-    return {k: getattr(args, k) for k in keys}
+    settings = {k: getattr(args, k) for k in keys}
+    if getattr(args, "bf16", False):  # only written when on, so fp32 runs keep their settings
+        settings["bf16"] = True
+    return settings
 
 
 def train(args: argparse.Namespace, model: Any = None, processor: Any = None) -> Trainer:

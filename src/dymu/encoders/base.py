@@ -66,7 +66,8 @@ class DToMeState:
     """Settings of a patched encoder plus the state of the forward pass in flight.
 
     ``mode`` is ``"infer"`` (merge above ``thresholds``), ``"find"`` (merge the
-    batch's top ``merge_counts[l]`` per image and record thresholds) or ``"off"``.
+    batch's top ``merge_counts[l]`` per image and record thresholds), ``"fixed"``
+    (ToMe: every image merges exactly ``merge_counts[l]``) or ``"off"``.
     """
 
     num_layers: int
@@ -115,8 +116,8 @@ class DToMeState:
             mode = "find" if merge_counts is not None else "infer" if self.thresholds is not None else self.mode
         if mode == "infer" and self.thresholds is None:
             raise ValueError("mode 'infer' needs thresholds")
-        if mode == "find" and self.merge_counts is None:
-            raise ValueError("mode 'find' needs merge_counts (e.g. from dymu.merge_schedule)")
+        if mode in ("find", "fixed") and self.merge_counts is None:
+            raise ValueError(f"mode {mode!r} needs merge_counts (e.g. from dymu.merge_schedule)")
         self.mode = mode
 
     # -- called by the patched modules, in this order, during a forward pass
@@ -143,6 +144,11 @@ class DToMeState:
                 order=self.token_order, top=top,
             )
             self.run.found_thresholds.append(float(found))
+        elif self.mode == "fixed":
+            tokens, _ = dtome_step(
+                tokens, metric, mode="fixed", protect_first=self.protect_first, r=self.merge_counts[layer],
+                order=self.token_order,
+            )
         elif self.mode == "infer":
             threshold = float(self.thresholds[layer]) + self.threshold_offset
             tokens, _ = dtome_step(

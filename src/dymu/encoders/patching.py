@@ -38,7 +38,8 @@ def patch(
 
     * ``thresholds`` (a checkpoint, a path to one, a DyMU name such as ``"ViT-L-14-336-tome-72out"`` whose
       checkpoint is in ``checkpoints/threshold_checkpoints/``, or ``L`` floats) → inference mode;
-    * ``merge_counts`` (``L`` ints, see :func:`dymu.merge_schedule`) → threshold-finding mode;
+    * ``merge_counts`` (``L`` ints, see :func:`dymu.merge_schedule`) → threshold-finding mode, or with
+      ``mode="fixed"`` fixed-count ToMe merging (every image merges ``merge_counts[l]`` tokens at block ``l``);
     * neither → merging off (stock outputs), switchable later with :func:`configure`;
     * ``token_order`` — the token order after a merge (:mod:`dymu.merge`): ``"authors"`` (the default: exactly
       the original code), ``"batch"``/``"single"`` (one of its two paths for every batch: batch-invariant) or

@@ -1,4 +1,4 @@
-"""lmms-eval model plugin: ``--model dymu_llava`` (LLaVA-1.5 + DyMU) and ``dymu_llava_onevision`` (not yet).
+"""lmms-eval model plugin: ``--model dymu_llava`` (LLaVA-1.5 + DyMU) and ``dymu_llava_onevision`` (LLaVA-OneVision + DyMU).
 
 Registered through lmms-eval's entry-point group ``lmms_eval.models`` (``pip install 'dymu[eval]'``), so
 ``python -m lmms_eval --model dymu_llava --model_args pretrained=DIR,thresholds=ViT-L-14-336-tome-72out ...`` works

@@ -82,7 +82,7 @@ class LoglikelihoodPair(tuple, GenerationResult):
         self.token_counts = None
 
 
-def parse_thresholds(value: Any) -> Any:
+def parse_thresholds(value: Any, name: str = NAME) -> Any:
     """``None``, a list of floats (from ``[0.1,0.2]``), or a DyMU name / checkpoint path (checked to exist)."""
     if value is None or value == "":
         return None
@@ -93,16 +93,16 @@ def parse_thresholds(value: Any) -> Any:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{NAME}: thresholds={text!r} is not a list of numbers: {err}") from None
+            raise ValueError(f"{name}: thresholds={text!r} is not a list of numbers: {err}") from None
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-            raise ValueError(f"{NAME}: thresholds={text!r} is not a list of numbers")
+            raise ValueError(f"{name}: thresholds={text!r} is not a list of numbers")
         return [float(v) for v in values]
     from dymu.encoders import resolve_thresholds_path
 
     try:
         return str(resolve_thresholds_path(text))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{NAME}: {err}") from None
+        raise FileNotFoundError(f"{name}: {err}") from None
 
 
 def _flatten(visuals: Any) -> list[Any]:
@@ -140,6 +140,12 @@ class DyMULlava(lmms):
     """LLaVA-1.5 + DyMU for lmms-eval's simple (``doc_to_visual``) tasks; see the module docstring."""
 
     is_simple = True
+    backend_name = NAME  # the --model name, in messages and the token record
+    accepted_args = (
+        "pretrained, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
+        "dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output"
+    )
+    budget_unit = "per image"  # what token_budget counts
 
     def __init__(
         self,
@@ -165,22 +171,20 @@ class DyMULlava(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(
-                f"{NAME}: unknown model_args {sorted(kwargs)}; accepted: pretrained, thresholds, vtu, threshold_offset, "
-                "token_budget, budget_images, calibration_images, token_order, dymu, vision_tower, batch_size, device, dtype, "
-                "max_new_tokens, tokens_path, loglikelihood_output"
+                f"{self.backend_name}: unknown model_args {sorted(kwargs)}; accepted: {self.accepted_args}"
             )
         if vtu is not None and vtu not in VTU_MODES:
-            raise ValueError(f"{NAME}: vtu={vtu!r}; expected fast, exact or off")
+            raise ValueError(f"{self.backend_name}: vtu={vtu!r}; expected fast, exact or off")
         if loglikelihood_output not in ("logprob", "loss"):
-            raise ValueError(f"{NAME}: loglikelihood_output={loglikelihood_output!r}; expected logprob or loss")
+            raise ValueError(f"{self.backend_name}: loglikelihood_output={loglikelihood_output!r}; expected logprob or loss")
         if token_budget is not None and threshold_offset is not None:
-            raise ValueError(f"{NAME}: give token_budget or threshold_offset, not both (the budget sets the offset)")
+            raise ValueError(f"{self.backend_name}: give token_budget or threshold_offset, not both (the budget sets the offset)")
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
-            raise ValueError(f"{NAME}: batch_size={batch_size!r}; expected a positive integer ('auto' is not supported)") from None
+            raise ValueError(f"{self.backend_name}: batch_size={batch_size!r}; expected a positive integer ('auto' is not supported)") from None
         if self.batch_size_per_gpu < 1:
-            raise ValueError(f"{NAME}: batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"{self.backend_name}: batch_size must be >= 1, got {batch_size}")
 
         # processes: accelerate launch / torchrun set these; lmms-eval shards the requests by RANK itself
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -197,13 +201,13 @@ class DyMULlava(lmms):
         elif str(dtype) in DTYPES:
             torch_dtype = DTYPES[str(dtype)]
         else:
-            raise ValueError(f"{NAME}: dtype={dtype!r}; expected float16, bfloat16, float32 or auto")
+            raise ValueError(f"{self.backend_name}: dtype={dtype!r}; expected float16, bfloat16, float32 or auto")
 
         try:
             path = evaluation.resolve_pretrained(pretrained)
         except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{NAME}: {err}") from None
-        chosen = parse_thresholds(thresholds)
+            raise type(err)(f"{self.backend_name}: {err}") from None
+        chosen = parse_thresholds(thresholds, self.backend_name)
         self.settings = {
             "pretrained": str(pretrained),
             "thresholds": chosen,
@@ -214,10 +218,8 @@ class DyMULlava(lmms):
             "dtype": str(dtype or torch_dtype).replace("torch.", ""),
             "batch_size": self.batch_size_per_gpu,
         }
-        from dymu.vlm import load_llava
-
         try:
-            model, processor = load_llava(
+            model, processor = self._load(
                 path,
                 thresholds=chosen,
                 vtu=vtu,
@@ -227,11 +229,11 @@ class DyMULlava(lmms):
                 dymu=dymu,
             )
         except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ValueError(f"{NAME}: cannot load {pretrained} with thresholds={thresholds}: {err}") from err
+            raise ValueError(f"{self.backend_name}: cannot load {pretrained} with thresholds={thresholds}: {err}") from err
         try:
             self.settings["token_order"] = evaluation.set_token_order(model, token_order)
         except ValueError as err:
-            raise ValueError(f"{NAME}: token_order={token_order!r}: {err}") from None
+            raise ValueError(f"{self.backend_name}: token_order={token_order!r}: {err}") from None
         self._model = model.to(self._device).eval()
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
@@ -255,7 +257,7 @@ class DyMULlava(lmms):
         self._gen_time = 0.0
         self._gen_tokens = 0
         self._gen_requests = 0
-        eval_logger.info(f"{NAME}: {path} on {self._device} ({self.settings})")
+        eval_logger.info(f"{self.backend_name}: {path} on {self._device} ({self.settings})")
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -282,20 +284,35 @@ class DyMULlava(lmms):
     def world_size(self) -> int:
         return self._world_size
 
+    def _load(self, path: Path, **kwargs: Any) -> tuple[Any, Any]:
+        """The model and processor (``kwargs``: :func:`dymu.vlm.load_llava`'s)."""
+        from dymu.vlm import load_llava
+        from dymu.vlm.loading import is_onevision, read_config
+
+        if is_onevision(read_config(path)):
+            raise ValueError(f"{path} is a LLaVA-OneVision checkpoint: use --model dymu_llava_onevision")
+        return load_llava(path, **kwargs)
+
     def _merging_on(self) -> bool:
         import dymu
 
         return dymu.get_state(self._model.model.vision_tower).mode == "infer"
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _calibrate(self, images: list[Any]) -> None:
+    def _calibrate_offset(self, images: list[Any], target: float) -> float:
         from dymu.vlm.llava import calibrate_token_budget
 
+        return calibrate_token_budget(self._model, self.processor, images, target)
+
+    def _calibrate(self, images: list[Any]) -> None:
         if not images:
-            raise ValueError(f"{NAME}: token_budget needs images to calibrate on; none were found")
-        offset = calibrate_token_budget(self._model, self.processor, images, float(self._token_budget))
+            raise ValueError(f"{self.backend_name}: token_budget needs images to calibrate on; none were found")
+        offset = self._calibrate_offset(images, float(self._token_budget))
         self.settings["threshold_offset"] = offset
-        eval_logger.info(f"{NAME}: threshold offset {offset:+.4f} for {self._token_budget:g} visual tokens per image ({len(images)} images)")
+        eval_logger.info(
+            f"{self.backend_name}: threshold offset {offset:+.4f} for {self._token_budget:g} visual tokens {self.budget_unit} "
+            f"({len(images)} images)"
+        )
         self._budget_done = True
 
     def _calibrate_on_tasks(self, requests: list[Instance]) -> None:
@@ -316,7 +333,7 @@ class DyMULlava(lmms):
         visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
         for v in visuals:
             if not isinstance(v, Image.Image):
-                raise ValueError(f"{NAME} evaluates images only; task {task!r} document {doc_id} gave a {type(v).__name__} visual")
+                raise ValueError(f"{self.backend_name} evaluates images only; task {task!r} document {doc_id} gave a {type(v).__name__} visual")
         return visuals
 
     def _record(self, task: str, split: str, doc_id: Any, counts: list[int]) -> None:
@@ -340,7 +357,7 @@ class DyMULlava(lmms):
         if isinstance(until, str):
             until = [until]
         elif not isinstance(until, (list, tuple)):
-            raise ValueError(f"{NAME}: gen_kwargs['until'] must be a string or a list, got {type(until).__name__}")
+            raise ValueError(f"{self.backend_name}: gen_kwargs['until'] must be a string or a list, got {type(until).__name__}")
         temperature = float(gk.get("temperature") or 0.0)
         do_sample = bool(gk["do_sample"]) if "do_sample" in gk else temperature > 0
         if temperature <= 0:
@@ -362,6 +379,9 @@ class DyMULlava(lmms):
         self._gen_requests += len(gens)
         return gens
 
+    def _loglikelihoods(self, prompts: list[Prompt], continuations: list[str]) -> list[evaluation.LogLikelihood]:
+        return evaluation.loglikelihood(self._model, self.processor, prompts, continuations)
+
     # ------------------------------------------------------------------------------------------ lmms API
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         if not requests:
@@ -369,7 +389,7 @@ class DyMULlava(lmms):
         if not self._budget_done:
             self._calibrate_on_tasks(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{NAME} generate")
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.backend_name} generate")
         for batch in self._batches(requests, key=lambda a: json.dumps(a[1], sort_keys=True, default=str)):
             args = [requests[i].args for i in batch]
             settings = self._generation_settings(args[0][1])
@@ -390,7 +410,7 @@ class DyMULlava(lmms):
             self._calibrate_on_tasks(requests)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         sign = -1.0 if self.loglikelihood_output == "loss" else 1.0
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{NAME} loglikelihood")
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.backend_name} loglikelihood")
         for batch in self._batches(requests, key=lambda a: ""):
             prompts, continuations, args = [], [], []
             for i in batch:
@@ -398,13 +418,11 @@ class DyMULlava(lmms):
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target if isinstance(target, str) else target(doc)
                 if isinstance(continuation, (list, tuple)):
-                    raise ValueError(f"{NAME}: task {task!r} gave several continuations for one loglikelihood request")
+                    raise ValueError(f"{self.backend_name}: task {task!r} gave several continuations for one loglikelihood request")
                 prompts.append(Prompt(str(context), self._visuals(doc_to_visual, task, split, doc_id)))
                 continuations.append(str(continuation))
                 args.append((task, split, doc_id))
-            for i, (task, split, doc_id), ll in zip(
-                batch, args, evaluation.loglikelihood(self._model, self.processor, prompts, continuations)
-            ):
+            for i, (task, split, doc_id), ll in zip(batch, args, self._loglikelihoods(prompts, continuations)):
                 self._record(task, split, doc_id, ll.visual_tokens)
                 results[i] = LoglikelihoodPair(sign * ll.logprob, ll.is_greedy)
                 self.cache_hook.add_partial("loglikelihood", requests[i].args[:2], tuple(results[i]))
@@ -420,14 +438,14 @@ class DyMULlava(lmms):
         if not self._budget_done:
             self._calibrate_on_tasks(requests)
         results = []
-        for req in tqdm(requests, disable=self.rank != 0, desc=f"{NAME} multi-round"):
+        for req in tqdm(requests, disable=self.rank != 0, desc=f"{self.backend_name} multi-round"):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             settings = self._generation_settings(gen_kwargs)
             visuals, rounds, info, counts = self._visuals(doc_to_visual, task, split, doc_id), [], None, []
             for round_idx in range(MAX_ROUNDS + 1):
                 if round_idx == MAX_ROUNDS:
-                    raise RuntimeError(f"{NAME}: task {task!r} document {doc_id} did not end after {MAX_ROUNDS} rounds")
+                    raise RuntimeError(f"{self.backend_name}: task {task!r} document {doc_id} did not end after {MAX_ROUNDS} rounds")
                 if round_idx > 0:
                     visuals, context, terminal, previous, info = doc_to_text(
                         doc, previous_output=list(rounds), round_idx=round_idx, previous_round_info=info
@@ -448,9 +466,13 @@ class DyMULlava(lmms):
         """Visual token statistics of every request seen (this process), overall and per task, with samples."""
         return self._record_of(self._records)
 
-    def _record_of(self, records: dict[str, dict[tuple[str, Any], list[int]]]) -> dict[str, Any]:
+    def _full_tokens_per_image(self) -> int | None:
+        """The stock model's visual tokens per image (the same for every LLaVA-1.5 image)."""
         from dymu.vlm.llava import full_image_tokens
 
+        return full_image_tokens(self._model) if hasattr(self, "_model") else None
+
+    def _record_of(self, records: dict[str, dict[tuple[str, Any], list[int]]]) -> dict[str, Any]:
         tasks, everything = {}, []
         for task in sorted(records):
             samples = sorted(records[task].items(), key=lambda kv: (kv[0][0], str(type(kv[0][1])), kv[0][1]))
@@ -461,9 +483,9 @@ class DyMULlava(lmms):
                 "samples": [{"split": s, "doc_id": d, "visual_tokens": cs} for (s, d), cs in samples],
             }
         return {
-            "model": NAME,
+            "model": self.backend_name,
             "settings": self.settings,
-            "full_tokens_per_image": full_image_tokens(self._model) if hasattr(self, "_model") else None,
+            "full_tokens_per_image": self._full_tokens_per_image(),
             "overall": evaluation.token_stats(everything),
             "tasks": tasks,
         }
@@ -493,13 +515,13 @@ class DyMULlava(lmms):
         if self._rank != 0:
             return
         overall = self._final_record["overall"]
-        eval_logger.info(f"{NAME}: {evaluation.format_stats(overall)}")
+        eval_logger.info(f"{self.backend_name}: {evaluation.format_stats(overall)}")
         target = self.tokens_path or _running_results_file()
         if target is not None:
             try:
-                eval_logger.info(f"{NAME}: visual token record written to {self.write_token_record(target)}")
+                eval_logger.info(f"{self.backend_name}: visual token record written to {self.write_token_record(target)}")
             except OSError as err:
-                eval_logger.error(f"{NAME}: cannot write the visual token record to {target}: {err}")
+                eval_logger.error(f"{self.backend_name}: cannot write the visual token record to {target}: {err}")
         extra = {"dymu_images": overall["images"]}
         if overall["images"]:
             extra.update(dymu_visual_tokens_mean=overall["mean"], dymu_visual_tokens_std=overall["std"])

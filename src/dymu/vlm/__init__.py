@@ -3,7 +3,7 @@
 
 from dymu.vlm.base import dymu_vtu_mode
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
-from dymu.vlm.loading import convert_original_llava, load_llava
+from dymu.vlm.loading import convert_original_llava, load, load_llava, load_onevision
 from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
 
 __all__ = [
@@ -11,7 +11,9 @@ __all__ = [
     "answer",
     "enable_dymu",
     "disable_dymu",
+    "load",
     "load_llava",
+    "load_onevision",
     "convert_original_llava",
     "enable_dymu_onevision",
     "disable_dymu_onevision",

@@ -1,12 +1,16 @@
-"""Loading LLaVA-1.5 with DyMU: llava-hf checkpoints (with an optional ``dymu`` config block) and original
-LLaVA checkpoints (``LlavaLlamaForCausalLM`` with ``mm_vision_tower``).
+"""Loading VLMs with DyMU: LLaVA-1.5 (llava-hf checkpoints with an optional ``dymu`` config block, and original
+LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA-OneVision (llava-hf checkpoints,
+``model_type`` ``llava_onevision``, with an optional ``dymu`` block).
 
+* :func:`load` dispatches on the checkpoint's ``config.json`` to :func:`load_llava` or :func:`load_onevision`.
 * llava-hf format: ``config.json`` may hold a block
-  ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}``.
+  ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}`` (OneVision: also
+  ``"downsample": "nearest" | "error"``; ``dymu convert-onevision`` writes it).
 * original format: ``mm_vision_tower`` names the CLIP tower; naming a DyMU tower instead
   (``ViT-L-14-336-tome-72out``) turns DyMU on — the habit of the authors' code. transformers ships no
   converter for these checkpoints: :func:`convert_original_llava` builds the llava-hf model in memory
-  (and ``dymu convert-llava`` saves it).
+  (and ``dymu convert-llava`` saves it). Original LLaVA-OneVision checkpoints (``LlavaQwenForCausalLM``) are
+  not read: use their llava-hf conversions (e.g. ``llava-hf/llava-onevision-qwen2-7b-si-hf``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
 )
 
 from dymu.encoders.names import is_dymu_name, parse_dymu_name
 from dymu.vlm.llava import DyMUSettings, enable_dymu
+from dymu.vlm.onevision import Downsample, enable_dymu_onevision
 from dymu.vtu import VTUMode
 
 # transformers' names for the original checkpoint's weights
@@ -79,6 +85,29 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def is_original_llava(config: dict[str, Any]) -> bool:
     return "mm_vision_tower" in config and config.get("model_type") != "llava"
+
+
+ONEVISION_MODEL_TYPE = "llava_onevision"
+
+
+def is_onevision(config: dict[str, Any]) -> bool:
+    """A llava-hf LLaVA-OneVision checkpoint (``LlavaOnevisionForConditionalGeneration``)."""
+    return config.get("model_type") == ONEVISION_MODEL_TYPE
+
+
+def is_original_onevision(config: dict[str, Any]) -> bool:
+    """An original LLaVA-OneVision / LLaVA-NeXT checkpoint (``LlavaQwenForCausalLM``, e.g. lmms-lab's), which
+    dymu does not read."""
+    return "mm_vision_tower" in config and (
+        "LlavaQwenForCausalLM" in (config.get("architectures") or []) or config.get("model_type") == "llava_qwen"
+    )
+
+
+def _original_onevision_error(path: str | Path) -> ValueError:
+    return ValueError(
+        f"{path} is an original LLaVA-OneVision checkpoint (LlavaQwenForCausalLM), which dymu does not read: use its "
+        "llava-hf conversion (e.g. llava-hf/llava-onevision-qwen2-7b-si-hf for lmms-lab/llava-onevision-qwen2-7b-si)"
+    )
 
 
 def dymu_tower(name: str):
@@ -178,6 +207,13 @@ def load_llava(
     (merging off without thresholds: stock outputs). Keyword arguments override the config's settings.
     """
     raw = read_config(path)
+    if is_onevision(raw):
+        raise ValueError(
+            f"{path} is a LLaVA-OneVision checkpoint (model_type {ONEVISION_MODEL_TYPE!r}), not LLaVA-1.5: load it "
+            "with dymu.vlm.load (any supported VLM) or dymu.vlm.load_onevision"
+        )
+    if is_original_onevision(raw):
+        raise _original_onevision_error(path)
     if is_original_llava(raw):
         model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
         settings = settings if settings.encoder is not None else None
@@ -189,15 +225,88 @@ def load_llava(
     if dymu is False or (settings is None and thresholds is None and dymu is not True):
         return model, processor
     settings = settings or DyMUSettings()
+    enable_dymu(
+        model,
+        _chosen_thresholds(path, settings, thresholds),
+        vtu=vtu or settings.vtu,
+        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+    )
+    return model, processor
+
+
+def _chosen_thresholds(path: str | Path, settings: DyMUSettings, thresholds: Any) -> Any:
+    """``thresholds`` if given, else the block's file (relative to the checkpoint folder) or encoder name's."""
     chosen = thresholds if thresholds is not None else settings.thresholds
     if chosen is None and settings.encoder is not None:
         chosen = parse_dymu_name(settings.encoder).find_checkpoint()
     if isinstance(chosen, str) and not Path(chosen).is_absolute() and (Path(path) / chosen).is_file():
         chosen = Path(path) / chosen  # a path in the dymu block is relative to the checkpoint folder
-    enable_dymu(
+    return chosen
+
+
+def load_onevision(
+    path: str | Path,
+    *,
+    thresholds: Any = None,
+    vtu: VTUMode | None = None,
+    threshold_offset: float | None = None,
+    downsample: Downsample | None = None,
+    torch_dtype: torch.dtype | None = None,
+    dymu: bool | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a llava-hf LLaVA-OneVision checkpoint with DyMU as its config asks; returns (model, processor).
+
+    DyMU (:func:`dymu.vlm.onevision.enable_dymu_onevision`, token order ``"batch"``) is on when ``config.json``
+    has a ``dymu`` block (keys ``encoder``, ``thresholds``, ``vtu``, ``threshold_offset``, ``downsample``) or when
+    ``thresholds`` is given; ``dymu=False`` forces it off (the stock model), ``dymu=True`` on (merging off without
+    thresholds: stock outputs except for downsampled images). Keyword arguments override the config's settings.
+    """
+    raw = read_config(path)
+    if not is_onevision(raw):
+        if is_original_onevision(raw):
+            raise _original_onevision_error(path)
+        raise ValueError(
+            f"{path} is not a LLaVA-OneVision checkpoint (model_type {raw.get('model_type')!r}, expected "
+            f"{ONEVISION_MODEL_TYPE!r}): load LLaVA-1.5 with dymu.vlm.load or dymu.vlm.load_llava"
+        )
+    block = raw.get("dymu")
+    settings = DyMUSettings.from_dict(block, family="onevision") if block is not None else None  # before loading
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    if dymu is False or (settings is None and thresholds is None and dymu is not True):
+        return model, processor
+    settings = settings or DyMUSettings()
+    enable_dymu_onevision(
         model,
-        chosen,
+        _chosen_thresholds(path, settings, thresholds),
         vtu=vtu or settings.vtu,
         threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+        downsample=downsample or settings.downsample or "nearest",
     )
     return model, processor
+
+
+def load(
+    path: str | Path,
+    *,
+    vision_tower: str | Path | None = None,
+    downsample: Downsample | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """Load any VLM dymu supports with DyMU as its config asks; returns (model, processor).
+
+    Dispatches on ``config.json``: ``model_type`` ``llava_onevision`` goes to :func:`load_onevision`, LLaVA-1.5
+    (llava-hf or original) to :func:`load_llava`. The other keyword arguments (``thresholds``, ``vtu``,
+    ``threshold_offset``, ``torch_dtype``, ``dymu``) are theirs; ``vision_tower`` is for original LLaVA-1.5
+    checkpoints only, ``downsample`` for OneVision only.
+    """
+    raw = read_config(path)
+    if is_onevision(raw):
+        if vision_tower is not None:
+            raise ValueError(
+                f"vision_tower is for original LLaVA-1.5 checkpoints; {path} is LLaVA-OneVision (its tower is inside)"
+            )
+        return load_onevision(path, downsample=downsample, **kwargs)
+    if downsample is not None:
+        raise ValueError(f"downsample is for LLaVA-OneVision checkpoints; {path} is LLaVA-1.5")
+    return load_llava(path, vision_tower=vision_tower, **kwargs)

@@ -429,6 +429,44 @@ def disable_dymu_onevision(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Counting and budgets (the command line and the lmms-eval backend)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stock_visual_tokens(
+    model: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | list[int] | None = None
+) -> list[int]:
+    """Per image, the visual tokens the *stock* model gives the LLM (its placeholder count: base crop, unpadded
+    tiles and newlines, after any downsampling): what ``dymu_last_counts`` is compared with."""
+    image_sizes = torch.as_tensor(image_sizes).cpu()
+    crops = crops_per_image(model, image_sizes, batch_num_images)
+    return [int(stock_layout(model, n, size).numel()) for size, n in zip(image_sizes, crops)]
+
+
+def image_crops(model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
+    """Every crop (base + anyres tiles) the stock model encodes for ``images`` (each a single-image prompt),
+    as one ``[crops, 3, H, W]`` batch."""
+    from dymu.data import load_image
+
+    out = processor.image_processor([load_image(i) for i in images], return_tensors="pt")
+    crops = crops_per_image(model, out["image_sizes"], None)
+    return _flat_crops(out["pixel_values"], crops)
+
+
+@torch.no_grad()
+def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float) -> float:
+    """Set the tower's threshold offset so that the crops of ``images`` keep ``target`` tokens per crop on average
+    (the ``K`` of ``siglip-so400m-patch14-384-<K>out``); the offset stays set and is returned."""
+    tower = _inner(model).vision_tower
+    if dymu.get_state(tower).mode != "infer":
+        raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
+    crops = image_crops(model, processor, images)
+    param = next(tower.parameters())
+    layer = _inner(model).config.vision_feature_layer
+    return dymu.calibrate_budget(tower, crops.to(param.device, param.dtype), target, layer=layer).offset
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tiny random model for tests and docs
 # ---------------------------------------------------------------------------------------------------------------
 
