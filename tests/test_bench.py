@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import e2e_llava, encoder, vtu_prefill  # noqa: E402
+from bench import e2e_llava, encoder, onevision_crops, vtu_prefill  # noqa: E402
 
 
 def positive(x) -> bool:
@@ -81,7 +81,19 @@ def test_vtu_prefill_tiny_with_several_merged_counts(capsys):
     assert all(float(r[2]) > 0 and int(r[4]) > 0 for r in rows)
     tokens = [int(r[1]) for r in rows]
     assert tokens[1] < tokens[4] < tokens[0]  # 12 and 24 merged visual tokens, + text
-    assert len(re.findall(r"^\s+\[(PASS|MISS)\] ", out, re.M)) == 5  # ~90-token goal + 2 per merged count
+    # ~90-token goal + 2 prefill lines and 1 decode line per merged count
+    assert len(re.findall(r"^\s+\[(PASS|MISS)\] ", out, re.M)) == 7
+    assert out.count("VTU fast, fast-kernel step") == 2
+
+
+def test_onevision_crops_tiny():
+    """The per-crop row keeps the padded run's counts; every row is timed; the targets are printed."""
+    res = onevision_crops.run(onevision_crops.parse_args(["--tiny"]))
+    assert res["same_counts"] and len(set(res["kept"])) > 1
+    assert [name for name, _, _ in res["rows"]][:3] == ["no merging", "DToMe padded", "DToMe per crop"]
+    assert all(t > 0 for _, t, _ in res["rows"])
+    out = onevision_crops.format_results(res)
+    assert out.count("[PASS]") + out.count("[MISS]") == 2
 
 
 def test_bench_command_lists_and_runs(capsys):
@@ -89,7 +101,7 @@ def test_bench_command_lists_and_runs(capsys):
 
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("encoder", "vtu_prefill", "e2e_llava"):
+    for name in ("encoder", "vtu_prefill", "e2e_llava", "onevision_crops"):
         assert name in out
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err

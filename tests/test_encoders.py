@@ -225,6 +225,30 @@ def test_batch_equals_single_images(fam, pics, order):
             assert not batch_hidden[layer][b, n:].any()  # padding rows stay zero
 
 
+@pytest.mark.parametrize("order", ["authors", "raster"])
+def test_per_image_batching_equals_the_padded_batch(fam, pics, order):
+    """dymu.encode(batching="per_image") runs each image alone (no padding) and returns what the padded batch
+    does: same features, sizes, source maps and padded tensors (the authors' order keeps its batch path)."""
+    x = fam.pixels(list(pics.values()))
+    thresholds, _, _ = found_thresholds(fam)
+    dymu.patch(fam.model, thresholds, token_order=order)
+    padded = dymu.encode(fam.model, x, layer=-1)
+    per_image = dymu.encode(fam.model, x, layer=-1, batching="per_image")
+    assert len(set(padded.num_tokens)) >= 3, padded.num_tokens  # mixed counts
+    assert per_image.num_tokens == padded.num_tokens
+    assert torch.equal(per_image.tokens_per_layer, padded.tokens_per_layer)
+    assert torch.equal(per_image.padded_sizes, padded.padded_sizes)
+    assert torch.equal(per_image.padded_source_map, padded.padded_source_map)
+    assert_close_scaled(per_image.hidden_states, padded.hidden_states)
+    for a, b in zip(per_image.source_maps, padded.source_maps):
+        assert torch.equal(a, b)
+    if order == "authors":  # a lone-image call alone takes the single-image path: other counts, caught here
+        alone = [dymu.encode(fam.model, x[b : b + 1], layer=-1).num_tokens[0] for b in range(len(x))]
+        assert alone != padded.num_tokens
+    with pytest.raises(ValueError, match="batching must be"):
+        dymu.encode(fam.model, x, batching="packed")
+
+
 def test_fixed_mode_is_tome_same_count_every_image(fam, pics):
     """mode="fixed" (the ToMe baseline): every image merges merge_counts[l] at block l, so all keep the same count,
     and an image in a batch equals the image alone."""

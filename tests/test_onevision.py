@@ -295,6 +295,24 @@ def test_batch_equals_one_by_one(tiny, model):
         assert max(float((l1[0] - lb[b]).abs().max()) for l1, lb in zip(g1.logits, gen.logits)) <= 1e-4
 
 
+@torch.no_grad()
+def test_per_crop_batching_equals_the_padded_crop_batch(tiny, model):
+    """crop_batching="per_image" (one tower call per crop, no padding) gives the padded batch's counts and
+    logits."""
+    _, processor = tiny
+    inp = inputs(processor, images()[:3], ["w1 <image> w2", "w3 <image> w4 w5 w6", "<image> w7"])
+    results = {}
+    for batching in ("padded", "per_image"):
+        enable_dymu_onevision(model, THRESHOLDS, vtu="fast", crop_batching=batching)
+        results[batching] = (model(**inp).logits, model.dymu_last_crop_counts)
+        disable_dymu_onevision(model)
+    (padded, counts), (per_crop, counts_pc) = results["padded"], results["per_image"]
+    assert counts_pc == counts and len({c for image in counts for c in image}) > 2
+    assert float((padded - per_crop).abs().max()) <= 1e-4
+    with pytest.raises(ValueError, match="crop_batching must be"):
+        enable_dymu_onevision(model, THRESHOLDS, crop_batching="packed")
+
+
 def test_downsampled_layout(tiny, model):
     _, processor = tiny
     big = make_image("textured", 112, seed=5)  # 4×4 tiles: past anyres_max_9, the stock model downsamples

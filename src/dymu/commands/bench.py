@@ -13,6 +13,7 @@ Examples:
   dymu bench vtu_prefill --merged 90 195 394
   dymu bench e2e_llava --new-tokens 32
   dymu bench e2e_llava --tiny
+  dymu bench onevision_crops --layers 4 --crops 6   # OneVision crops: padded vs one call per crop
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 NAME = "bench"
-HELP = "run a benchmark from bench/ (encoder, vtu_prefill, e2e_llava)"
+HELP = "run a benchmark from bench/ (encoder, vtu_prefill, e2e_llava, onevision_crops)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true", help="ignore an existing state checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-whiten", dest="whiten", action="store_false",
+                        help="keep the projector's default initialisation (by default its first layer is initialised "
+                        "to standardise the DINOv2 features per channel: their norm is ~43 while the image-to-image "
+                        "variation that carries colour is ~0.75 per channel)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the frozen LLM's matmuls "
                         "(weights, optimizer and loss stay fp32; ~2x faster on CPUs with AMX/AVX512-BF16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -183,6 +187,21 @@ def add_lora(model: Any, rank: int, targets: tuple[str, ...], seed: int) -> dict
     return adapters
 
 
+def whiten_projector(projector: Any, features: dict[int, Any]) -> None:
+    """Fold a per-channel standardisation of ``features`` into the projector's first linear layer (a
+    data-dependent initialisation; the model stays a stock mlp2x_gelu): ``W x + b`` becomes
+    ``W (x - mean) / std + b``."""
+    import torch
+
+    stacked = torch.cat([f.reshape(-1, f.shape[-1]) for f in features.values()]).double()
+    mean, std = stacked.mean(0), stacked.std(0).clamp(min=1e-6)
+    linear = projector.linear_1
+    with torch.no_grad():
+        w = linear.weight.double() / std
+        linear.bias.copy_((linear.bias.double() - w @ mean).to(linear.bias.dtype))
+        linear.weight.copy_(w.to(linear.weight.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training
 
@@ -218,6 +237,8 @@ class Trainer:
         self.qa = {i: by_image[i] for i in self.image_ids}
         self.features = cached_features(model, processor, self.image_ids, paths,
                                         self.work / f"features-{args.images}.pt", progress=not args.no_progress)
+        if getattr(args, "whiten", False):
+            whiten_projector(projector, self.features)
         groups = [{"params": list(projector.parameters()), "lr": args.lr}]
         if self.adapters:
             lora_params = [p for a in self.adapters.values() for p in (a.A, a.B)]
@@ -273,7 +294,8 @@ class Trainer:
             mask[b, : len(ids)] = 1
         input_ids, labels, mask = input_ids.to(self.device), labels.to(self.device), mask.to(self.device)
         feats = torch.stack([self.features[i] for i, _, _ in items]).to(self.device)
-        projected = model.model.multi_modal_projector(feats)  # [B, 256, D]
+        with torch.autocast(self.device.type, enabled=False):  # the projector stays fp32 (small, precision-critical)
+            projected = model.model.multi_modal_projector(feats)  # [B, 256, D]
         embeds = lm.embed_tokens(input_ids)
         image_mask = input_ids == model.config.image_token_index
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]).to(embeds.dtype))
@@ -383,8 +405,9 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings that define a run (a resumed run must match them)."""
     keys = ("images", "turns", "batch", "steps", "lr", "lora_lr", "warmup", "lora_rank", "lora_targets", "seed")
     settings = {k: getattr(args, k) for k in keys}
-    if getattr(args, "bf16", False):  # only written when on, so fp32 runs keep their settings
-        settings["bf16"] = True
+    for flag in ("bf16", "whiten"):  # only written when on, so earlier runs keep their settings
+        if getattr(args, flag, False):
+            settings[flag] = True
     return settings
 
 

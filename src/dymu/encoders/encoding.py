@@ -16,7 +16,7 @@ threshold (higher offset → fewer merges → more tokens) on a calibration batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,43 @@ def _run(
             return None
 
 
+Batching = Literal["padded", "per_image"]
+
+
+def _pad_to(x: Tensor, length: int) -> Tensor:
+    """Zero-pad dim 1 of ``x [1, n, ...]`` to ``length``."""
+    if x.shape[1] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))
+    return torch.cat([x, pad], dim=1)
+
+
+def _run_per_image(
+    state: DToMeState, pixel_values: Tensor, layer: int, *, stop_early: bool, keep: frozenset[int]
+) -> DToMeRun:
+    """Each image through the tower alone (no padding: the cost follows its own token counts), the runs then
+    padded into one batch run equal to the padded batch's. The authors' order takes its batch path for a real
+    batch, which a lone-image call would not: it is held for the calls."""
+    order = "batch" if state.token_order == "authors" and len(pixel_values) > 1 else state.token_order
+    runs = []
+    with state.overrides(token_order=order):
+        for x in pixel_values.split(1):
+            _run(state, x, layer, stop_early=stop_early, record=True, keep=keep)
+            runs.append(state.run)
+    depth = min(len(r.sizes) for r in runs)
+    combined = DToMeRun(
+        sizes=[torch.cat([_pad_to(r.sizes[i], max(q.sizes[i].shape[1] for q in runs)) for r in runs])
+               for i in range(depth)],
+        source_maps=[torch.cat([r.source_maps[i] for r in runs]) for i in range(depth)],
+        found_thresholds=[],
+    )
+    for i in runs[0].hidden_states:
+        n = max(r.hidden_states[i].shape[1] for r in runs)
+        combined.hidden_states[i] = torch.cat([_pad_to(r.hidden_states[i], n) for r in runs])
+    state.run = combined
+    return combined
+
+
 def _params(module: Any):
     return module.parameters() if isinstance(module, nn.Module) else iter(())
 
@@ -120,6 +157,7 @@ def encode(
     stop_early: bool = True,
     token_budget: float | None = None,
     threshold_offset: float | None = None,
+    batching: Batching = "padded",
 ) -> Encoding:
     """Encode ``pixel_values [B, 3, H, W]`` with the patched encoder in ``model`` and return :class:`Encoding`.
 
@@ -129,10 +167,15 @@ def encode(
     * ``stop_early`` — skip the blocks after ``layer`` (then ``output`` is None);
     * ``token_budget`` — for this call only, calibrate the threshold offset on this batch so that the average
       number of patch tokens at ``layer`` is as close as possible to it;
-    * ``threshold_offset`` — for this call only, use this offset instead of the model's.
+    * ``threshold_offset`` — for this call only, use this offset instead of the model's;
+    * ``batching`` — ``"padded"`` (one forward, images padded to the longest) or ``"per_image"`` (one forward per
+      image, no padding: the cost follows each image's kept tokens; same result, ``output`` is None). Per-image
+      pays when counts differ a lot (a flat crop next to a busy one, ``bench/onevision_crops.py``).
 
     Runs under ``torch.no_grad()``.
     """
+    if batching not in ("padded", "per_image"):
+        raise ValueError(f"batching must be 'padded' or 'per_image', got {batching!r}")
     state = _state(model)
     index = _resolve_layer(state, layer)
     keep = frozenset(_resolve_layer(state, k) for k in keep_layers)
@@ -145,7 +188,11 @@ def encode(
         if token_budget is not None:
             offset = calibrate_budget(model, pixel_values, token_budget, layer=layer).offset
         with torch.no_grad():
-            output = _run(state, pixel_values, index, stop_early=stop_early, record=True, keep=keep)
+            if batching == "per_image":
+                output = None
+                _run_per_image(state, pixel_values, index, stop_early=stop_early, keep=keep)
+            else:
+                output = _run(state, pixel_values, index, stop_early=stop_early, record=True, keep=keep)
     run = state.run
     hidden, sizes, source_map = run.hidden_states[index], run.sizes[index], run.source_maps[index]
     mask = sizes > 0

@@ -104,6 +104,9 @@ class _RopeSource:
 
 
 _ROPE_ATTR = "_dymu_vtu_rope"
+#: Decode steps of the "fast" mode use the exact kernel (equal up to float rounding, cheaper per step); set False
+#: to decode with the fast kernel (bench/vtu_prefill.py compares both).
+DECODE_WITH_EXACT = True
 _HANDLE_ATTR = "_dymu_vtu"
 
 
@@ -158,7 +161,10 @@ def _attention_function(mode: str) -> Callable[..., tuple[Tensor, None]]:
             _check_positions(module, kwargs, lay)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        return kernel(query, key, value, lay, rope.inv_freq, scaling, dropout), None
+        # decode steps (new tokens are groups of one): the exact kernel turns the merged keys per virtual key
+        # without copying K/V to virtual length, which is what makes a fast-mode step cost more than a stock one
+        step = KERNELS["exact"] if lay.identity_q and DECODE_WITH_EXACT else kernel
+        return step(query, key, value, lay, rope.inv_freq, scaling, dropout), None
 
     attention.__name__ = attention.__qualname__ = ATTN_IMPLEMENTATIONS[mode]
     return attention
