@@ -121,6 +121,25 @@ class MergeTimer:
             del self.state.merge
 
 
+def ideal_time(model, per_layer: torch.Tensor, singles: list, args, device, dtype) -> float:
+    """Median time of the stock tower's work at exactly the merged run's token counts: the embeddings at full
+    length, then block ``l`` of image ``b`` on ``per_layer[l, b]`` tokens, image by image; no merge bookkeeping."""
+    layers = model.encoder.layers
+    gen = torch.Generator().manual_seed(args.seed)
+    width = model.config.hidden_size
+    inputs = [[torch.randn(1, int(per_layer[l, b]), width, generator=gen).to(device, dtype)
+               for l in range(len(layers))] for b in range(per_layer.shape[1])]
+
+    def run():
+        with torch.inference_mode():
+            for b, x in enumerate(singles):
+                model.embeddings(x)
+                for l, layer in enumerate(layers):
+                    layer(inputs[b][l], None)
+
+    return median_time(run, args.repeats, args.warmup, device)[0]
+
+
 def evaluation_images(n: int, size: int) -> list:
     """``n`` images of graded complexity (flat, gradient, stripes, textured, …), unseen by calibration."""
     from dymu.samples import KINDS, make_image
@@ -194,16 +213,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 shares = [timer.seconds / (time.perf_counter() - t)]
         peak, _ = peak_memory(lambda: forward(batch), device)
         if state is not None:
-            tokens = (dymu.last_run(model).num_tokens() - 1).tolist()  # CLS excluded
+            per_layer = dymu.last_run(model).tokens_per_layer()  # [L+1, B], CLS included
+            tokens = (per_layer[-1] - 1).tolist()  # CLS excluded
             dymu.unpatch(model)
+            t_ideal = ideal_time(model, per_layer, singles, args, device, dtype)
         else:
             tokens = [patches] * args.batch
+            t_ideal = None
         mean, std = mean_std(tokens)
         rows.append({
             "config": name, "tokens_mean": mean, "tokens_std": std, "tokens": tokens,
             "batch1_s": sum(t1) / len(t1), "batch1_sum_s": sum(t1), "batch_s": t_batch,
             "merge_share": statistics.median(shares) if state is not None else 0.0,
-            "peak_bytes": peak,
+            "peak_bytes": peak, "ideal_s": t_ideal,
         })
 
     base = rows[0]
@@ -213,8 +235,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["batch_efficiency"] = r["batch1_sum_s"] / r["batch_s"]
         r["batch_efficiency_vs_none"] = r["batch_efficiency"] / base["batch_efficiency"]
         r["peak_vs_none"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+        # ideal: the stock blocks at the merged run's per-image, per-layer counts, one image at a time; the best a
+        # DToMe implementation could do. Fraction of ideal = ideal time / measured time (batch: the better of the
+        # padded batch and the images one by one, dymu.encode(batching="per_image"))
+        if r["ideal_s"] is not None:
+            r["ideal_fraction_batch1"] = (r["ideal_s"] / args.batch) / r["batch1_s"]
+            r["ideal_fraction_batch"] = r["ideal_s"] / min(r["batch_s"], r["batch1_sum_s"])
 
     targets = []
+    for r in rows[1:]:
+        targets.append(Target(f"{r['config']} batch 1: fraction of the ideal (stock blocks at the merged counts)",
+                              r["ideal_fraction_batch1"], 0.9, unit=""))
+        targets.append(Target(f"{r['config']} batch {args.batch}: fraction of the ideal (better of padded / per "
+                              "image)", r["ideal_fraction_batch"], 0.85, unit=""))
+        targets.append(Target(f"{r['config']} batch {args.batch}: never slower than no merging (speed-up)",
+                              base["batch_s"] / min(r["batch_s"], r["batch1_sum_s"]), 1.0))
     first = rows[1] if len(rows) > 1 else None
     if first is not None:
         targets.append(Target(f"encoder at {first['config']} speed-up vs no merging (batch {args.batch})",
@@ -251,18 +286,23 @@ def format_results(res: dict[str, Any]) -> str:
         "merge share = time inside DToMeState.merge (scoring, matching, weighted merge, source map) / forward time, "
         "batch run",
         f"peak memory: {res['memory_method']}",
+        "of_ideal = ideal time / measured time; ideal = the stock blocks at exactly the merged run's per-image, "
+        f"per-layer counts, image by image; b{res['batch']}: the better of the padded batch and the images one by "
+        "one (dymu.encode(batching='per_image'); its time is the sum of the batch-1 times)",
         "",
     ]
     table = [
         [r["config"], f"{r['tokens_mean']:.1f} ± {r['tokens_std']:.1f}", r["batch1_s"], f"{r['speedup_batch1']:.2f}x",
          r["batch_s"], f"{r['speedup_batch']:.2f}x", f"{r['batch_efficiency']:.3f}", f"{r['batch_efficiency_vs_none']:.3f}",
-         f"{100 * r['merge_share']:.1f}%", human_bytes(r["peak_bytes"]), f"{r['peak_vs_none']:.3f}"]
+         f"{100 * r['merge_share']:.1f}%", human_bytes(r["peak_bytes"]), f"{r['peak_vs_none']:.3f}",
+         "—" if r["ideal_s"] is None else f"{r['ideal_fraction_batch1']:.2f}",
+         "—" if r["ideal_s"] is None else f"{r['ideal_fraction_batch']:.2f}"]
         for r in res["rows"]
     ]
     b = res["batch"]
     lines.append(format_table(
         ["config", "tokens/img", "b1_s/img", "b1_speedup", f"b{b}_s", f"b{b}_speedup", "batch_eff", "eff_vs_none",
-         "merge_share", f"peak_b{b}", "peak_vs_none"],
+         "merge_share", f"peak_b{b}", "peak_vs_none", "b1_of_ideal", f"b{b}_of_ideal"],
         table,
     ))
     lines.append("")

@@ -28,7 +28,8 @@ write the table and the accuracy-vs-tokens plot from the JSON (``--rows ''`` onl
 Example:
   python eval_scripts/small_vlm_easyvqa.py --per-class 20 --threads 2 \
       --rows full,dymu-28-fast,dymu-88-fast,dymu-176-fast,tome@88-fast,prune@88,random@88 \
-      --out docs/small_vlm_easyvqa.json --csv docs/small_vlm_easyvqa.csv --plot docs/small_vlm_easyvqa.png
+      --out docs/small_vlm_easyvqa.json --csv docs/small_vlm_easyvqa.csv --plot docs/small_vlm_easyvqa.png \\
+      --markdown docs/small_vlm_easyvqa.md
 """
 
 from __future__ import annotations
@@ -310,6 +311,30 @@ def write_csv(results: dict, path: Path) -> None:
                         r.get("prefill_ratio", ""), r.get("same_answer_as_full", "")])
 
 
+CLASSES = ("yes", "no", "circle", "rectangle", "triangle", "red", "green", "blue", "teal", "brown", "yellow", "gray",
+           "black")
+
+
+def markdown_tables(results: dict) -> str:
+    """The main table (one line per row) and the per-class table, as markdown."""
+    full = next((r for r in results["rows"] if r["row"] == "full"), None)
+    lines = ["| row | `--rows` label | visual tokens / image (mean ± std) | accuracy | 95 % Wilson | % of full | "
+             "same answer as full | prefill speed-up vs full |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        pct = f"{100 * r['accuracy'] / full['accuracy']:.1f}" if full and full["accuracy"] else "—"
+        same = f"{r['same_answer_as_full']}/{r['n']}" if "same_answer_as_full" in r else "—"
+        ratio = f"{r['prefill_ratio']:.2f}×" if "prefill_ratio" in r and r["row"] != "full" else "1 (ref.)"
+        lines.append(
+            f"| {row_name(r['row'])} | `{r['row']}` | {r['visual_tokens_mean']:.1f} ± {r['visual_tokens_std']:.1f} | "
+            f"{r['correct']}/{r['n']} = **{100 * r['accuracy']:.1f} %** | [{100 * r['wilson95'][0]:.1f}, "
+            f"{100 * r['wilson95'][1]:.1f}] | {pct} | {same} | {ratio} |")
+    lines += ["", "| `--rows` label | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES)]
+    for r in results["rows"]:
+        per = r["per_class"]
+        lines.append(f"| `{r['row']}` | " + " | ".join(str(per.get(c, [0, 0])[0]) for c in CLASSES) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -359,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true", help="keep the --out file's other rows (replace same labels)")
     ap.add_argument("--csv", default=None, help="also write the table as CSV here")
     ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
+    ap.add_argument("--markdown", default=None, help="also write the markdown tables here")
     ap.add_argument("--no-load-llava", action="store_true", help="use the built model directly")
     args = ap.parse_args(argv)
     if args.threads:
@@ -410,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(results, Path(args.csv))
     if args.plot:
         write_plot(results, Path(args.plot))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_tables(results))
     return 0
 
 
