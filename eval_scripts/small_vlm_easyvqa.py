@@ -354,6 +354,8 @@ def write_plot(results: dict, path: Path) -> None:
             colour = "tab:purple"
         label = {"full": "full tokens", "dymu": "DyMU", "tome": "ToMe (fixed r)", "prune": "CLS-attention pruning",
                  "random": "random drop"}[kind] if kind in styles else kind
+        if kind == "dymu" and r.get("token_order") == "raster":
+            label = "DyMU, raster order"
         key = (label, marker, colour)
         lo, hi = r["wilson95"]
         ax.errorbar(r["visual_tokens_mean"], 100 * r["accuracy"],
@@ -382,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new batch starts")
     ap.add_argument("--out", default=str(REPO / "docs" / "small_vlm_easyvqa.json"))
     ap.add_argument("--append", action="store_true", help="keep the --out file's other rows (replace same labels)")
+    ap.add_argument("--time-only", action="store_true",
+                    help="only (re)measure the prefill ratios of --rows already in --out (e.g. on a quiet machine)")
     ap.add_argument("--csv", default=None, help="also write the table as CSV here")
     ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
     ap.add_argument("--markdown", default=None, help="also write the markdown tables here")
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"class the first {args.per_class}", "n": len(rows),
                           "indices": [r["index"] for r in rows]},
                "threads": torch.get_num_threads(), "rows": []}
-    if (args.append or not args.rows) and out.exists():
+    if (args.append or args.time_only or not args.rows) and out.exists():
         results = json.loads(out.read_text())
     labels = [x for x in args.rows.split(",") if x]
     if labels:
@@ -412,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         means = {int(m[1]): r["visual_tokens_mean"] for r in results["rows"]
                  if (m := re.fullmatch(r"dymu-(\d+)-fast", r["row"])) and r["complete"]}
         row = Row(label, means)
+        if args.time_only:
+            done = next((r for r in results["rows"] if r["row"] == label), None)
+            if done is None:
+                raise SystemExit(f"--time-only: {label} is not in {out}; evaluate it first")
+            done.update(prefill_ratio(model, processor, rows[: args.batch], row, args.time_reps or 3))
+            done["prefill_threads"] = torch.get_num_threads()
+            print(f"{label}: prefill x{done['prefill_ratio']:.2f} ({done['prefill_s']:.3f} s vs full "
+                  f"{done['prefill_s_full']:.3f} s)", flush=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+            continue
         row.enable(model)
         try:
             res = evaluate(model, processor, rows, args.batch, label, deadline, row=row)

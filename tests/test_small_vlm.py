@@ -134,24 +134,36 @@ def test_resumed_run_continues_the_same_loss_trajectory(built, tmp_path):
         assert torch.equal(v, second.trainable_state()[k]), k
 
 
-def test_committed_checkpoint_answers_easy_vqa():
-    """10 fixed test questions (seed-1 shuffle, first 3 per class) of the yes/no, circle and rectangle classes.
+MID = REPO / "checkpoints" / "small_vlm" / "thresholds" / "dinov2-small-224-tome-88out.safetensors"
+# the classes the committed checkpoint answers well (docs/results.md: ≥ 15/20 each at full tokens); brown, yellow and
+# teal (7, 7 and 12 of 20) are left out so that 10 questions can pin the checkpoint without being flaky
+PINNED_CLASSES = ("yes", "no", "circle", "rectangle", "triangle", "red", "green", "blue", "black", "gray")
 
-    Deliberately not all classes: the committed checkpoint does not name colours (≈ 5 % on colour questions, almost
-    always "gray") and gets triangles half right (docs/results.md); this test pins what it does answer.
-    """
+
+def test_committed_checkpoint_answers_easy_vqa():
+    """10 fixed test questions — the first of each pinned class in the seed-1 shuffle of the test split — answered
+    by the committed checkpoint with full tokens and with DyMU-mid (88out, VTU fast): at least 8 right each, and
+    DyMU keeps far fewer visual tokens."""
     from dymu.small_vlm import build_small_vlm
+    from dymu.vlm import disable_dymu, enable_dymu
 
     assert CHECKPOINT.exists(), f"{CHECKPOINT} is missing: train it with dymu train-projector (docs/results.md)"
     ev = _eval_script()
     model, processor = build_small_vlm("default")
-    rows = [r for r in ev.balanced_subset(per_class=3, seed=1) if r["answer"] in ("yes", "no", "circle", "rectangle")]
-    rows = rows[:10]
-    assert len(rows) == 10
+    rows = [r for r in ev.balanced_subset(per_class=1, seed=1) if r["answer"] in PINNED_CLASSES]
+    assert sorted(r["answer"] for r in rows) == sorted(PINNED_CLASSES)
     preds, counts = ev.answer_batch(model, processor, rows)
     correct = [ev.normalise(p) == ev.normalise(r["answer"]) for p, r in zip(preds, rows)]
     assert counts == [256] * 10
     assert sum(correct) >= 8, list(zip(preds, [r["answer"] for r in rows]))
+    enable_dymu(model, MID, vtu="fast", token_order="single")
+    try:
+        preds_mid, counts_mid = ev.answer_batch(model, processor, rows)
+    finally:
+        disable_dymu(model)
+    correct_mid = [ev.normalise(p) == ev.normalise(r["answer"]) for p, r in zip(preds_mid, rows)]
+    assert sum(correct_mid) >= 8, list(zip(preds_mid, [r["answer"] for r in rows]))
+    assert max(counts_mid) < 256 and sum(counts_mid) / 10 < 150, counts_mid
 
 
 def test_real_demo_answers_with_fewer_tokens_on_the_flat_image(capsys):
