@@ -18,35 +18,13 @@ import torch
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'dymu[eval]')")
 
 from dymu.samples import image_set  # noqa: E402
-from dymu.testing import save_tiny_llava  # noqa: E402
+from dymu.testing import LMMS_TASK_UTILS, save_tiny_llava  # noqa: E402
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LMMS_TASKS = Path(lmms_eval.__file__).parent / "tasks"
 
-TASK_UTILS = '''
-from pathlib import Path
-from PIL import Image
-
-HERE = Path(__file__).parent
-
-
-def doc_to_visual(doc):
-    return [Image.open(HERE / doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    return {"exact_match": float(results[0].strip() == doc["answer"])}
-
-
-def ll_process_results(doc, results):
-    logprob, is_greedy = results[0]
-    return {"logprob": logprob}
-'''
+TASK_UTILS = LMMS_TASK_UTILS
 VQA_YAML = """task: dymu_tiny_vqa
 dataset_path: json
 dataset_kwargs:

@@ -19,7 +19,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from dymu.cli import main
 from dymu.samples import make_image
-from dymu.testing import find_and_save_thresholds, save_tiny_llava
+from dymu.testing import LMMS_TASK_UTILS, find_and_save_thresholds, save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 from dymu.vlm import dymu_vtu_mode, load, load_llava, load_onevision
 from dymu.vlm.base import enabled
@@ -250,29 +250,7 @@ def test_convert_onevision_writes_a_block_that_loads(work, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- lmms-eval
-TASK_UTILS = '''
-from pathlib import Path
-from PIL import Image
-
-HERE = Path(__file__).parent
-
-
-def doc_to_visual(doc):
-    return [Image.open(HERE / doc["image"]).convert("RGB")]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    return {"exact_match": float(results[0].strip() == doc["answer"])}
-
-
-def ll_process_results(doc, results):
-    logprob, is_greedy = results[0]
-    return {"logprob": logprob}
-'''
+TASK_UTILS = LMMS_TASK_UTILS
 TASK_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:

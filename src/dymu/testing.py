@@ -156,3 +156,30 @@ def find_and_save_thresholds(tower: nn.Module, pixel_values: torch.Tensor, r_tot
     finally:
         dymu.unpatch(tower)
     return save_thresholds(path, ThresholdCheckpoint(found, encoder=state.encoder, r_total=r_total))
+
+
+#: ``utils.py`` of the tiny local lmms-eval tasks the plugin tests write (image from the task folder, question as
+#: the prompt, exact match; log-likelihood as the metric of loglikelihood tasks)
+LMMS_TASK_UTILS = '''
+from pathlib import Path
+from PIL import Image
+
+HERE = Path(__file__).parent
+
+
+def doc_to_visual(doc):
+    return [Image.open(HERE / doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip() == doc["answer"])}
+
+
+def ll_process_results(doc, results):
+    logprob, is_greedy = results[0]
+    return {"logprob": logprob}
+'''
