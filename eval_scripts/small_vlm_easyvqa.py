@@ -1,4 +1,4 @@
-"""easy-VQA accuracy of the small real VLM (DINOv2-S + mlp2x_gelu + SmolLM2-135M): full tokens, DyMU and baselines.
+r"""easy-VQA accuracy of the small real VLM (DINOv2-S + mlp2x_gelu + SmolLM2-135M): full tokens, DyMU and baselines.
 
 Subset rule (fixed, class-balanced): all easy-VQA **test** questions, indices 0…9672 in the package's order,
 shuffled with ``random.Random(0)``; per answer class (13 classes) the first ``--per-class`` questions in that
@@ -28,7 +28,7 @@ write the table and the accuracy-vs-tokens plot from the JSON (``--rows ''`` onl
 Example:
   python eval_scripts/small_vlm_easyvqa.py --per-class 20 --threads 2 \
       --rows full,dymu-28-fast,dymu-88-fast,dymu-176-fast,tome@88-fast,prune@88,random@88 \
-      --out docs/small_vlm_easyvqa.json --csv docs/small_vlm_easyvqa.csv --plot docs/small_vlm_easyvqa.png \\
+      --out docs/small_vlm_easyvqa.json --csv docs/small_vlm_easyvqa.csv --plot docs/small_vlm_easyvqa.png \
       --markdown docs/small_vlm_easyvqa.md
 """
 
@@ -399,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hh, mm = map(int, args.deadline.split(":"))
         now = dt.datetime.now(dt.timezone.utc)
-        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+        when = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        if when <= now:  # a time already past today means tomorrow's
+            when += dt.timedelta(days=1)
+        deadline = when.timestamp()
 
     out = Path(args.out)
     rows = balanced_subset(args.per_class, args.seed)
@@ -431,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(model, processor, rows, args.batch, label, deadline, row=row)
         finally:
             row.disable(model)
+        if res["n"] == 0:  # stopped by the deadline before its first batch: nothing to keep
+            print(f"{label}: stopped by --deadline before any question; not written", flush=True)
+            continue
         res.update(row.info())
         if args.time_reps:
             res.update(prefill_ratio(model, processor, rows[: args.batch], row, args.time_reps))

@@ -55,6 +55,8 @@ class Layout:
     # what SDPA needs: (None, True) when `mask` is plain causal, (None, False) when it allows all
     sdpa_mask: Tensor | None = None
     sdpa_causal: bool = False
+    # what kernels derive from this layout once for all layers of the call (e.g. the exact path's slot plan)
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prompt_rotation(self, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos/sin ``[B, 1, N_max, D/2]`` turning each prompt copy to its virtual position (cached)."""
