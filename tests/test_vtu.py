@@ -646,3 +646,14 @@ def test_benchmark_tiny_runs_and_prints_wellformed_figures(monkeypatch, capsys):
             assert tokens < full[0] and kv < full[3] and kv_ratio < 1.0  # merged-length cache
     check = re.search(r"max \|fast - exact\| on the last hidden state = (\S+)", stdout)
     assert check and float(check.group(1)) < 1e-3
+
+
+def test_exact_size_buckets_trade_padding_against_op_count():
+    """Slots sorted by size are cut into runs at size changes only: one run when ops are dear, one per size when
+    padding is; every slot in exactly one run."""
+    from dymu.vtu.kernels import _BUCKET_OVERHEAD, _size_runs
+
+    sizes = [5, 5, 4, 1, 1, 1]
+    assert _size_runs(sizes, weight=1) == [(0, 6)]  # padding 5x6 - 17 = 13 elements ≪ one more bucket
+    assert _size_runs(sizes, weight=10 * _BUCKET_OVERHEAD) == [(0, 2), (2, 3), (3, 6)]
+    assert _size_runs([3], weight=1) == [(0, 1)]
