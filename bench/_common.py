@@ -22,6 +22,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -284,3 +285,18 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [float(v) for v in values]
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def eval_script(name: str):
+    """``eval_scripts/<name>.py`` as a module, loaded once (registered first: its dataclasses look the module up)."""
+    import importlib.util
+    import sys
+
+    key = f"_dymu_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "eval_scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

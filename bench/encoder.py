@@ -49,7 +49,7 @@ import torch
 if not __package__:  # run as a file (python bench/encoder.py): make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (  # noqa: E402
-    Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line,
+    Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line, eval_script,
     format_table, human_bytes, make_main, maxrss_bytes, mean_std, median_time, memory_method, peak_memory,
     resolve_device, sync,
 )
@@ -169,19 +169,6 @@ def evaluation_images(n: int, size: int) -> list:
     return [make_image(KINDS[i % len(KINDS)], size, seed=100 + i) for i in range(n)]
 
 
-def _eval_script(name: str):
-    """``eval_scripts/<name>.py`` as a module (the real-image helpers live there)."""
-    import importlib.util
-
-    key = f"_dymu_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "eval_scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 def real_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The real DINOv2-S, the committed checkpoints for ``--image-size`` and a batch of real images (pixels)."""
     from PIL import Image
@@ -200,7 +187,7 @@ def real_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if not ckpts:
         raise SystemExit(f"no committed checkpoint dinov2-small-{args.image_size}-tome-*out under {REAL_CHECKPOINTS}")
     thresholds = {q.stem.split("-")[-1]: load_thresholds(q, encoder="dinov2-small") for q in ckpts}
-    script = _eval_script("real_dinov2_thresholds")
+    script = eval_script("real_dinov2_thresholds")
     photos = script.natural_photos()
     try:
         from easy_vqa import get_test_image_paths

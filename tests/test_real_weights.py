@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -47,15 +46,9 @@ needs_both = pytest.mark.skipif(
 )
 
 
-def _script(name: str) -> ModuleType:
-    """``eval_scripts/<name>.py`` as a module (registered first: its dataclasses look the module up)."""
-    key = f"_dymu_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "eval_scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+if str(REPO) not in sys.path:  # the bench package (its eval_script loader)
+    sys.path.insert(0, str(REPO))
+from bench._common import eval_script as _script  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
