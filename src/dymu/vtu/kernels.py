@@ -196,7 +196,7 @@ def _exact_plan(lay: Layout, b: int, s_q: int, inv_freq: Tensor) -> dict:
         off += n * r
     k_slots = torch.cat([s for s, *_ in keys])  # [S'] key slots in bucket order (their values, summed weights)
     allowed_k = lay.mask[b][:, k_cols.clamp(min=0)] & (k_cols >= 0)  # [Vq, K']
-    queries = []  # (slots [n], rows [n, r], a [n, r, 2F], blocked [n, r, K'], weights [n, r])
+    queries = []  # (slots [n], a [n, r, 2F], blocked [n, r, K'], row weights [n, r]: 1/size, 0 at padding)
     for slots, rows in _slot_buckets(lay.q_index[b], lay.q_valid[b], weight=max(1, len(k_cols))):
         real = rows >= 0
         a_cos, a_sin = rope_angles(lay.q_shift[b][rows.clamp(min=0)], inv_freq)
