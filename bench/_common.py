@@ -300,3 +300,35 @@ def eval_script(name: str):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def ideal_block(layer: torch.nn.Module, x: torch.Tensor, n_next: int) -> torch.Tensor:
+    """One stock ViT block (CLIP/SigLIP or DINOv2) as DToMe runs it, minus the bookkeeping: attention at ``x``'s
+    count, then the MLP at ``n_next`` tokens (DToMe merges between the two; a slice stands in for the merge)."""
+    if hasattr(layer, "self_attn"):  # CLIP / SigLIP: layer_norm1 → self_attn → + → layer_norm2 → mlp → +
+        h = (x + layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=None)[0])[:, :n_next]
+        return h + layer.mlp(layer.layer_norm2(h))
+    # DINOv2: norm1 → attention → layer_scale1 → + → norm2 → mlp → layer_scale2 → +
+    h = (x + layer.layer_scale1(layer.attention(layer.norm1(x))[0]))[:, :n_next]
+    return h + layer.layer_scale2(layer.mlp(layer.norm2(h)))
+
+
+def ideal_runner(
+    embeddings: torch.nn.Module, layers: Sequence[torch.nn.Module], per_layer: torch.Tensor,
+    pixels: Sequence[torch.Tensor], *, width: int, seed: int, device: torch.device, dtype: torch.dtype,
+) -> Callable[[], None]:
+    """The best any DToMe implementation could do: the embeddings at full length, then block ``l`` of image ``b``
+    with attention on ``per_layer[l, b]`` tokens and the MLP on ``per_layer[l + 1, b]`` (``per_layer [L+1, B]``, a
+    run's ``tokens_per_layer``), image by image, no merge bookkeeping. Returns the callable to time."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [[torch.randn(1, int(per_layer[l, b]), width, generator=gen).to(device, dtype)
+               for l in range(len(layers))] for b in range(per_layer.shape[1])]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for b, x in enumerate(pixels):
+                embeddings(x)
+                for l, layer in enumerate(layers):
+                    ideal_block(layer, inputs[b][l], int(per_layer[l + 1, b]))
+
+    return run

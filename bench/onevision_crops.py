@@ -31,7 +31,7 @@ import torch
 if not __package__:  # run as a file: make the bench package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _common  # noqa: E402
-from bench._common import Target, add_common_arguments, argument_parser, format_table  # noqa: E402
+from bench._common import Target, add_common_arguments, argument_parser, format_table, ideal_runner  # noqa: E402
 
 KINDS = ("flat", "gradient", "stripes", "textured")  # dymu.samples, flat to busy
 
@@ -99,21 +99,9 @@ def run(args) -> dict[str, Any]:
     same = per_layer.tolist() == enc_pc.tokens_per_layer.tolist()
     dymu.unpatch(model)
 
-    # ideal: the stock blocks at exactly the counts each crop had entering each block, one crop at a time
-    layers = model.encoder.layers
-    width = model.config.hidden_size
-    gen = torch.Generator().manual_seed(args.seed)
-    inputs = [[torch.randn(1, int(per_layer[l, b]), width, generator=gen).to(device, dtype)
-               for l in range(args.layers)] for b in range(args.crops)]
-    embeddings = model.embeddings
-
-    def ideal():
-        with torch.no_grad():
-            embeddings(x)  # the patch embedding runs at full length in every variant
-            for b in range(args.crops):
-                for l, layer in enumerate(layers):
-                    layer(inputs[b][l], None)
-
+    # ideal: the stock blocks at exactly each crop's counts (attention at the block's input, MLP after its merge)
+    ideal = ideal_runner(model.embeddings, model.encoder.layers, per_layer, list(x.split(1)),
+                         width=model.config.hidden_size, seed=args.seed, device=device, dtype=dtype)
     t_ideal, _, _ = timed(ideal)
     kept = per_layer[-1].tolist()
     rows = [

@@ -8,10 +8,13 @@ prefills of the same decoder (random weights; only shapes matter for time):
   positions, no unmerging);
 * ``VTU fast`` / ``VTU exact``: merged tokens with virtual token unmerging (:mod:`dymu.vtu`).
 
-Each is timed ``--repeats`` times after ``--warmup`` runs; medians and ratios to the full prefill are
-printed, together with the KV-cache bytes held after prefill, the time of one decode step on top of
-each prefill's cache, and the largest difference between the VTU fast and exact outputs (a sanity
-check, not a timing).
+All prefills (every merged count, every mode) are timed in interleaved rounds — each round runs each
+config once; ``--warmup`` untimed rounds, then ``--repeats`` timed ones — so the drift of a shared machine
+hits them alike; the same for one decode step on top of each prefill's cache. Medians and ratios to the
+full prefill are printed, together with the KV-cache bytes held after prefill, the largest difference
+between the VTU fast and exact outputs (a sanity check, not a timing), and where VTU fast's extra time
+over plain merged tokens goes: the stock causal SDPA alone at virtual vs merged length (the part the
+fast definition cannot avoid: it attends over the virtual sequence) and the rest.
 
 ``--merged 90 195 394`` times several merged counts in one run (~72out/192out/384out of CLIP
 ViT-L/14-336 with DToMe); the full prefill is timed once. Targets are printed next to the ratios
@@ -28,6 +31,7 @@ times this process's CPU time on one thread, which keeps the ratios steady.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,6 +98,24 @@ def visual_groups(n_visual: int, n_merged: int, generator: torch.Generator) -> t
 CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock cpu
 
 
+def interleaved(configs: dict, repeats: int, warmup: int, device: torch.device) -> tuple[dict, dict]:
+    """Time every ``(setup, fn)`` of ``configs`` in rounds: each round runs each config once (``setup()`` untimed,
+    then ``fn`` timed on :data:`CLOCK`), so slow drift of a shared machine hits all configs alike. Returns the
+    median per config and each config's last output."""
+    times: dict = {key: [] for key in configs}
+    outs: dict = {}
+    for round_ in range(warmup + max(1, repeats)):
+        for key, (setup, fn) in configs.items():
+            setup()
+            _common.sync(device)
+            t0 = CLOCK()
+            outs[key] = fn()
+            _common.sync(device)
+            if round_ >= warmup:
+                times[key].append(CLOCK() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}, outs
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> tuple[float, object]:
     """:func:`bench._common.median_time` on :data:`CLOCK`: the median and the last output."""
     median, _, out = _common.median_time(fn, repeats, warmup, device, clock=CLOCK)
@@ -148,18 +170,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return step
 
-    def time_decode(out, position: int, cache_len: int) -> float:
-        return median_time(decode_step(out, position, cache_len), args.repeats, args.warmup, device)[0]
-
     ones_full = torch.ones(1, n_virtual, dtype=torch.long, device=device)
-    rows: list[tuple[str, int, float, int]] = []
-    decode: list[tuple[str, int, float]] = []  # one decode step: name, cache tokens, median s
-    sections: list[tuple[int, int, dict[str, float], float | None]] = []  # visual merged, tokens, times, diff
 
-    t, out = median_time(lambda: run(full, torch.arange(n_virtual, device=device)[None], ones_full),
-                         args.repeats, args.warmup, device)
-    rows.append((ROW_NAMES[0], n_virtual, t, cache_bytes(output_cache(out))))
-    decode.append((ROW_NAMES[0], n_virtual, time_decode(out, n_virtual, n_virtual)))
+    def mode(name: str, decode_with_exact: bool = True) -> Callable[[], None]:
+        """Setup of a config: the model's attention switched to ``name`` ("off" = stock sdpa)."""
+        def setup() -> None:
+            enable_vtu(model, name) if name != "off" else disable_vtu(model)
+            vtu_integration.DECODE_WITH_EXACT = decode_with_exact
+        return setup
+
+    def in_context(batch, fn: Callable[[], object]) -> Callable[[], object]:
+        def call():
+            with vtu_context(batch):
+                return fn()
+        return call
+
+    # every prefill config, then timed in interleaved rounds (the drift of a shared machine hits all alike)
+    prefills: dict[tuple[int, str], tuple[Callable[[], None], Callable[[], object]]] = {
+        (0, "full"): (mode("off"), lambda: run(full, torch.arange(n_virtual, device=device)[None], ones_full)),
+    }
+    plan: list[tuple[int, int, object]] = []  # (visual merged, merged tokens, VTU batch)
+    modes = ("fast",) if args.skip_exact else ("fast", "exact")
     for visual_merged in args.merged:
         groups = concat_groups([before, visual_groups(args.visual, visual_merged, gen), args.text - before])
         n_merged = int(groups.max()) + 1
@@ -168,32 +199,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         merged = torch.zeros(1, n_merged, args.hidden, device=device, dtype=dtype).index_add_(1, groups.to(device), full)
         merged = merged / torch.bincount(groups, minlength=n_merged).to(device, dtype)[None, :, None]
         ones_merged = torch.ones(1, n_merged, dtype=torch.long, device=device)
-        times: dict[str, float] = {}
-        outs: dict[str, torch.Tensor] = {}
-        t, out = median_time(lambda: run(merged, torch.arange(n_merged, device=device)[None], ones_merged),
-                             args.repeats, args.warmup, device)
-        rows.append((ROW_NAMES[1], n_merged, t, cache_bytes(output_cache(out))))
-        decode.append((ROW_NAMES[1], n_merged, time_decode(out, n_merged, n_merged)))
-        times["merged"] = t
-        modes = ("fast",) if args.skip_exact else ("fast", "exact")
-        for mode, name in zip(modes, ROW_NAMES[2:]):
-            enable_vtu(model, mode)
-            with vtu_context(batch):
-                t, out = median_time(lambda: run(merged, batch.position_ids, batch.attention_mask),
-                                     args.repeats, args.warmup, device)
-                decode.append((name, n_merged, time_decode(out, n_virtual, n_merged)))
-                if mode == "fast":  # the fast kernel at decode too (dymu decodes fast mode the exact way)
-                    vtu_integration.DECODE_WITH_EXACT = False
-                    try:
-                        decode.append((FAST_KERNEL_DECODE, n_merged, time_decode(out, n_virtual, n_merged)))
-                    finally:
-                        vtu_integration.DECODE_WITH_EXACT = True
-            disable_vtu(model)
-            rows.append((name, n_merged, t, cache_bytes(output_cache(out))))
-            times[mode] = t
-            outs[mode] = out.last_hidden_state.float()
-        diff = (outs["fast"] - outs["exact"]).abs().max().item() if "exact" in outs else None
+        prefills[(visual_merged, "merged")] = (
+            mode("off"), lambda m=merged, o=ones_merged, n=n_merged: run(m, torch.arange(n, device=device)[None], o))
+        for name in modes:
+            prefills[(visual_merged, name)] = (
+                mode(name), in_context(batch, lambda m=merged, b=batch: run(m, b.position_ids, b.attention_mask)))
+        plan.append((visual_merged, n_merged, batch))
+    prefill_times, outs = interleaved(prefills, args.repeats, args.warmup, device)
+    # one decode step on each prefill's cache, interleaved the same way
+    steps = {(0, "full"): (mode("off"), decode_step(outs[(0, "full")], n_virtual, n_virtual))}
+    for visual_merged, n_merged, batch in plan:
+        steps[(visual_merged, "merged")] = (mode("off"), decode_step(outs[(visual_merged, "merged")], n_merged,
+                                                                     n_merged))
+        for name in modes:
+            step = decode_step(outs[(visual_merged, name)], n_virtual, n_merged)
+            steps[(visual_merged, name)] = (mode(name), in_context(batch, step))
+            if name == "fast":  # the fast kernel at decode too (dymu decodes fast mode the exact way)
+                steps[(visual_merged, "fast-kernel")] = (mode("fast", decode_with_exact=False), in_context(batch, step))
+    step_times, _ = interleaved(steps, args.repeats, args.warmup, device)
+    mode("off")()
+
+    label = {"merged": ROW_NAMES[1], "fast": ROW_NAMES[2], "exact": ROW_NAMES[3], "fast-kernel": FAST_KERNEL_DECODE}
+    rows: list[tuple[str, int, float, int]] = [
+        (ROW_NAMES[0], n_virtual, prefill_times[(0, "full")], cache_bytes(output_cache(outs[(0, "full")])))]
+    decode: list[tuple[str, int, float]] = [(ROW_NAMES[0], n_virtual, step_times[(0, "full")])]
+    sections: list[tuple[int, int, dict[str, float], float | None]] = []  # visual merged, tokens, times, diff
+    for visual_merged, n_merged, _ in plan:
+        times = {name: prefill_times[(visual_merged, name)] for name in ("merged",) + modes}
+        for name in ("merged",) + modes:
+            rows.append((label[name], n_merged, times[name], cache_bytes(output_cache(outs[(visual_merged, name)]))))
+        for name in ("merged", "fast", "fast-kernel") + modes[1:]:
+            decode.append((label[name], n_merged, step_times[(visual_merged, name)]))
+        diff = None
+        if "exact" in modes:
+            fast, exact = (outs[(visual_merged, m)].last_hidden_state.float() for m in ("fast", "exact"))
+            diff = (fast - exact).abs().max().item()
+        times["sdpa_merged"] = time_sdpa(n_merged, args, device, dtype, gen)
         sections.append((visual_merged, n_merged, times, diff))
+    sdpa_virtual = time_sdpa(n_virtual, args, device, dtype, gen)
 
     print(
         f"VTU prefill benchmark: {args.layers} decoder layer(s), hidden {args.hidden}, MLP {args.mlp}, "
@@ -222,10 +265,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"check: max |fast - exact| on the last hidden state = {diff:.3e}"
                   + (f" (visual merged to {visual_merged})" if len(sections) > 1 else ""))
     print()
+    print(f"where VTU fast's extra time goes: its attention runs over the {n_virtual} virtual tokens by definition; "
+          f"stock causal SDPA alone, x{args.layers} layers, takes {sdpa_virtual:.4f} s at {n_virtual} tokens")
+    print(f"{'merged':>8}{'fast-merged_s':>15}{'sdpa_virtual-merged_s':>23}{'rest_s':>9}{'rest_vs_merged':>16}"
+          f"{'bound_vs_full':>15}")
+    for visual_merged, n_merged, times, _ in sections:
+        extra, inherent = times["fast"] - times["merged"], sdpa_virtual - times["sdpa_merged"]
+        # bound: full / (merged + the attention's extra cost): what VTU fast could show with no other overhead
+        print(f"{visual_merged:>8d}{extra:>15.4f}{inherent:>23.4f}{extra - inherent:>9.4f}"
+              f"{(extra - inherent) / times['merged']:>16.3f}{t_full / (times['merged'] + inherent):>14.2f}x")
+    print("rest = gathers to virtual length, re-rotation, group mean, layout (the overhead a better implementation "
+          "could remove); bound_vs_full = full / (merged + the attention's extra cost)")
+    print()
     print("targets (not asserted):")
     for line in target_lines(sections, t_full, args.visual, decode):
         print("  " + line)
     return 0
+
+
+def time_sdpa(n: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+              gen: torch.Generator) -> float:
+    """Median time of the decoder's attention kernel alone (stock causal SDPA, the layers' shapes) at ``n`` tokens,
+    summed over ``--layers``."""
+    q = torch.randn(1, args.heads, n, args.hidden // args.heads, generator=gen).to(device, dtype)
+    k, v = (torch.randn(1, args.kv_heads, n, args.hidden // args.heads, generator=gen).to(device, dtype)
+            for _ in range(2))
+    gqa = args.heads != args.kv_heads
+
+    def attend():
+        with torch.inference_mode():
+            for _ in range(args.layers):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    return median_time(attend, args.repeats, args.warmup, device)[0]
 
 
 def target_lines(sections, t_full: float, n_visual: int, decode=()) -> list[str]:

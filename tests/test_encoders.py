@@ -249,6 +249,33 @@ def test_per_image_batching_equals_the_padded_batch(fam, pics, order):
         dymu.encode(fam.model, x, batching="packed")
 
 
+def test_auto_batching_runs_image_by_image_only_where_only_time_changes(fam, pics, monkeypatch):
+    """batching="auto" (the default) takes the per-image path for several images on CPU when the forward stops
+    before the last block (no model output to lose); a full forward, one image or finding stay padded."""
+    from dymu.encoders import encoding
+
+    calls = []
+    per_image_run = encoding._run_per_image
+    monkeypatch.setattr(encoding, "_run_per_image", lambda *a, **k: calls.append(len(a[1])) or per_image_run(*a, **k))
+    x = fam.pixels(list(pics.values()))
+    thresholds, _, _ = found_thresholds(fam)
+    dymu.patch(fam.model, thresholds)
+    auto = dymu.encode(fam.model, x, layer=-2)
+    assert calls == [len(x)]
+    padded = dymu.encode(fam.model, x, layer=-2, batching="padded")
+    assert auto.num_tokens == padded.num_tokens and len(set(padded.num_tokens)) >= 3
+    for a, b in zip(auto.source_maps, padded.source_maps):
+        assert torch.equal(a, b)
+    assert_close_scaled(auto.hidden_states, padded.hidden_states)
+    full = dymu.encode(fam.model, x, layer=-1)  # the whole tower runs: its output is kept, padded
+    alone = dymu.encode(fam.model, x[:1], layer=-2)
+    assert calls == [len(x)] and full.output is not None and alone.num_tokens
+    dymu.configure(fam.model, merge_counts=merge_schedule("constant", R_TOTAL, encoder_zoo.LAYERS))  # finding
+    dymu.encode(fam.model, x, layer=-2)
+    assert calls == [len(x)]
+    dymu.unpatch(fam.model)
+
+
 def test_fixed_mode_is_tome_same_count_every_image(fam, pics):
     """mode="fixed" (the ToMe baseline): every image merges merge_counts[l] at block l, so all keep the same count,
     and an image in a batch equals the image alone."""
@@ -327,7 +354,7 @@ def test_encode_matches_llava_feature_selection(zoo, pics):
     thresholds, _, _ = found_thresholds(fam)
     dymu.patch(fam.model, thresholds)
     full = dymu.encode(fam.model, x, layer=-2, drop_cls=True, stop_early=False)
-    early = dymu.encode(fam.model, x, layer=-2, drop_cls=True, keep_layers=[1, -3])
+    early = dymu.encode(fam.model, x, layer=-2, drop_cls=True, keep_layers=[1, -3], batching="padded")  # bitwise
     with torch.no_grad():
         all_hs = fam.model(pixel_values=x, output_hidden_states=True).hidden_states
     hs = all_hs[-2]

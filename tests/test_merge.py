@@ -182,6 +182,27 @@ def test_per_image_threshold_tensor():
     assert out.num_tokens.tolist() == [9, 4]  # all 5 A tokens merge into the 4 B tokens
 
 
+@pytest.mark.parametrize("order", ["authors", "single", "raster"])
+@pytest.mark.parametrize("threshold", [-0.3, 0.2, 1 - 1e-9, 1e39, -1e39])
+def test_number_threshold_equals_its_tensor_form(threshold, order):
+    """A Python-number threshold (decided without tensor ops) and the same value as a per-image tensor take
+    identical merges, on a padded batch and a lone image; 1 - 1e-9 rounds to 1.0 in float32 and merges nothing."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 11, 6) * 3
+    mask = torch.arange(11)[None] < torch.tensor([[11], [8], [5]])
+    for state in (TokenState.init(x * mask[..., None], mask), TokenState.init(x[:1])):
+        for protect in (True, False):
+            number, _ = dtome_step(state, state.x, mode="infer", protect_first=protect, threshold=threshold,
+                                   order=order)
+            per_image = torch.tensor([threshold] * state.x.shape[0], dtype=torch.float32)  # ±1e39 → ±inf
+            tensor, _ = dtome_step(state, state.x, mode="infer", protect_first=protect, threshold=per_image,
+                                   order=order)
+            for a, b in ((number.x, tensor.x), (number.sizes, tensor.sizes), (number.source_map, tensor.source_map)):
+                assert torch.equal(a, b)
+            if threshold == 1 - 1e-9:
+                assert number.x.shape == state.x.shape and torch.equal(number.sizes, state.sizes)
+
+
 def test_size_bias():
     sizes = torch.tensor([[1.0, 3.0, 0.0]])
     bias = size_bias(sizes)

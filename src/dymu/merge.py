@@ -62,6 +62,7 @@ source nor a destination; padded slots never match. Then either
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -127,12 +128,15 @@ def _check_mask(mask: Tensor, shape: tuple[int, int]) -> None:
         raise ValueError("mask must be left-aligned: real tokens first, padding after them in every row")
 
 
-def bipartite_scores(metric: Tensor, mask: Tensor, protect_first: bool) -> tuple[Tensor, Tensor]:
+def bipartite_scores(
+    metric: Tensor, mask: Tensor, protect_first: bool, *, padded: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Best B partner of every A token.
 
     Returns ``scores [B, Na]`` (cosine similarity, -inf for A tokens that may not
     merge: padded, protected, or with no valid partner) and ``dst [B, Na]``, the
-    full-sequence index of each A token's partner.
+    full-sequence index of each A token's partner. ``padded``: whether ``mask``
+    has any padding, if the caller knows (saves a check).
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must be [batch, tokens, channels], got shape {tuple(metric.shape)}")
@@ -142,15 +146,19 @@ def bipartite_scores(metric: Tensor, mask: Tensor, protect_first: bool) -> tuple
         )
     metric = F.normalize(metric.float(), dim=-1)
     a, b = metric[:, ::2], metric[:, 1::2]
-    valid_a = mask[:, ::2].clone()
-    if protect_first:
-        valid_a[:, 0] = False
     if b.shape[1] == 0:  # a single token: nothing to match
-        return torch.full(valid_a.shape, -math.inf, device=metric.device), torch.zeros_like(valid_a, dtype=torch.long)
+        return torch.full(a.shape[:2], -math.inf, device=metric.device), torch.zeros(a.shape[:2], dtype=torch.long,
+                                                                                   device=metric.device)
+    if padded is None:  # a full batch (B=1 always) skips every padding mask: fewer small ops
+        padded = not bool(mask.all())
     sim = a @ b.transpose(1, 2)
-    sim = sim.masked_fill(~mask[:, 1::2, None].transpose(1, 2), -math.inf)
+    if padded:
+        sim.masked_fill_(~mask[:, None, 1::2], -math.inf)
     scores, dst = sim.max(dim=-1)
-    scores = scores.masked_fill(~valid_a, -math.inf)
+    if padded:
+        scores.masked_fill_(~mask[:, ::2], -math.inf)
+    if protect_first:
+        scores[:, 0] = -math.inf
     return scores, dst * 2 + 1
 
 
@@ -202,15 +210,29 @@ def select_above(scores: Tensor, threshold: float | Tensor, max_per_row: Tensor 
     identical tokens merge at a layer the authors skip). ``max_per_row`` (an int or
     ``[B]``) keeps only the best that many per image (the authors' single-image cap).
     """
-    threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-    if bool(torch.isnan(threshold).any()):
-        raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
-    merge = (scores > threshold) & (threshold < 1.0)
+    if isinstance(threshold, (int, float)):  # a number (the usual case): decided in Python, one comparison op
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
+        threshold = _as_float32(threshold)  # the scores' precision, as a tensor threshold would compare
+        merge = scores > threshold if threshold < 1.0 else torch.zeros_like(scores, dtype=torch.bool)
+    else:
+        threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+        if bool(torch.isnan(threshold).any()):
+            raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
+        merge = (scores > threshold) & (threshold < 1.0)
     if max_per_row is not None:
         cap = torch.as_tensor(max_per_row, device=scores.device).reshape(-1, 1)
         if bool((merge.sum(1, keepdim=True) > cap).any()):
             merge &= _descending_rank(scores) < cap
     return merge
+
+
+def _as_float32(value: float) -> float:
+    """``value`` rounded to float32 (beyond its range: ±inf), without a tensor op."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _descending_rank(scores: Tensor) -> Tensor:
@@ -228,6 +250,7 @@ def merge_tokens(
     layout: Layout = "index",
     scores: Tensor | None = None,
     rows: Tensor | None = None,
+    padded: bool | None = None,
 ) -> TokenState:
     """Size-weighted average of each merged A token into its B partner.
 
@@ -236,41 +259,55 @@ def merge_tokens(
     ``layout`` order: ``"index"`` (unmerged A, then B, each by index), ``"score"``
     (unmerged A by descending ``scores``, then B by index) or ``"raster"`` (each
     token at its earliest member's place). Padding goes last. ``rows [B]`` (bool):
-    only these images are re-laid, the others keep their order.
+    only these images are re-laid, the others keep their order. ``padded``: whether
+    any slot is padding, if the caller knows (saves a check).
     """
     x, sizes = state.x, state.sizes
     B, N, C = x.shape
+    device = x.device
     mask = sizes > 0
-    positions = torch.arange(N, device=x.device).expand(B, N)
-    target = positions.clone()
+    if padded is None:  # whether any slot is padding (the caller may know)
+        padded = not bool(mask.all())
+    positions = torch.arange(N, device=device)
+    target = positions.repeat(B, 1)  # where each token's content goes: itself, or a merged A token's partner
     target[:, ::2] = torch.where(merge, dst, target[:, ::2])
     kept = mask.clone()
     kept[:, ::2] &= ~merge
     if layout == "raster":
-        key = torch.full_like(positions, N).scatter_reduce(1, target, positions, "amin")  # first member
+        key = torch.full((B, N), N, device=device).scatter_reduce(1, target, positions.expand(B, N), "amin")
     elif layout == "index":
-        key = (positions % 2) * N + positions
+        key = positions + (positions % 2) * N  # A tokens by index, then B tokens by index
     elif layout == "score":
         if scores is None:
             raise ValueError("layout 'score' needs the A tokens' scores")
-        key = N + positions
+        key = (N + positions).repeat(B, 1)
         key[:, ::2] = _descending_rank(scores)
     else:
         raise ValueError(f"layout must be 'index', 'score' or 'raster', got {layout!r}")
     if rows is not None:
         key = torch.where(rows[:, None], key, positions)
-    order = torch.where(kept, key, 2 * N + positions).argsort(dim=1)
-    new_pos = torch.empty_like(order).scatter_(1, order, positions)
+    # kept tokens by key; the others (merged away, padding) after them, in any order: no new slot refers to them
+    order = torch.where(kept, key, 2 * N).argsort(dim=1, stable=True)
+    new_pos = torch.empty_like(order).scatter_(1, order, positions.expand(B, N))
     n_out = int(kept.sum(1).max()) if B else 0
-    new_index = torch.where(mask, new_pos.gather(1, target), n_out)  # padding goes to a dump slot
+    new_index = new_pos.gather(1, target)
+    if padded:
+        new_index.masked_fill_(~mask, n_out)  # padding goes to a dump slot
     weighted = x.float() * sizes[..., None]  # accumulate in fp32 even for half-precision x
-    total = x.new_zeros(B, n_out + 1, C, dtype=torch.float32)
-    total.scatter_add_(1, new_index[..., None].expand(B, N, C), weighted)
-    new_sizes = sizes.new_zeros(B, n_out + 1).scatter_add_(1, new_index, sizes)[:, :n_out]
-    total = total[:, :n_out]
-    new_x = torch.where(new_sizes[..., None] > 0, total / new_sizes.clamp_min(1e-12)[..., None], 0.0).to(x.dtype)
+    # index_add_ over whole rows of the flattened batch: the same sums, in the same order, as a scatter_add_ along
+    # dim 1, several times faster on CPU (one vectorised row add per token instead of per element)
+    flat_index = new_index.flatten() if B == 1 else (new_index + (n_out + 1) * torch.arange(B, device=device)[:, None]
+                                                     ).flatten()
+    total = x.new_zeros(B * (n_out + 1), C, dtype=torch.float32).index_add_(0, flat_index, weighted.flatten(0, 1))
+    new_sizes = sizes.new_zeros(B * (n_out + 1)).index_add_(0, flat_index, sizes.flatten()).view(B, n_out + 1)
+    new_sizes = new_sizes[:, :n_out]
+    # an empty slot (a row shorter than n_out) has total 0 and size 0: 0 / tiny = 0, padding stays 0
+    new_x = (total.view(B, n_out + 1, C)[:, :n_out] / new_sizes.clamp_min(1e-12)[..., None]).to(x.dtype)
     sm = state.source_map
-    new_map = torch.where(sm >= 0, new_index.gather(1, sm.clamp_min(0)), -1)
+    if bool((sm < 0).any()):  # original positions that were padding stay uncovered (-1)
+        new_map = torch.where(sm >= 0, new_index.gather(1, sm.clamp_min(0)), -1)
+    else:
+        new_map = new_index.gather(1, sm)
     return TokenState(new_x, new_sizes, new_map)
 
 
@@ -317,7 +354,9 @@ def dtome_step(
     path = merge_path(order, mode, state.x.shape[0])
     if mode == "off":
         return state, None
-    scores, dst = bipartite_scores(metric, state.mask, protect_first)
+    mask = state.mask
+    padded = not bool(mask.all())
+    scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
     if mode in ("find", "fixed"):
         if r is None:
             raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
@@ -327,22 +366,28 @@ def dtome_step(
     else:
         if threshold is None:
             raise ValueError("mode='infer' needs a threshold")
-        t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-        t = t[:, None] if t.dim() == 1 else t
-        # the single-image path merges at most half of the unprotected tokens
-        cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" else None
+        if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
+            t: float | Tensor = threshold
+            active = _as_float32(threshold) < 1.0
+        else:
+            t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+            t = t[:, None] if t.dim() == 1 else t
+            active = bool((t < 1.0).any())
+        # the single-image path merges at most half of the unprotected tokens; with a protected first token an
+        # image has at most that many A candidates, so the cap can only bind without one
+        cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
         merge, found = select_above(scores, t, cap), None
-        active = bool((t < 1.0).any())
     if path == "batch":  # every image is re-laid at a merging layer, merged or not
         if not active:
             return state, found
-        return merge_tokens(state, merge, dst, layout="index"), found
+        return merge_tokens(state, merge, dst, layout="index", padded=padded), found
     if not bool(merge.any()):
         return state, found
     if path == "raster":
-        return merge_tokens(state, merge, dst, layout="raster"), found
+        return merge_tokens(state, merge, dst, layout="raster", padded=padded), found
     layout: Layout = "index" if protect_first else "score"
-    return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=merge.any(1)), found
+    rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
+    return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded), found
 
 
 def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:

@@ -88,6 +88,8 @@ class DToMeState:
     hooks: list = field(default_factory=list)
     _keys: Tensor | None = None
     _merged: bool = False  # any merge or padding so far in this pass (else attention needs no bias)
+    _threshold_values: tuple[Tensor, list[float]] | None = None  # (thresholds, as Python floats: no tensor op)
+    _bias: tuple[Tensor, torch.dtype, Tensor] | None = None  # (sizes, dtype, bias): reused until the sizes change
 
     def configure(
         self,
@@ -124,6 +126,7 @@ class DToMeState:
     def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
         self.tokens = TokenState.init(x, mask)
         self._merged = mask is not None and not bool(mask.all())
+        self._bias = None
         self.run = DToMeRun(sizes=[self.tokens.sizes], source_maps=[self.tokens.source_map])
         self._record(0, x)
 
@@ -131,7 +134,12 @@ class DToMeState:
         """Proportional-attention bias ``[B, 1, 1, N]`` (log size, padding masked), or None before any merge."""
         if self.tokens is None:
             raise RuntimeError("a DyMU block ran outside a patched encoder's forward (begin() was not called)")
-        return size_bias(self.tokens.sizes, dtype) if self._merged else None
+        if not self._merged:
+            return None
+        sizes = self.tokens.sizes
+        if self._bias is None or self._bias[0] is not sizes or self._bias[1] != dtype:  # blocks that merged nothing
+            self._bias = (sizes, dtype, size_bias(sizes, dtype))                        # share their bias
+        return self._bias[2]
 
     def merge(self, layer: int, x: Tensor, metric: Tensor) -> Tensor:
         """Merge ``x`` (block's attention + residual) by ``metric`` and return the merged hidden states."""
@@ -150,7 +158,9 @@ class DToMeState:
                 order=self.token_order,
             )
         elif self.mode == "infer":
-            threshold = float(self.thresholds[layer]) + self.threshold_offset
+            if self._threshold_values is None or self._threshold_values[0] is not self.thresholds:
+                self._threshold_values = (self.thresholds, self.thresholds.tolist())
+            threshold = self._threshold_values[1][layer] + self.threshold_offset
             tokens, _ = dtome_step(
                 tokens, metric, mode="infer", protect_first=self.protect_first, threshold=threshold,
                 order=self.token_order,
@@ -163,7 +173,7 @@ class DToMeState:
     def end_layer(self, x: Tensor) -> Tensor:
         """Record the block output; padding rows are zeroed so they never leak into later blocks."""
         assert self.tokens is not None
-        if self._merged:
+        if self._merged and not bool(self.tokens.mask.all()):  # only a batch with padding has rows to zero
             x = x * self.tokens.mask[..., None].to(x.dtype)
         self.tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
         self.run.sizes.append(self.tokens.sizes)
