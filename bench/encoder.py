@@ -188,14 +188,17 @@ def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, de
         sync(device)
         return clock() - t
 
-    for _ in range(max(1, args.repeats)):
+    for _ in range(max(1, args.repeats)):  # each merged run right next to its ideal
         dymu.patch(model, thresholds)
         with torch.inference_mode():
             times["b1"].append(timed(lambda: [model(pixel_values=x) for x in singles]))
+        dymu.unpatch(model)
+        times["ideal_b1"].append(timed(ideals["alone"]))
+        dymu.patch(model, thresholds)
+        with torch.inference_mode():
             times["padded"].append(timed(lambda: model(pixel_values=batch)))
             times["per_image"].append(timed(lambda: dymu.encode(model, batch, batching="per_image")))
         dymu.unpatch(model)
-        times["ideal_b1"].append(timed(ideals["alone"]))
         times["ideal_batch"].append(timed(ideals["batch"]))
         with torch.inference_mode():
             times["none"].append(timed(lambda: model(pixel_values=batch)))

@@ -22,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,10 +54,10 @@ def _tower(args, device: torch.device, dtype: torch.dtype):
 
     if args.tiny:
         config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
-                                    num_attention_heads=4, image_size=112, patch_size=14)
-    else:
+                                    num_attention_heads=4, image_size=112, patch_size=14, vision_use_head=False)
+    else:  # as in LLaVA-OneVision: no pooling head (the VLM reads the patch tokens)
         config = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=args.layers,
-                                    num_attention_heads=16, image_size=384, patch_size=14)
+                                    num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
     torch.manual_seed(args.seed)
     model = SiglipVisionModel(config).to(device, dtype).eval()
     size = config.image_size
@@ -83,26 +84,44 @@ def run(args) -> dict[str, Any]:
     x = _crops(processor, size, args.crops, 100, device, dtype)
     finding = _crops(processor, size, 2 * args.crops, 200, device, dtype)
 
-    def timed(fn):
-        return _common.median_time(fn, args.repeats, args.warmup, device)
-
-    with torch.no_grad():
-        t_stock, _, _ = timed(lambda: model(pixel_values=x))
     counts = dymu.merge_schedule("constant", patches - args.keep, args.layers)
     dymu.patch(model, merge_counts=counts)
     with torch.no_grad():
         model(pixel_values=finding)
-    dymu.configure(model, thresholds=dymu.last_run(model).found_thresholds, token_order="batch")
-    t_padded, _, enc = timed(lambda: dymu.encode(model, x, layer=-1, stop_early=False))
-    t_per_crop, _, enc_pc = timed(lambda: dymu.encode(model, x, layer=-1, batching="per_image"))
+    thresholds = dymu.last_run(model).found_thresholds
+    dymu.configure(model, thresholds=thresholds, token_order="batch")
+    enc = dymu.encode(model, x, layer=-1, stop_early=False)
+    enc_pc = dymu.encode(model, x, layer=-1, batching="per_image")
     per_layer = enc.tokens_per_layer  # [L+1, crops]
     same = per_layer.tolist() == enc_pc.tokens_per_layer.tolist()
     dymu.unpatch(model)
-
     # ideal: the stock blocks at exactly each crop's counts (attention at the block's input, MLP after its merge)
     ideal = ideal_runner(model.embeddings, model.encoder.layers, per_layer, list(x.split(1)),
                          width=model.config.hidden_size, seed=args.seed, device=device, dtype=dtype)
-    t_ideal, _, _ = timed(ideal)
+
+    def patched(fn):
+        def call():
+            dymu.patch(model, thresholds, token_order="batch")
+            try:
+                return fn()
+            finally:
+                dymu.unpatch(model)
+        return call
+
+    configs = {
+        "stock": lambda: model(pixel_values=x),
+        "padded": patched(lambda: dymu.encode(model, x, layer=-1, stop_early=False)),
+        "per_crop": patched(lambda: dymu.encode(model, x, layer=-1, batching="per_image")),
+        "ideal": ideal,
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    with torch.no_grad():  # interleaved rounds: the drift of a shared machine hits every row alike
+        for round_ in range(args.warmup + max(1, args.repeats)):
+            for name, fn in configs.items():
+                t = _common.median_time(fn, 1, 0, device)[0]
+                if round_ >= args.warmup:
+                    times[name].append(t)
+    t_stock, t_padded, t_per_crop, t_ideal = (statistics.median(times[n]) for n in configs)
     kept = per_layer[-1].tolist()
     rows = [
         ("no merging", t_stock, 1.0),
@@ -129,7 +148,7 @@ def format_results(res: dict[str, Any]) -> str:
         f"patches kept per crop (DToMe, thresholds for ~{a.keep} on other crops): {res['kept']} "
         f"(mean {sum(res['kept']) / len(res['kept']):.0f}); per-crop counts equal to the padded run's: "
         f"{res['same_counts']}",
-        f"median of {a.repeats} run(s) after {a.warmup} warm-up(s)",
+        f"median of {a.repeats} interleaved round(s) (every row once per round) after {a.warmup} warm-up round(s)",
         "",
         format_table(["config", "median_s", "speed-up vs no merging"],
                      [(name, f"{t:.4f}", f"{s:.2f}x") for name, t, s in res["rows"]]),

@@ -9,8 +9,9 @@ prefills of the same decoder (random weights; only shapes matter for time):
 * ``VTU fast`` / ``VTU exact``: merged tokens with virtual token unmerging (:mod:`dymu.vtu`).
 
 All prefills (every merged count, every mode) are timed in interleaved rounds — each round runs each
-config once; ``--warmup`` untimed rounds, then ``--repeats`` timed ones — so the drift of a shared machine
-hits them alike; the same for one decode step on top of each prefill's cache. Medians and ratios to the
+config once, timed right after an untimed run of the same config; ``--warmup`` untimed rounds, then
+``--repeats`` timed ones — so the drift of a shared machine hits them alike; the same for one decode step
+on top of each prefill's cache (5x the rounds: a step is short). Medians and ratios to the
 full prefill are printed, together with the KV-cache bytes held after prefill, the largest difference
 between the VTU fast and exact outputs (a sanity check, not a timing), and where VTU fast's extra time
 over plain merged tokens goes: the stock causal SDPA alone at virtual vs merged length (the part the
@@ -99,14 +100,17 @@ CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock
 
 
 def interleaved(configs: dict, repeats: int, warmup: int, device: torch.device) -> tuple[dict, dict]:
-    """Time every ``(setup, fn)`` of ``configs`` in rounds: each round runs each config once (``setup()`` untimed,
-    then ``fn`` timed on :data:`CLOCK`), so slow drift of a shared machine hits all configs alike. Returns the
-    median per config and each config's last output."""
+    """Time every ``(setup, fn)`` of ``configs`` in rounds: each round runs each config once (``setup()`` and one
+    untimed ``fn()``, then ``fn`` timed on :data:`CLOCK`), so slow drift of a shared machine hits all configs alike,
+    and no config pays for the memory its predecessor in the round freed (page faults count as CPU time).
+    Returns the median per config and each config's last output."""
     times: dict = {key: [] for key in configs}
     outs: dict = {}
     for round_ in range(warmup + max(1, repeats)):
         for key, (setup, fn) in configs.items():
             setup()
+            if round_ >= warmup:
+                fn()  # primes the allocator for this config's sizes
             _common.sync(device)
             t0 = CLOCK()
             outs[key] = fn()
@@ -216,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps[(visual_merged, name)] = (mode(name), in_context(batch, step))
             if name == "fast":  # the fast kernel at decode too (dymu decodes fast mode the exact way)
                 steps[(visual_merged, "fast-kernel")] = (mode("fast", decode_with_exact=False), in_context(batch, step))
-    step_times, _ = interleaved(steps, args.repeats, args.warmup, device)
+    step_times, _ = interleaved(steps, 5 * args.repeats, args.warmup, device)  # a step is short: more rounds
     mode("off")()
 
     label = {"merged": ROW_NAMES[1], "fast": ROW_NAMES[2], "exact": ROW_NAMES[3], "fast-kernel": FAST_KERNEL_DECODE}
@@ -247,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sequence: {n_virtual} virtual tokens = {args.visual} visual + {args.text} text; visual merged to "
         + ", ".join(f"{visual} -> {tokens}" for visual, tokens, _, _ in sections) + " merged tokens"
     )
-    print(f"median of {args.repeats} prefill(s) after {args.warmup} warm-up(s); ratios vs the full stock prefill")
+    print(f"median of {args.repeats} interleaved round(s) after {args.warmup} warm-up round(s) (decode steps: "
+          f"{5 * args.repeats}); ratios vs the full stock prefill")
     print()
     print(f"{'config':<20}{'tokens':>8}{'median_s':>12}{'vs_full':>10}{'kv_cache_bytes':>16}{'kv_vs_full':>12}")
     t_full, kv_full = rows[0][2], rows[0][3]

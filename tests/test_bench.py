@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -50,6 +51,37 @@ def test_encoder_tiny():
     text = encoder.format_results(res)
     assert "tokens/img" in text and "merge_share" in text and ("[PASS]" in text or "[MISS]" in text)
     assert re.search(r"^12out\s+\d+\.\d ± \d+\.\d", text, re.M), text
+
+
+def test_ideal_block_is_the_stock_block_with_the_mlp_on_the_kept_tokens():
+    """The encoder benches' ideal runs a block's attention on all its input tokens and the MLP (per token) on the
+    first n_next: the stock block's output rows, exactly; per_layer rows feed attention and MLP counts in turn."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    from bench._common import ideal_block, ideal_runner
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=28, patch_size=14)).eval()
+    dino = Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=28, patch_size=14)).eval()
+    x = torch.randn(1, 9, 32)
+    with torch.no_grad():
+        for layers in (clip.encoder.layers, dino.encoder.layer):
+            for p in layers.parameters():
+                p.normal_(0, 0.3)  # far from the default init, so a wrong block order shows
+            stock = layers[0](x, None)
+            stock = stock[0] if isinstance(stock, tuple) else stock
+            assert torch.equal(ideal_block(layers[0], x, 9), stock)
+            assert torch.equal(ideal_block(layers[0], x, 5), stock[:, :5])
+            assert not torch.allclose(ideal_block(layers[1], x, 5), stock[:, :5])  # another block differs
+    seen = []
+    layers = clip.encoder.layers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("bench._common.ideal_block", lambda layer, h, n: seen.append((h.shape[1], n)))
+        ideal_runner(clip.embeddings, layers, torch.tensor([[5], [4], [2]]), [torch.randn(1, 3, 28, 28)],
+                     width=32, seed=0, device=torch.device("cpu"), dtype=torch.float32)()
+    assert seen == [(5, 4), (4, 2)]
 
 
 @pytest.mark.real
