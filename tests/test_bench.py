@@ -55,7 +55,7 @@ def test_encoder_tiny():
 
 def test_ideal_block_is_the_stock_block_with_the_mlp_on_the_kept_tokens():
     """The encoder benches' ideal runs a block's attention on all its input tokens and the MLP (per token) on the
-    first n_next: the stock block's output rows, exactly; per_layer rows feed attention and MLP counts in turn."""
+    first n_next: the stock block's output rows; per_layer rows feed attention and MLP counts in turn."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
     from bench._common import ideal_block, ideal_runner
@@ -73,7 +73,8 @@ def test_ideal_block_is_the_stock_block_with_the_mlp_on_the_kept_tokens():
             stock = layers[0](x, None)
             stock = stock[0] if isinstance(stock, tuple) else stock
             assert torch.equal(ideal_block(layers[0], x, 9), stock)
-            assert torch.equal(ideal_block(layers[0], x, 5), stock[:, :5])
+            # the MLP on 5 rows instead of 9: the same per-token maths, a GEMM of other shape (float rounding)
+            torch.testing.assert_close(ideal_block(layers[0], x, 5), stock[:, :5], rtol=1e-5, atol=1e-5)
             assert not torch.allclose(ideal_block(layers[1], x, 5), stock[:, :5])  # another block differs
     seen = []
     layers = clip.encoder.layers
