@@ -56,6 +56,31 @@ def median_time(
     return statistics.median(times), times, out
 
 
+def interleaved(
+    configs: dict[Any, tuple[Callable[[], Any], Callable[[], Any]]], repeats: int, warmup: int, device: torch.device,
+    *, clock: Callable[[], float] = time.perf_counter, prime: bool = False,
+) -> tuple[dict[Any, float], dict[Any, Any]]:
+    """Time every ``(setup, fn)`` of ``configs`` in rounds: each round runs each config once (``setup()`` untimed,
+    then ``fn`` timed on ``clock``), ``warmup`` untimed rounds first, so slow drift of a shared machine hits all
+    configs alike. ``prime``: one untimed ``fn()`` right before each timed one, so no config pays for the memory
+    its predecessor in the round freed (page faults count as CPU time). Returns the median per config and each
+    config's last output."""
+    times: dict[Any, list[float]] = {key: [] for key in configs}
+    outs: dict[Any, Any] = {}
+    for round_ in range(warmup + max(1, repeats)):
+        for key, (setup, fn) in configs.items():
+            setup()
+            if prime and round_ >= warmup:
+                fn()
+            sync(device)
+            t0 = clock()
+            outs[key] = fn()
+            sync(device)
+            if round_ >= warmup:
+                times[key].append(clock() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}, outs
+
+
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of live tensor storages created inside the ``with`` block (CPU or any device).
 

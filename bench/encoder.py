@@ -182,11 +182,7 @@ def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, de
     times: dict[str, list[float]] = {k: [] for k in ("b1", "ideal_b1", "padded", "per_image", "ideal_batch", "none")}
 
     def timed(fn) -> float:
-        sync(device)
-        t = clock()
-        fn()
-        sync(device)
-        return clock() - t
+        return median_time(fn, 1, 0, device, clock)[0]
 
     for _ in range(max(1, args.repeats)):  # each merged run right next to its ideal
         dymu.patch(model, thresholds)

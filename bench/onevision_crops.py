@@ -22,7 +22,6 @@ Examples:
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -108,20 +107,18 @@ def run(args) -> dict[str, Any]:
                 dymu.unpatch(model)
         return call
 
+    def none() -> None:
+        pass
+
     configs = {
-        "stock": lambda: model(pixel_values=x),
-        "padded": patched(lambda: dymu.encode(model, x, layer=-1, stop_early=False)),
-        "per_crop": patched(lambda: dymu.encode(model, x, layer=-1, batching="per_image")),
-        "ideal": ideal,
+        "stock": (none, lambda: model(pixel_values=x)),
+        "padded": (none, patched(lambda: dymu.encode(model, x, layer=-1, stop_early=False))),
+        "per_crop": (none, patched(lambda: dymu.encode(model, x, layer=-1, batching="per_image"))),
+        "ideal": (none, ideal),
     }
-    times: dict[str, list[float]] = {name: [] for name in configs}
     with torch.no_grad():  # interleaved rounds: the drift of a shared machine hits every row alike
-        for round_ in range(args.warmup + max(1, args.repeats)):
-            for name, fn in configs.items():
-                t = _common.median_time(fn, 1, 0, device)[0]
-                if round_ >= args.warmup:
-                    times[name].append(t)
-    t_stock, t_padded, t_per_crop, t_ideal = (statistics.median(times[n]) for n in configs)
+        times, _ = _common.interleaved(configs, args.repeats, args.warmup, device)
+    t_stock, t_padded, t_per_crop, t_ideal = (times[n] for n in configs)
     kept = per_layer[-1].tolist()
     rows = [
         ("no merging", t_stock, 1.0),

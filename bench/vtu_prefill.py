@@ -32,7 +32,6 @@ times this process's CPU time on one thread, which keeps the ratios steady.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,24 +99,8 @@ CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock
 
 
 def interleaved(configs: dict, repeats: int, warmup: int, device: torch.device) -> tuple[dict, dict]:
-    """Time every ``(setup, fn)`` of ``configs`` in rounds: each round runs each config once (``setup()`` and one
-    untimed ``fn()``, then ``fn`` timed on :data:`CLOCK`), so slow drift of a shared machine hits all configs alike,
-    and no config pays for the memory its predecessor in the round freed (page faults count as CPU time).
-    Returns the median per config and each config's last output."""
-    times: dict = {key: [] for key in configs}
-    outs: dict = {}
-    for round_ in range(warmup + max(1, repeats)):
-        for key, (setup, fn) in configs.items():
-            setup()
-            if round_ >= warmup:
-                fn()  # primes the allocator for this config's sizes
-            _common.sync(device)
-            t0 = CLOCK()
-            outs[key] = fn()
-            _common.sync(device)
-            if round_ >= warmup:
-                times[key].append(CLOCK() - t0)
-    return {key: statistics.median(v) for key, v in times.items()}, outs
+    """:func:`bench._common.interleaved` on :data:`CLOCK`, each timed run primed by an untimed one."""
+    return _common.interleaved(configs, repeats, warmup, device, clock=CLOCK, prime=True)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> tuple[float, object]:

@@ -10,7 +10,7 @@ MLP run only once per merged token. Per decoder layer:
 * ``exact``: the same numbers without expanding Q and K: per-frequency ``dot = q1·k1 + q2·k2`` and
   ``cross = q2·k1 − q1·k2`` on merged pairs, combined with the virtual positions' cos/sin
   (``score = Σ_f dot·cos(θ_f Δ) − cross·sin(θ_f Δ)``); values are never expanded: attention weights
-  are summed per key group and multiplied with the merged V. About 1.4x the fast path's prefill on a
+  are summed per key group and multiplied with the merged V. About 1.2-1.4x the fast path's prefill on a
   7B-shaped layer (CPU); the fast path's twin, and the decode kernel of both modes.
 
 Text tokens are groups of one, so a sequence without merged tokens is computed exactly as stock.
