@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import resource
 import statistics
@@ -79,6 +80,32 @@ def interleaved(
             if round_ >= warmup:
                 times[key].append(clock() - t0)
     return {key: statistics.median(v) for key, v in times.items()}, outs
+
+
+#: aten ops counted as "linear" / "attention" by :func:`op_time_breakdown` (everything else is "other").
+LINEAR_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def op_time_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """Seconds of one profiled run of ``fn`` by kind of op: matrix products (``linear``), attention kernels (any op
+    named ``*scaled_dot_product*``) and ``other``; self time, so nothing counts twice (device time on CUDA).
+
+    Unlike the difference of two timed runs, it separates the matrix products — which on a shared VM swing by
+    ±10% between identical runs — from the smaller ops an implementation adds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # silence kineto's start/stop lines on stderr
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    kinds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        micros = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        kind = ("linear" if event.key in LINEAR_OPS else
+                "attention" if "scaled_dot_product" in event.key else "other")
+        kinds[kind] += micros / 1e6
+    return kinds
 
 
 class PeakTensorBytes(TorchDispatchMode):

@@ -56,8 +56,8 @@ if not __package__:  # run as a file (python bench/encoder.py): make the bench p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (  # noqa: E402
     Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line,
-    eval_script, format_table, human_bytes, ideal_runner, make_main, maxrss_bytes, mean_std, median_time,
-    memory_method, peak_memory, resolve_device, sync,
+    eval_script, format_table, human_bytes, ideal_runner, interleaved, make_main, maxrss_bytes, mean_std,
+    median_time, memory_method, peak_memory, resolve_device, sync,
 )
 
 FULL_LAYERS = 24
@@ -157,9 +157,10 @@ class MergeTimer:
 
 def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, device, dtype,
                  clock=time.perf_counter) -> dict[str, Any]:
-    """The merged runs timed alternately with their ideals, ``--repeats`` rounds; medians. Alternating cancels the
-    drift of a shared machine. Each ideal takes the counts of the run it is compared with: the images alone (the
-    authors' order takes its single-image path there) and the batch (its batch path, which
+    """The merged runs timed in ``--repeats`` interleaved rounds with their ideals and the stock batch; medians.
+
+    Interleaving cancels the drift of a shared machine. Each ideal takes the counts of the run it is compared with:
+    the images alone (the authors' order takes its single-image path there) and the batch (its batch path, which
     ``dymu.encode(batching="per_image")`` keeps, so the per-image run has the batch's counts)."""
     import dymu
 
@@ -178,27 +179,32 @@ def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, de
                                  seed=args.seed, device=device, dtype=dtype)
               for name, counts in (("alone", per_layer_alone), ("batch", per_layer_batch))}
     for ideal in ideals.values():
-        ideal()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in ("b1", "ideal_b1", "padded", "per_image", "ideal_batch", "none")}
+        ideal()  # warm-up (the merged and stock runs were warmed by the caller's loop)
 
-    def timed(fn) -> float:
-        return median_time(fn, 1, 0, device, clock)[0]
+    def merging(on: bool):
+        def switch() -> None:
+            dymu.unpatch(model)
+            if on:
+                dymu.patch(model, thresholds)
+        return switch
 
-    for _ in range(max(1, args.repeats)):  # each merged run right next to its ideal
-        dymu.patch(model, thresholds)
-        with torch.inference_mode():
-            times["b1"].append(timed(lambda: [model(pixel_values=x) for x in singles]))
-        dymu.unpatch(model)
-        times["ideal_b1"].append(timed(ideals["alone"]))
-        dymu.patch(model, thresholds)
-        with torch.inference_mode():
-            times["padded"].append(timed(lambda: model(pixel_values=batch)))
-            times["per_image"].append(timed(lambda: dymu.encode(model, batch, batching="per_image")))
-        dymu.unpatch(model)
-        times["ideal_batch"].append(timed(ideals["batch"]))
-        with torch.inference_mode():
-            times["none"].append(timed(lambda: model(pixel_values=batch)))
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    def no_grad(fn):
+        def call():
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    # one round = every run once, each merged run right next to its ideal
+    configs = {
+        "b1": (merging(True), no_grad(lambda: [model(pixel_values=x) for x in singles])),
+        "ideal_b1": (merging(False), ideals["alone"]),
+        "padded": (merging(True), no_grad(lambda: model(pixel_values=batch))),
+        "per_image": (merging(True), no_grad(lambda: dymu.encode(model, batch, batching="per_image"))),
+        "ideal_batch": (merging(False), ideals["batch"]),
+        "none": (merging(False), no_grad(lambda: model(pixel_values=batch))),
+    }
+    medians, _ = interleaved(configs, args.repeats, 0, device, clock=clock)
+    dymu.unpatch(model)
     return {"ideal_s": medians["ideal_b1"], "ideal_batch_s": medians["ideal_batch"],
             "paired_b1_sum_s": medians["b1"], "paired_batch_s": medians["padded"],
             "paired_per_image_s": medians["per_image"], "paired_none_batch_s": medians["none"],

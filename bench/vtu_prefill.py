@@ -14,8 +14,8 @@ config once, timed right after an untimed run of the same config; ``--warmup`` u
 on top of each prefill's cache (5x the rounds: a step is short). Medians and ratios to the
 full prefill are printed, together with the KV-cache bytes held after prefill, the largest difference
 between the VTU fast and exact outputs (a sanity check, not a timing), and where VTU fast's extra time
-over plain merged tokens goes: the stock causal SDPA alone at virtual vs merged length (the part the
-fast definition cannot avoid: it attends over the virtual sequence) and the rest.
+over plain merged tokens goes, from one profiled run of each (self time of matrix products, of the SDPA
+kernel — the part the fast definition cannot avoid: it attends over the virtual sequence — and of the rest).
 
 ``--merged 90 195 394`` times several merged counts in one run (~72out/192out/384out of CLIP
 ViT-L/14-336 with DToMe); the full prefill is timed once. Targets are printed next to the ratios
@@ -221,9 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "exact" in modes:
             fast, exact = (outs[(visual_merged, m)].last_hidden_state.float() for m in ("fast", "exact"))
             diff = (fast - exact).abs().max().item()
-        times["sdpa_merged"] = time_sdpa(n_merged, args, device, dtype, gen)
         sections.append((visual_merged, n_merged, times, diff))
-    sdpa_virtual = time_sdpa(n_virtual, args, device, dtype, gen)
+    # one profiled run of plain merged and VTU fast each (after an untimed one): self time by kind of op
+    profiles = {}
+    for visual_merged, _, _ in plan:
+        for name in ("merged", "fast"):
+            setup, fn = prefills[(visual_merged, name)]
+            setup()
+            fn()
+            profiles[(visual_merged, name)] = _common.op_time_breakdown(fn, device)
+    mode("off")()
 
     print(
         f"VTU prefill benchmark: {args.layers} decoder layer(s), hidden {args.hidden}, MLP {args.mlp}, "
@@ -253,39 +260,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"check: max |fast - exact| on the last hidden state = {diff:.3e}"
                   + (f" (visual merged to {visual_merged})" if len(sections) > 1 else ""))
     print()
-    print(f"where VTU fast's extra time goes: its attention runs over the {n_virtual} virtual tokens by definition; "
-          f"stock causal SDPA alone, x{args.layers} layers, takes {sdpa_virtual:.4f} s at {n_virtual} tokens")
-    print(f"{'merged':>8}{'fast-merged_s':>15}{'sdpa_virtual-merged_s':>23}{'rest_s':>9}{'rest_vs_merged':>16}"
-          f"{'bound_vs_full':>15}")
-    for visual_merged, n_merged, times, _ in sections:
-        extra, inherent = times["fast"] - times["merged"], sdpa_virtual - times["sdpa_merged"]
+    print(f"where VTU fast's extra time over plain merged goes: one profiled run of each, self time by kind of op, "
+          f"x{args.layers} layers")
+    print(f"{'merged':>8}{'fast-merged_s':>15}{'linear_s':>10}{'attention_s':>13}{'other_s':>9}"
+          f"{'other_vs_merged':>17}{'bound_vs_full':>15}")
+    for visual_merged, _, times, _ in sections:
+        fast, merged = profiles[(visual_merged, "fast")], profiles[(visual_merged, "merged")]
+        extra = {kind: fast[kind] - merged[kind] for kind in fast}
         # bound: full / (merged + the attention's extra cost): what VTU fast could show with no other overhead
-        print(f"{visual_merged:>8d}{extra:>15.4f}{inherent:>23.4f}{extra - inherent:>9.4f}"
-              f"{(extra - inherent) / times['merged']:>16.3f}{t_full / (times['merged'] + inherent):>14.2f}x")
-    print("rest = gathers to virtual length, re-rotation, group mean, layout (the overhead a better implementation "
-          "could remove); bound_vs_full = full / (merged + the attention's extra cost)")
+        print(f"{visual_merged:>8d}{times['fast'] - times['merged']:>+15.4f}{extra['linear']:>+10.4f}"
+              f"{extra['attention']:>+13.4f}{extra['other']:>+9.4f}{extra['other'] / sum(merged.values()):>+17.3f}"
+              f"{t_full / (times['merged'] + extra['attention']):>14.2f}x")
+    print("fast-merged_s: the timed medians above; linear = matrix products (the same shapes in both: a difference "
+          "is this machine's drift); attention = the SDPA kernel, over the virtual tokens in VTU fast by definition; "
+          "other = gathers to virtual length, re-rotation, group mean, layout, norms, ... (the overhead a better "
+          "implementation could remove); bound_vs_full = full / (merged + the attention's extra time)")
     print()
     print("targets (not asserted):")
     for line in target_lines(sections, t_full, args.visual, decode):
         print("  " + line)
     return 0
-
-
-def time_sdpa(n: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-              gen: torch.Generator) -> float:
-    """Median time of the decoder's attention kernel alone (stock causal SDPA, the layers' shapes) at ``n`` tokens,
-    summed over ``--layers``."""
-    q = torch.randn(1, args.heads, n, args.hidden // args.heads, generator=gen).to(device, dtype)
-    k, v = (torch.randn(1, args.kv_heads, n, args.hidden // args.heads, generator=gen).to(device, dtype)
-            for _ in range(2))
-    gqa = args.heads != args.kv_heads
-
-    def attend():
-        with torch.inference_mode():
-            for _ in range(args.layers):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
-    return median_time(attend, args.repeats, args.warmup, device)[0]
 
 
 def target_lines(sections, t_full: float, n_visual: int, decode=()) -> list[str]:

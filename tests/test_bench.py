@@ -140,6 +140,34 @@ def test_vtu_prefill_tiny_with_several_merged_counts(capsys):
     # ~90-token goal + 2 prefill lines and 1 decode line per merged count
     assert len(re.findall(r"^\s+\[(PASS|MISS)\] ", out, re.M)) == 7
     assert out.count("VTU fast, fast-kernel step") == 2
+    # the profiled breakdown of VTU fast over plain merged: one row per merged count
+    breakdown = re.findall(r"^\s+(12|24)\s+([+-]\d+\.\d+)\s+([+-]\d+\.\d+)\s+([+-]\d+\.\d+)\s+([+-]\d+\.\d+)"
+                           r"\s+([+-]\d+\.\d+)\s+(\d+\.\d+)x$", out, re.M)
+    assert [row[0] for row in breakdown] == ["12", "24"], out
+
+
+def test_op_time_breakdown_sorts_self_time_by_kind_of_op():
+    """Matrix products count as linear, SDPA as attention, the rest as other; a call without one kind has none."""
+    from bench._common import op_time_breakdown
+
+    a, q = torch.randn(256, 256), torch.randn(1, 4, 128, 32)
+
+    def matmuls():
+        for _ in range(4):
+            a @ a
+
+    def attention():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    def elementwise():
+        (a * 2 + 1).exp()
+
+    cpu = torch.device("cpu")
+    kinds = {name: op_time_breakdown(fn, cpu) for name, fn in (("mm", matmuls), ("sdpa", attention),
+                                                                ("ew", elementwise))}
+    assert kinds["mm"]["linear"] > 0 and kinds["mm"]["attention"] == 0
+    assert kinds["sdpa"]["attention"] > 0 and kinds["sdpa"]["linear"] == 0
+    assert kinds["ew"]["other"] > 0 and kinds["ew"]["linear"] == kinds["ew"]["attention"] == 0
 
 
 def test_onevision_crops_tiny():
