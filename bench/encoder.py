@@ -4,25 +4,25 @@ The tower is transformers' ``CLIPVisionModel`` built from a config (24 layers, h
 MLP 4096, 336 px, patch 14 → 577 tokens) with random weights; only shapes matter for time. Thresholds
 for each "Kout" setting are found on the random tower itself with
 ``merge_counts=merge_schedule("constant", 576 - K, layers)`` over a calibration batch of built-in images,
-then every configuration is timed in the same run, side by side:
+then every configuration is timed in the same run, in interleaved rounds (each round runs every run of every
+configuration once, so the drift of a shared machine hits all alike):
 
 * batch 1: each of the evaluation images alone (images of graded complexity from :mod:`dymu.samples`);
 * batch B (default 8): all of them together — with DToMe they keep different numbers of tokens, so the
   batch is padded to the largest count in every layer.
 
-Figures per configuration: median times and the speed-up vs no merging; visual tokens per image after
-the last block (CLS excluded; mean ± std over the images); the share of the batch-B forward spent in
-merge bookkeeping (``DToMeState.merge``: scoring, matching, size-weighted merge and source map);
-batch efficiency = Σ_i t₁(image i) / t_B — the sum of the images' batch-1 medians over the batch-B
-median (1.0 = batching costs exactly as much as running the images one by one; padding to the largest
-count pushes it down, better hardware utilisation pushes it up — compare with the "none" row, which has
-no padding); and the peak memory of one batch-B forward.
+Figures per configuration: median times and the speed-up vs no merging; visual tokens per image after the last
+block (CLS excluded; mean ± std over the images); the share of the batch-B forward spent in merge bookkeeping
+(``DToMeState.merge``: scoring, matching, size-weighted merge and source map); batch efficiency = Σ_i t₁(image
+i) / t_B — the images one by one over the batch-B run (medians; 1.0 = batching costs exactly as much as
+running the images one by one; padding to the largest count pushes it down, better hardware utilisation pushes
+it up — compare with the "none" row, which has no padding); and the peak memory of one batch-B forward.
 
 Ideal: the stock blocks at exactly the merged run's per-image, per-layer counts — attention at a block's input
-count, the MLP at its output count (DToMe merges between them) — image by image, with no bookkeeping: the best any
-DToMe implementation could do. The merged runs (images alone; the padded batch; ``dymu.encode(batching=
-"per_image")``) are timed in alternating rounds with their ideals and the stock batch, so the drift of a shared
-machine cancels; fraction of ideal = ideal time / merged time (batch: the better of padded and per image).
+count, the MLP at its output count (DToMe merges between them) — image by image, with no bookkeeping: the best
+any DToMe implementation could do. The merged runs (images alone; the padded batch; ``dymu.encode(batching=
+"per_image")``) are each timed right before their ideal, in the same rounds; fraction of ideal = ideal time /
+merged time (batch: the better of padded and per image).
 
 With fewer layers than 24 (the CPU default, ``--layers 8``) the same final count K is reached over
 fewer layers (``r_total = 576 - K`` spread over them), so the token-count profile keeps its shape.
@@ -57,7 +57,7 @@ if not __package__:  # run as a file (python bench/encoder.py): make the bench p
 from bench._common import (  # noqa: E402
     Target, add_common_arguments, apply_threads, argument_parser, clip_tower, closing_lines, environment_line,
     eval_script, format_table, human_bytes, ideal_runner, interleaved, make_main, maxrss_bytes, mean_std,
-    median_time, memory_method, peak_memory, resolve_device, sync,
+    memory_method, peak_memory, resolve_device, sync,
 )
 
 FULL_LAYERS = 24
@@ -155,16 +155,12 @@ class MergeTimer:
             del self.state.merge
 
 
-def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, device, dtype,
-                 clock=time.perf_counter) -> dict[str, Any]:
-    """The merged runs timed in ``--repeats`` interleaved rounds with their ideals and the stock batch; medians.
-
-    Interleaving cancels the drift of a shared machine. Each ideal takes the counts of the run it is compared with:
-    the images alone (the authors' order takes its single-image path there) and the batch (its batch path, which
+def merged_counts(model, thresholds, singles: list, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer token counts ``[L+1, B]`` of the merged runs the ideals are compared with: the images alone (the
+    authors' order takes its single-image path there) and the batch (its batch path, which
     ``dymu.encode(batching="per_image")`` keeps, so the per-image run has the batch's counts)."""
     import dymu
 
-    layers = model.encoder.layers if hasattr(model.encoder, "layers") else model.encoder.layer  # CLIP / DINOv2
     dymu.patch(model, thresholds)
     with torch.inference_mode():
         alone = []
@@ -173,42 +169,8 @@ def paired_ideal(model, thresholds, singles: list, batch: torch.Tensor, args, de
             alone.append(dymu.last_run(model).tokens_per_layer())
         model(pixel_values=batch)
         per_layer_batch = dymu.last_run(model).tokens_per_layer()
-    per_layer_alone = torch.cat(alone, dim=1)
     dymu.unpatch(model)
-    ideals = {name: ideal_runner(model.embeddings, layers, counts, singles, width=model.config.hidden_size,
-                                 seed=args.seed, device=device, dtype=dtype)
-              for name, counts in (("alone", per_layer_alone), ("batch", per_layer_batch))}
-    for ideal in ideals.values():
-        ideal()  # warm-up (the merged and stock runs were warmed by the caller's loop)
-
-    def merging(on: bool):
-        def switch() -> None:
-            dymu.unpatch(model)
-            if on:
-                dymu.patch(model, thresholds)
-        return switch
-
-    def no_grad(fn):
-        def call():
-            with torch.inference_mode():
-                return fn()
-        return call
-
-    # one round = every run once, each merged run right next to its ideal
-    configs = {
-        "b1": (merging(True), no_grad(lambda: [model(pixel_values=x) for x in singles])),
-        "ideal_b1": (merging(False), ideals["alone"]),
-        "padded": (merging(True), no_grad(lambda: model(pixel_values=batch))),
-        "per_image": (merging(True), no_grad(lambda: dymu.encode(model, batch, batching="per_image"))),
-        "ideal_batch": (merging(False), ideals["batch"]),
-        "none": (merging(False), no_grad(lambda: model(pixel_values=batch))),
-    }
-    medians, _ = interleaved(configs, args.repeats, 0, device, clock=clock)
-    dymu.unpatch(model)
-    return {"ideal_s": medians["ideal_b1"], "ideal_batch_s": medians["ideal_batch"],
-            "paired_b1_sum_s": medians["b1"], "paired_batch_s": medians["padded"],
-            "paired_per_image_s": medians["per_image"], "paired_none_batch_s": medians["none"],
-            "per_layer_alone": per_layer_alone.tolist(), "per_layer_batch": per_layer_batch.tolist()}
+    return torch.cat(alone, dim=1), per_layer_batch
 
 
 def evaluation_images(n: int, size: int) -> list:
@@ -293,50 +255,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             return model(pixel_values=x).last_hidden_state
 
+    layers = model.encoder.layers if hasattr(model.encoder, "layers") else model.encoder.layer  # CLIP / DINOv2
     configs: list[tuple[str, Any]] = [("none", None)] + list(thresholds.items())
+
+    def merging(th):
+        def switch() -> None:
+            dymu.unpatch(model)
+            if th is not None:
+                dymu.patch(model, th)
+        return switch
+
+    def no_grad(fn):
+        def call():
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    merge_seconds: dict[str, list[float]] = {name: [] for name, _ in configs}
+
+    def padded_batch(name: str):
+        """The padded batch; on CPU the time inside DToMeState.merge is added up during the timed run itself
+        (no sync needed), on CUDA in one extra run below (the syncs it needs would perturb the timed runs)."""
+        def call():
+            timer = MergeTimer(dymu.get_state(model) if name != "none" else None, device, clock)
+            with timer.active(device.type != "cuda"):
+                out = forward(batch)
+            merge_seconds[name].append(timer.seconds)
+            return out
+        return call
+
+    # every run of every config in interleaved rounds (each once per round), each merged run next to its ideal,
+    # so the drift of a shared machine hits all alike
+    rounds: dict[tuple[str, str], tuple[Any, Any]] = {}
+    counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, th in configs:
+        rounds[(name, "b1")] = (merging(th), no_grad(lambda: [model(pixel_values=x) for x in singles]))
+        if th is not None:
+            counts[name] = alone, per_batch = merged_counts(model, th, singles, batch)
+            ideal = {key: ideal_runner(model.embeddings, layers, c, singles, width=model.config.hidden_size,
+                                       seed=args.seed, device=device, dtype=dtype)
+                     for key, c in (("alone", alone), ("batch", per_batch))}
+            rounds[(name, "ideal_b1")] = (merging(None), ideal["alone"])
+        rounds[(name, "padded")] = (merging(th), padded_batch(name))
+        if th is not None:
+            rounds[(name, "per_image")] = (
+                merging(th), no_grad(lambda: dymu.encode(model, batch, batching="per_image")))
+            rounds[(name, "ideal_batch")] = (merging(None), ideal["batch"])
+    medians, _ = interleaved(rounds, args.repeats, args.warmup, device, clock=clock)
+
     rows: list[dict[str, Any]] = []
     for name, th in configs:
-        state = dymu.patch(model, th) if th is not None else None
-        # batch 1: each image alone
-        t1 = [median_time(lambda x=x: forward(x), args.repeats, args.warmup if i == 0 else 0, device, clock)[0]
-              for i, x in enumerate(singles)]
-        # batch B: all images together; merge() is timed inside the timed runs on CPU (no sync needed),
-        # in one extra run on CUDA (the syncs it needs would perturb the timed runs)
-        timer = MergeTimer(state, device, clock)
-        for _ in range(args.warmup):
-            forward(batch)
-        times, shares = [], []
-        for _ in range(max(1, args.repeats)):
-            with timer.active(device.type != "cuda"):
+        merging(th)()
+        t_batch = medians[(name, "padded")]
+        share = statistics.median(merge_seconds[name][args.warmup:]) / t_batch if th is not None else 0.0
+        if th is not None and device.type == "cuda":
+            timer = MergeTimer(dymu.get_state(model), device, clock)
+            with timer.active(True):
                 sync(device)
                 t = clock()
                 forward(batch)
                 sync(device)
-                times.append(clock() - t)
-            shares.append(timer.seconds / times[-1])
-        t_batch = statistics.median(times)
-        if state is not None and device.type == "cuda":
-            with timer.active(True):
-                sync(device)
-                t = time.perf_counter()
-                forward(batch)
-                sync(device)
-                shares = [timer.seconds / (time.perf_counter() - t)]
+                share = timer.seconds / (clock() - t)
         peak, _ = peak_memory(lambda: forward(batch), device)
-        if state is not None:
+        row: dict[str, Any] = {"config": name, "batch1_sum_s": medians[(name, "b1")], "batch_s": t_batch,
+                               "merge_share": share, "peak_bytes": peak,
+                               "ideal_s": None}
+        if th is not None:
             tokens = (dymu.last_run(model).tokens_per_layer()[-1] - 1).tolist()  # CLS excluded
-            dymu.unpatch(model)
-            paired = paired_ideal(model, th, singles, batch, args, device, dtype, clock)
+            row.update(ideal_s=medians[(name, "ideal_b1")], ideal_batch_s=medians[(name, "ideal_batch")],
+                       per_image_s=medians[(name, "per_image")], per_layer_alone=counts[name][0].tolist(),
+                       per_layer_batch=counts[name][1].tolist())
         else:
             tokens = [patches] * args.batch
-            paired = {"ideal_s": None}
-        mean, std = mean_std(tokens)
-        rows.append({
-            "config": name, "tokens_mean": mean, "tokens_std": std, "tokens": tokens,
-            "batch1_s": sum(t1) / len(t1), "batch1_sum_s": sum(t1), "batch_s": t_batch,
-            "merge_share": statistics.median(shares) if state is not None else 0.0,
-            "peak_bytes": peak, **paired,
-        })
+        row["batch1_s"] = row["batch1_sum_s"] / len(singles)
+        row["tokens"] = tokens
+        row["tokens_mean"], row["tokens_std"] = mean_std(tokens)
+        rows.append(row)
+    dymu.unpatch(model)
 
     base = rows[0]
     for r in rows:
@@ -346,13 +341,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["batch_efficiency_vs_none"] = r["batch_efficiency"] / base["batch_efficiency"]
         r["peak_vs_none"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
         # ideal: the stock blocks at the merged run's per-image, per-layer counts, one image at a time; the best a
-        # DToMe implementation could do. Fraction of ideal = ideal time / merged time, both from the alternating
-        # rounds of paired_ideal (batch: the better of the padded batch and the images one by one,
-        # dymu.encode(batching="per_image"))
+        # DToMe implementation could do. Fraction of ideal = ideal time / merged time (batch: the better of the
+        # padded batch and the images one by one, dymu.encode(batching="per_image"))
         if r["ideal_s"] is not None:
-            r["ideal_fraction_batch1"] = r["ideal_s"] / r["paired_b1_sum_s"]
-            r["ideal_fraction_batch"] = r["ideal_batch_s"] / min(r["paired_batch_s"], r["paired_per_image_s"])
-            r["per_image_vs_padded"] = r["paired_batch_s"] / r["paired_per_image_s"]
+            r["ideal_fraction_batch1"] = r["ideal_s"] / r["batch1_sum_s"]
+            r["ideal_fraction_batch"] = r["ideal_batch_s"] / min(r["batch_s"], r["per_image_s"])
+            r["per_image_vs_padded"] = r["batch_s"] / r["per_image_s"]
 
     targets = []
     for r in rows[1:]:
@@ -361,14 +355,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets.append(Target(f"{r['config']} batch {args.batch}: fraction of the ideal (better of padded / per "
                               "image)", r["ideal_fraction_batch"], 0.85, unit=""))
         targets.append(Target(f"{r['config']} batch {args.batch}: never slower than no merging (speed-up)",
-                              r["paired_none_batch_s"] / min(r["paired_batch_s"], r["paired_per_image_s"]), 1.0))
+                              base["batch_s"] / min(r["batch_s"], r["per_image_s"]), 1.0))
     first = rows[1] if len(rows) > 1 else None
     if first is not None:
         # dymu.encode's default batching: image by image on CPU, padded elsewhere (its docstring)
-        default = "paired_per_image_s" if device.type == "cpu" else "paired_batch_s"
+        default = "per_image_s" if device.type == "cpu" else "batch_s"
         targets.append(Target(f"encoder at {first['config']} speed-up vs no merging (batch {args.batch}, "
                               f"dymu.encode's default: {'per image' if device.type == 'cpu' else 'padded'})",
-                              first["paired_none_batch_s"] / first[default], 1.6))
+                              base["batch_s"] / first[default], 1.6))
         targets.append(Target(f"batch-{args.batch} efficiency at {first['config']} (sum of batch-1 times / batch time)",
                               first["batch_efficiency"], 0.9, unit=""))
     return {
@@ -410,14 +404,15 @@ def format_results(res: dict[str, Any]) -> str:
             f"images ({res['finding_s']:.1f} s); note: random weights make the per-image spread of token counts unlike "
             "a real CLIP's.")
     lines += [
-        f"times: median of {res['repeats']} run(s) after {res['warmup']} warm-up(s); batch 1 = mean over the "
-        f"{res['batch']} images of each image's median; speed-up = none's time / this time",
-        "batch eff = sum of the images' batch-1 medians / batch median (ideal 1.0; 'vs none' divides by the "
+        f"times: median of {res['repeats']} interleaved round(s) after {res['warmup']} warm-up round(s), every run of "
+        "every config once per round (drift cancels); batch 1 = the images one after another, per image; speed-up "
+        "= none's time / this time",
+        "batch eff = the images' batch-1 time / batch time (ideal 1.0; 'vs none' divides by the "
         "no-merge row's value, isolating the cost of padding to the largest count)",
         "merge share = time inside DToMeState.merge (scoring, matching, weighted merge, source map) / forward time, "
         "batch run",
         f"peak memory: {res['memory_method']}",
-        "of_ideal = ideal time / merged time, timed in alternating rounds (drift cancels); ideal = the stock blocks "
+        "of_ideal = ideal time / merged time, each ideal timed right after its merged run; ideal = the stock blocks "
         "at exactly the merged run's per-image, per-layer counts (attention at a block's input count, MLP at its "
         f"output count), image by image, no bookkeeping; b{res['batch']}: the better of the padded batch and "
         "dymu.encode(batching='per_image') (same counts as the batch); pad/per_img = padded time / per-image time",
