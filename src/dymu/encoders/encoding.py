@@ -171,7 +171,7 @@ def encode(
     * ``batching`` — ``"padded"`` (one forward, images padded to the longest) or ``"per_image"`` (one forward per
       image, no padding: the cost follows each image's kept tokens; same result, ``output`` is None). Per-image
       pays when counts differ a lot (a flat crop next to a busy one, ``bench/onevision_crops.py``); on CPU it is
-      1.2–1.5× faster than padded for 8 mixed images (``bench/encoder.py``, ``--real``). ``"auto"`` (default) takes
+      1.2–1.6× faster than padded for 8 mixed images (``bench/encoder.py``, ``--real``). ``"auto"`` (default) takes
       per-image where it changes nothing but time: a CPU model, several images, merging by thresholds or fixed
       counts, and a forward that stops before the last block (so there is no model output to lose); else padded.
 
