@@ -1,7 +1,9 @@
 """Shared helpers of the benchmark scripts: timing, peak memory, targets, tables.
 
-Timing: every configuration is run ``warmup`` times untimed, then ``repeats`` times; the median is
-reported. On CUDA each run is bracketed by ``torch.cuda.synchronize``.
+Timing: :func:`interleaved` runs every configuration once per round, ``warmup`` untimed rounds then
+``repeats`` timed ones, and reports medians (the benchmarks compare configurations this way, so a shared
+machine's drift hits all alike); :func:`median_time` times one function alone. On CUDA each run is bracketed by
+``torch.cuda.synchronize``. :func:`op_time_breakdown` profiles one run by kind of op.
 
 Peak memory
     * CUDA: ``torch.cuda.max_memory_allocated`` during one run, minus what was allocated before it;
@@ -87,12 +89,16 @@ LINEAR_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def op_time_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
-    """Seconds of one profiled run of ``fn`` by kind of op: matrix products (``linear``), attention kernels (any op
-    named ``*scaled_dot_product*``) and ``other``; self time, so nothing counts twice (device time on CUDA).
+    """Seconds of one profiled run of ``fn`` by kind of op: ``attention`` (stock attention kernels — any op named
+    ``*scaled_dot_product*`` — and every op inside dymu's VTU attention function, whatever it computes with),
+    ``linear`` (the other matrix products: the model's projections and MLP) and ``other``; self time, so nothing
+    counts twice (device time on CUDA).
 
-    Unlike the difference of two timed runs, it separates the matrix products — which on a shared VM swing by
-    ±10% between identical runs — from the smaller ops an implementation adds."""
+    Unlike the difference of two timed runs, it separates the model's matrix products — which on a shared VM
+    swing by ±10% between identical runs — from what an attention implementation costs."""
     from torch.profiler import ProfilerActivity, profile
+
+    from dymu.vtu.integration import PROFILER_LABEL
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # silence kineto's start/stop lines on stderr
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -100,12 +106,28 @@ def op_time_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, 
         fn()
         sync(device)
     kinds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
-    for event in prof.key_averages():
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # device kernels: counted in the device time of the op that launched them
         micros = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        kind = ("linear" if event.key in LINEAR_OPS else
-                "attention" if "scaled_dot_product" in event.key else "other")
+        if event.name == PROFILER_LABEL:
+            kind = "attention"  # the range's own self time: the Python between its ops
+        elif _inside(event, PROFILER_LABEL) or "scaled_dot_product" in event.name:
+            kind = "attention"
+        else:
+            kind = "linear" if event.name in LINEAR_OPS else "other"
         kinds[kind] += micros / 1e6
     return kinds
+
+
+def _inside(event: Any, label: str) -> bool:
+    """Whether a profiler event ran inside a ``record_function(label)`` range."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == label:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 class PeakTensorBytes(TorchDispatchMode):

@@ -147,8 +147,10 @@ def test_vtu_prefill_tiny_with_several_merged_counts(capsys):
 
 
 def test_op_time_breakdown_sorts_self_time_by_kind_of_op():
-    """Matrix products count as linear, SDPA as attention, the rest as other; a call without one kind has none."""
+    """Matrix products count as linear, SDPA and all inside VTU's attention as attention, the rest as other; a call
+    without one kind has none."""
     from bench._common import op_time_breakdown
+    from dymu.vtu.integration import PROFILER_LABEL
 
     a, q = torch.randn(256, 256), torch.randn(1, 4, 128, 32)
 
@@ -162,12 +164,18 @@ def test_op_time_breakdown_sorts_self_time_by_kind_of_op():
     def elementwise():
         (a * 2 + 1).exp()
 
+    def vtu_attention():  # whatever runs inside dymu's VTU attention function counts as attention
+        with torch.profiler.record_function(PROFILER_LABEL):
+            matmuls()
+            elementwise()
+
     cpu = torch.device("cpu")
     kinds = {name: op_time_breakdown(fn, cpu) for name, fn in (("mm", matmuls), ("sdpa", attention),
-                                                                ("ew", elementwise))}
+                                                                ("ew", elementwise), ("vtu", vtu_attention))}
     assert kinds["mm"]["linear"] > 0 and kinds["mm"]["attention"] == 0
     assert kinds["sdpa"]["attention"] > 0 and kinds["sdpa"]["linear"] == 0
     assert kinds["ew"]["other"] > 0 and kinds["ew"]["linear"] == kinds["ew"]["attention"] == 0
+    assert kinds["vtu"]["attention"] > kinds["mm"]["linear"] / 2 and kinds["vtu"]["linear"] == 0
 
 
 def test_onevision_crops_tiny():

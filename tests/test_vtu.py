@@ -508,6 +508,47 @@ def test_batch_equals_one_by_one(models, kind):
         disable_vtu(model)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fast_prefill_blocked_and_sdpa_equal_reference(models, kind, monkeypatch):
+    """The fast path's CPU prefill in blocks (keys cut per row block, rows summed per slot before V) and its
+    SDPA form (GPU) both equal the definition, alone and in padded batches, in big and in tiny blocks."""
+    import dymu.vtu.kernels as kernels
+
+    model = models[kind]
+    gen = torch.Generator().manual_seed(11)
+    groups = [random_groups(gen, images=2), random_groups(gen, images=1), torch.arange(5)]
+    # as many merged slots as the first, fewer virtual rows: its padding rows' index points at a real slot
+    groups.append(concat_groups([1, torch.tensor([0, 1, 0, 2, 1, 0, 2, 2]), int(groups[0].max()) + 1 - 4]))
+    embeds = [random_embeds(g, gen) for g in groups]
+    assert groups[-1].max() == groups[0].max() and groups[-1].numel() < groups[0].numel()
+    refs = [reference_logits(model, e, g) for g, e in zip(groups, embeds)]
+    calls = []
+    blocked = kernels._blocked_prefill
+    monkeypatch.setattr(kernels, "_blocked_prefill", lambda *a: calls.append(1) or blocked(*a))
+    results = {}
+    settings = {"sdpa": dict(FAST_BLOCKED_ON_CPU=False), "blocked": {},
+                "tiny blocks": dict(BLOCK_ROWS=3, BLOCK_SCORE_ELEMENTS=1),
+                "mask too big": dict(BLOCK_MASK_BYTES=0)}
+    enable_vtu(model, "fast")
+    try:
+        for name, values in settings.items():
+            with monkeypatch.context() as m:
+                for attr, value in values.items():
+                    m.setattr(kernels, attr, value)
+                calls.clear()
+                single = [vtu_logits(model, [g], [e])[0] for g, e in zip(groups, embeds)]
+                left = vtu_logits(model, groups, embeds)
+                right = vtu_logits(model, groups, embeds, padding_side="right")
+                assert bool(calls) == (name in ("blocked", "tiny blocks")), name
+            assert maxdiff(single, refs) <= 1e-4, name
+            assert maxdiff(left, single) <= 1e-4 and maxdiff(right, single) <= 1e-4, name
+            results[name] = left
+    finally:
+        disable_vtu(model)
+    assert maxdiff(results["blocked"], results["sdpa"]) <= 1e-4
+    assert maxdiff(results["tiny blocks"], results["sdpa"]) <= 1e-4
+
+
 def test_vlm_switches_only_the_text_model():
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 

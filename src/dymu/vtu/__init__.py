@@ -7,6 +7,8 @@ MLP run only once per merged token. Per decoder layer:
 
 * ``fast``: project Q, K, V on merged tokens; gather them to virtual length; RoPE at the virtual
   positions; causal SDPA over the virtual sequence; average each group's outputs back to one token.
+  (A float32 prefill on CPU gets the same numbers from blocked scores whose rows are summed per merged
+  slot before one product with the merged V: ``kernels.FAST_BLOCKED_ON_CPU``.)
 * ``exact``: the same numbers without expanding Q and K: per-frequency ``dot = q1·k1 + q2·k2`` and
   ``cross = q2·k1 − q1·k2`` on merged pairs, combined with the virtual positions' cos/sin
   (``score = Σ_f dot·cos(θ_f Δ) − cross·sin(θ_f Δ)``); values are never expanded: attention weights

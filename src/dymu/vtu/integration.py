@@ -108,6 +108,8 @@ _ROPE_ATTR = "_dymu_vtu_rope"
 #: to decode with the fast kernel (bench/vtu_prefill.py compares both).
 DECODE_WITH_EXACT = True
 _HANDLE_ATTR = "_dymu_vtu"
+#: Name of the profiler range around each VTU attention call (``torch.profiler``): the ops inside it are VTU's.
+PROFILER_LABEL = "dymu::vtu_attention"
 
 
 def _check_positions(module: nn.Module, kwargs: dict[str, Any], lay: Layout) -> None:
@@ -164,7 +166,8 @@ def _attention_function(mode: str) -> Callable[..., tuple[Tensor, None]]:
         # decode steps (new tokens are groups of one): the exact kernel turns the merged keys per virtual key
         # without copying K/V to virtual length, which is what makes a fast-mode step cost more than a stock one
         step = KERNELS["exact"] if lay.identity_q and DECODE_WITH_EXACT else kernel
-        return step(query, key, value, lay, rope.inv_freq, scaling, dropout), None
+        with torch.profiler.record_function(PROFILER_LABEL):  # so profiles can tell its ops from the model's
+            return step(query, key, value, lay, rope.inv_freq, scaling, dropout), None
 
     attention.__name__ = attention.__qualname__ = ATTN_IMPLEMENTATIONS[mode]
     return attention

@@ -5,7 +5,9 @@ each merged slot's representative position, the KV cache already updated) and th
 :class:`~dymu.vtu.layout.Layout`, and return ``[B, Sq, H, D]`` as transformers' attention functions do:
 
 * :func:`vtu_attention_fast`: gather q/k/v to virtual length, re-rotate each copy to its virtual position,
-  SDPA over the virtual sequence, average each group's rows back to its merged token;
+  SDPA over the virtual sequence, average each group's rows back to its merged token; a float32 prefill on
+  CPU computes the same in blocks instead (:func:`_blocked_prefill`: keys cut at each block's causal end,
+  softmax rows summed per merged query and key slot, one product with the merged V);
 * :func:`vtu_attention_exact`: the same numbers by the RoPE decomposition on merged length, Q, K and V never
   expanded (slower; the verification twin).
 
@@ -27,44 +29,64 @@ from torch import Tensor
 
 from dymu.vtu.layout import Layout, rope_angles
 
-__all__ = ["vtu_attention_fast", "vtu_attention_exact", "KERNELS", "EXACT_CHUNK_ELEMENTS"]
+__all__ = ["vtu_attention_fast", "vtu_attention_exact", "KERNELS", "EXACT_CHUNK_ELEMENTS", "FAST_BLOCKED_ON_CPU"]
 
 #: Signature shared by both kernels: ``(query, key, value, lay, inv_freq, scaling, dropout) -> [B, Sq, H, D]``.
 VTUKernel = Callable[[Tensor, Tensor, Tensor, Layout, Tensor, float, float], Tensor]
 
 
-def _gather_cols(x: Tensor, index: Tensor) -> Tensor:
+def _scratch(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse: bool) -> Tensor:
+    """An uninitialised ``shape`` tensor like ``like``; with ``reuse``, one buffer per layout and name, which every
+    layer of the call writes again (fresh large CPU allocations pay their page faults on every layer)."""
+    if not reuse:
+        return like.new_empty(shape)
+    key = ("scratch", name, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
+    buf = lay.plans.get(key)
+    if buf is None:
+        buf = lay.plans[key] = like.new_empty(shape)
+    return buf
+
+
+def _reusable(*tensors: Tensor) -> bool:
+    """Buffers may be reused across layers: nothing here is recorded for autograd."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _gather_cols(x: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
     """Copy columns ``index [B, V]`` of ``x [B, H, S, D]``: ``[B, H, V, D]``, in ``x``'s memory layout.
 
     Uses ``index_select`` of whole rows, several times faster than an element-wise ``gather``: rows of
     ``H*D`` values when ``x`` is laid out ``[B, S, H, D]`` (q/k straight from transformers' projections),
-    rows of ``D`` per head otherwise (the KV cache).
+    rows of ``D`` per head otherwise (the KV cache). ``out``: a buffer of ``B*H*V*D`` elements to write into.
     """
     B, H, S, D = x.shape
     V = index.shape[1]
+    if out is None:
+        out = x.new_empty(B * H * V * D)
     if x.transpose(1, 2).is_contiguous():
         rows = x.transpose(1, 2).reshape(B, S, H * D)
-        out = x.new_empty(B, V, H, D)
+        out = out.view(B, V, H, D)
         for b in range(B):  # one index per sequence; B is small
             torch.index_select(rows[b], 0, index[b], out=out[b].view(V, H * D))
         return out.transpose(1, 2)
     x = x.contiguous()
-    out = x.new_empty(B, H, V, D)
+    out = out.view(B, H, V, D)
     for b in range(B):
         torch.index_select(x[b], 1, index[b], out=out[b])
     return out
 
 
-def _rotate_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rotate_(x: Tensor, cos: Tensor, sin: Tensor, tmp: Tensor | None = None) -> Tensor:
     """Rotate ``x [B, H, V, D]`` in place further by ``cos/sin [B, 1, V, D/2]`` (``rotate_half`` RoPE).
 
     Rotations compose, so a vector the model rotated at position P becomes rotated at P + shift.
+    ``tmp``: a buffer of ``x.numel() // 2`` elements for the intermediate.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    x1_old = x1.clone()
+    x1_sin = torch.mul(x1, sin, out=None if tmp is None else tmp.view(x1.shape))
     x1.mul_(cos).addcmul_(x2, sin, value=-1)
-    x2.mul_(cos).addcmul_(x1_old, sin)
+    x2.mul_(cos).add_(x1_sin)
     return x
 
 
@@ -87,24 +109,128 @@ def _group_mean(out: Tensor, lay: Layout, s_q: int) -> Tensor:
 def vtu_attention_fast(query: Tensor, key: Tensor, value: Tensor, lay: Layout, inv_freq: Tensor, scaling: float,
                        dropout: float = 0.0) -> Tensor:
     """Fast VTU attention: gather q/k/v to virtual length, re-rotate, causal SDPA, group mean (arguments: module
-    docstring)."""
-    H_kv = key.shape[1]
+    docstring). A float32 prefill on CPU takes :func:`_blocked_prefill` instead of SDPA (same numbers)."""
+    B, H_kv, _, D = key.shape
     n = lay.prompt_index.shape[1]
+    vk, vq = lay.k_index.shape[1], lay.q_index.shape[1]
+    reuse = _reusable(query, key, value)
     cos, sin = lay.prompt_rotation(inv_freq, key.dtype)  # [B, 1, N_max, D/2]
+    tmp = _scratch(lay, "rotation", key, (B * max(H_kv * vk, query.shape[1] * vq) * D // 2,), reuse)
     # keys/values: the merged prompt copied to its N_max virtual columns and turned to their positions,
     # then (decode) the generated tokens as cached, already at their own positions
-    k = _gather_cols(key, lay.k_index)
-    _rotate_(k[:, :, :n], cos, sin)
-    v = _gather_cols(value, lay.k_index)
+    k = _gather_cols(key, lay.k_index, _scratch(lay, "k", key, (B * H_kv * vk * D,), reuse))
+    _rotate_(k[:, :, :n], cos, sin, tmp[: B * H_kv * n * D // 2])
     # queries: the prompt's virtual rows in prefill; in decode the new tokens as they are
     q = query
     if not lay.identity_q:
-        q = _rotate_(_gather_cols(query, lay.q_index), cos.to(query.dtype), sin.to(query.dtype))
+        q = _gather_cols(query, lay.q_index, _scratch(lay, "q", query, (query[:, :, :1].numel() * vq,), reuse))
+        _rotate_(q, cos.to(query.dtype), sin.to(query.dtype), tmp[: q.numel() // 2])
+        blocks = _prefill_blocks(lay, query.dtype) if _use_blocked(query, dropout) else None
+        if blocks is not None:
+            return _blocked_prefill(q, k, value, lay, blocks, query.shape[2], scaling, reuse)
+    v = _gather_cols(value, lay.k_index, _scratch(lay, "v", value, (B * H_kv * vk * D,), reuse))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != H_kv,
     )
     return _group_mean(out, lay, query.shape[2])
+
+
+#: The fast path's prefill on CPU (float32/64, no dropout) runs :func:`_blocked_prefill`, not SDPA: torch's CPU
+#: SDPA kernel computes the whole square at a few hundred tokens (causal costs what non-causal does), and
+#: its product with V runs on virtual rows. ``False``: SDPA everywhere (as on GPU, where flash kernels skip
+#: the masked blocks themselves).
+FAST_BLOCKED_ON_CPU = True
+#: Virtual query rows per block of :func:`_blocked_prefill`.
+BLOCK_ROWS = 64
+#: Scores of one block (heads x rows x keys, floats): ~1 MiB, so a block stays in the CPU cache.
+BLOCK_SCORE_ELEMENTS = 1 << 18
+#: Largest mask the blocked path keeps per call (bytes, additive biases of all blocks); longer calls use SDPA.
+BLOCK_MASK_BYTES = 64 << 20
+
+
+def _use_blocked(query: Tensor, dropout: float) -> bool:
+    return (FAST_BLOCKED_ON_CPU and query.device.type == "cpu" and not dropout
+            and query.dtype in (torch.float32, torch.float64))
+
+
+def _prefill_blocks(lay: Layout, dtype: torch.dtype) -> list[list[tuple[int, int, int, Tensor, Tensor]]] | None:
+    """The row blocks of each sequence's prefill, shared by all layers (cached on ``lay``); None if too big, or if
+    nothing is merged (SDPA then computes exactly what the stock model does).
+
+    Each block is ``(first row, end row, key end, bias [rows, key end], slot [rows])``: keys past the last
+    column any real row of the block may attend are cut off (the causal saving); the bias is 0 where the
+    layout allows a key and -inf elsewhere; ``slot`` is each row's merged query column, ``Sq`` (one past the
+    last) for padding rows, whose sums are discarded. Blocks of padding rows only are left out.
+    """
+    key = ("blocked", dtype)
+    if key in lay.plans:
+        return lay.plans[key]
+    B, vq, vk = lay.mask.shape
+    s_q = lay.q_count.shape[1]
+    if float(lay.q_count.max()) <= 1:
+        lay.plans[key] = None
+        return None
+    cols = torch.arange(vk, device=lay.mask.device)
+    last = torch.where(lay.mask, cols, -1).amax(-1)  # [B, Vq] last column each row may attend
+    last = torch.where(lay.q_valid, last, -1).tolist()  # padding rows need no keys of their own
+    slot = torch.where(lay.q_valid, lay.q_index, s_q)
+    blocks: list[list[tuple[int, int, int, Tensor, Tensor]]] | None = []
+    size = 0
+    for b in range(B):
+        seq = []
+        for a in range(0, vq, BLOCK_ROWS):
+            e = min(vq, a + BLOCK_ROWS)
+            k_end = max(last[b][a:e]) + 1
+            if k_end == 0:
+                continue
+            bias = torch.zeros(e - a, k_end, dtype=dtype, device=lay.mask.device)
+            bias.masked_fill_(~lay.mask[b, a:e, :k_end], float("-inf"))
+            bias[~lay.q_valid[b, a:e]] = 0  # padding rows: anything finite
+            seq.append((a, e, k_end, bias, slot[b, a:e]))
+            size += bias.numel() * bias.element_size()
+        blocks.append(seq)
+    if size > BLOCK_MASK_BYTES:
+        blocks = None
+    lay.plans[key] = blocks
+    return blocks
+
+
+def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: list, s_q: int, scaling: float,
+                     reuse: bool) -> Tensor:
+    """The fast path's attention and group mean in blocks of kv heads x virtual query rows.
+
+    ``q [B, H, Vq, D]``, ``k [B, H_kv, Vk, D]`` at virtual positions, ``value [B, H_kv, S_kv, D]`` as cached (merged);
+    returns ``[B, Sq, H, D]``. Per block: scores against the keys up to the block's key end, softmax, and the
+    rows' weights summed into their merged query slots. A slot's output is the mean of its rows' outputs and the
+    product with V is linear, so the summed weights are then summed per key slot too (virtual keys of one slot
+    share its value) and multiplied with the merged V: V is never expanded, and is multiplied once per merged
+    pair instead of once per virtual pair.
+    """
+    B, H, vq, D = q.shape
+    H_kv, vk, s_kv = k.shape[1], k.shape[2], value.shape[2]
+    G = H // H_kv
+    hb = max(1, min(H_kv, BLOCK_SCORE_ELEMENTS // (G * BLOCK_ROWS * vk)))
+    out = q.new_empty(B, s_q, H, D)
+    inv_count = lay.q_count.clamp(min=1).reciprocal().to(q.dtype)
+    for b in range(B):
+        for h0 in range(0, H_kv, hb):
+            h1 = min(H_kv, h0 + hb)
+            nh = h1 - h0
+            q_h = q[b, h0 * G:h1 * G]  # [nh*G, Vq, D]: query heads h0*G.. share kv heads h0.. (GQA order)
+            k_h = k[b, h0:h1]
+            if G > 1:
+                k_h = k_h.repeat_interleave(G, 0)
+            k_t = k_h.transpose(1, 2)  # [nh*G, D, Vk]
+            acc = _scratch(lay, "rows", q, (nh, G, s_q + 1, vk), reuse).zero_()  # weights per query slot
+            for a, e, k_end, bias, slot in blocks[b]:
+                probs = torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling).softmax(-1)
+                acc[..., :k_end].index_add_(2, slot, probs.view(nh, G, e - a, k_end))
+            pairs = _scratch(lay, "pairs", q, (nh, G, s_q + 1, s_kv), reuse).zero_()
+            pairs.index_add_(3, lay.k_index[b], acc)  # ... and per key slot
+            res = torch.bmm(pairs.view(nh, G * (s_q + 1), s_kv), value[b, h0:h1]).view(nh, G, s_q + 1, D)
+            out[b, :, h0 * G:h1 * G] = res[:, :, :s_q].flatten(0, 1).transpose(0, 1)
+    return out.mul_(inv_count[:, :, None, None])
 
 
 #: Complex elements of the exact path's largest temporary, the turned query-key products of one block
