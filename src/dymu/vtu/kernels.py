@@ -109,7 +109,7 @@ def _group_mean(out: Tensor, lay: Layout, s_q: int) -> Tensor:
 def vtu_attention_fast(query: Tensor, key: Tensor, value: Tensor, lay: Layout, inv_freq: Tensor, scaling: float,
                        dropout: float = 0.0) -> Tensor:
     """Fast VTU attention: gather q/k/v to virtual length, re-rotate, causal SDPA, group mean (arguments: module
-    docstring). A float32 prefill on CPU takes :func:`_blocked_prefill` instead of SDPA (same numbers)."""
+    docstring). A float32 prefill on CPU takes :func:`_blocked_prefill` instead of SDPA (equal up to float rounding)."""
     B, H_kv, _, D = key.shape
     n = lay.prompt_index.shape[1]
     vk, vq = lay.k_index.shape[1], lay.q_index.shape[1]
@@ -212,6 +212,7 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
     G = H // H_kv
     hb = max(1, min(H_kv, BLOCK_SCORE_ELEMENTS // (G * BLOCK_ROWS * vk)))
     out = q.new_empty(B, s_q, H, D)
+    scores_buf = _scratch(lay, "scores", q, (hb * G * BLOCK_ROWS * vk,), reuse)
     inv_count = lay.q_count.clamp(min=1).reciprocal().to(q.dtype)
     for b in range(B):
         for h0 in range(0, H_kv, hb):
@@ -224,7 +225,9 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
             k_t = k_h.transpose(1, 2)  # [nh*G, D, Vk]
             acc = _scratch(lay, "rows", q, (nh, G, s_q + 1, vk), reuse).zero_()  # weights per query slot
             for a, e, k_end, bias, slot in blocks[b]:
-                probs = torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling).softmax(-1)
+                scores = scores_buf[: nh * G * (e - a) * k_end].view(nh * G, e - a, k_end)
+                torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling, out=scores)
+                probs = scores.softmax(-1)
                 acc[..., :k_end].index_add_(2, slot, probs.view(nh, G, e - a, k_end))
             pairs = _scratch(lay, "pairs", q, (nh, G, s_q + 1, s_kv), reuse).zero_()
             pairs.index_add_(3, lay.k_index[b], acc)  # ... and per key slot
