@@ -37,7 +37,8 @@ VTUKernel = Callable[[Tensor, Tensor, Tensor, Layout, Tensor, float, float], Ten
 
 def _scratch(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse: bool) -> Tensor:
     """An uninitialised ``shape`` tensor like ``like``; with ``reuse``, one buffer per layout and name, which every
-    layer of the call writes again (fresh large CPU allocations pay their page faults on every layer)."""
+    layer of the call writes again (fresh large CPU allocations pay their page faults on every layer). A VTU batch
+    therefore serves one forward at a time."""
     if not reuse:
         return like.new_empty(shape)
     key = ("scratch", name, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
@@ -57,12 +58,16 @@ def _gather_cols(x: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
 
     Uses ``index_select`` of whole rows, several times faster than an element-wise ``gather``: rows of
     ``H*D`` values when ``x`` is laid out ``[B, S, H, D]`` (q/k straight from transformers' projections),
-    rows of ``D`` per head otherwise (the KV cache). ``out``: a buffer of ``B*H*V*D`` elements to write into.
+    rows of ``D`` per head otherwise (the KV cache). ``out``: a buffer of ``B*H*V*D`` elements to write into
+    (without one, a differentiable copy).
     """
     B, H, S, D = x.shape
     V = index.shape[1]
-    if out is None:
-        out = x.new_empty(B * H * V * D)
+    if out is None:  # autograd records: index_select with out= is not differentiable
+        if x.transpose(1, 2).is_contiguous():
+            rows = x.transpose(1, 2).reshape(B, S, H * D)
+            return torch.stack([rows[b].index_select(0, index[b]) for b in range(B)]).view(B, V, H, D).transpose(1, 2)
+        return torch.stack([x[b].index_select(1, index[b]) for b in range(B)])
     if x.transpose(1, 2).is_contiguous():
         rows = x.transpose(1, 2).reshape(B, S, H * D)
         out = out.view(B, V, H, D)
@@ -115,20 +120,23 @@ def vtu_attention_fast(query: Tensor, key: Tensor, value: Tensor, lay: Layout, i
     vk, vq = lay.k_index.shape[1], lay.q_index.shape[1]
     reuse = _reusable(query, key, value)
     cos, sin = lay.prompt_rotation(inv_freq, key.dtype)  # [B, 1, N_max, D/2]
-    tmp = _scratch(lay, "rotation", key, (B * max(H_kv * vk, query.shape[1] * vq) * D // 2,), reuse)
+    turn_size = (B * max(H_kv * vk, query.shape[1] * vq) * D // 2,)  # the rotation's temporary, k's or q's
+    tmp = _scratch(lay, "rotation", key, turn_size, reuse) if reuse else None
     # keys/values: the merged prompt copied to its N_max virtual columns and turned to their positions,
     # then (decode) the generated tokens as cached, already at their own positions
-    k = _gather_cols(key, lay.k_index, _scratch(lay, "k", key, (B * H_kv * vk * D,), reuse))
-    _rotate_(k[:, :, :n], cos, sin, tmp[: B * H_kv * n * D // 2])
+    k = _gather_cols(key, lay.k_index, _scratch(lay, "k", key, (B * H_kv * vk * D,), reuse) if reuse else None)
+    _rotate_(k[:, :, :n], cos, sin, tmp[: B * H_kv * n * D // 2] if reuse else None)
     # queries: the prompt's virtual rows in prefill; in decode the new tokens as they are
     q = query
     if not lay.identity_q:
-        q = _gather_cols(query, lay.q_index, _scratch(lay, "q", query, (query[:, :, :1].numel() * vq,), reuse))
-        _rotate_(q, cos.to(query.dtype), sin.to(query.dtype), tmp[: q.numel() // 2])
+        q_buf = _scratch(lay, "q", query, (query[:, :, :1].numel() * vq,), reuse) if reuse else None
+        q = _gather_cols(query, lay.q_index, q_buf)
+        tmp = _scratch(lay, "rotation", query, turn_size, reuse) if reuse else None  # k's buffer, same dtype
+        _rotate_(q, cos.to(query.dtype), sin.to(query.dtype), tmp[: q.numel() // 2] if reuse else None)
         blocks = _prefill_blocks(lay, query.dtype) if _use_blocked(query, dropout) else None
         if blocks is not None:
             return _blocked_prefill(q, k, value, lay, blocks, query.shape[2], scaling, reuse)
-    v = _gather_cols(value, lay.k_index, _scratch(lay, "v", value, (B * H_kv * vk * D,), reuse))
+    v = _gather_cols(value, lay.k_index, _scratch(lay, "v", value, (B * H_kv * vk * D,), reuse) if reuse else None)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != H_kv,
@@ -212,7 +220,7 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
     G = H // H_kv
     hb = max(1, min(H_kv, BLOCK_SCORE_ELEMENTS // (G * BLOCK_ROWS * vk)))
     out = q.new_empty(B, s_q, H, D)
-    scores_buf = _scratch(lay, "scores", q, (hb * G * BLOCK_ROWS * vk,), reuse)
+    scores_buf = _scratch(lay, "scores", q, (hb * G * BLOCK_ROWS * vk,), reuse) if reuse else None
     inv_count = lay.q_count.clamp(min=1).reciprocal().to(q.dtype)
     for b in range(B):
         for h0 in range(0, H_kv, hb):
@@ -225,8 +233,8 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
             k_t = k_h.transpose(1, 2)  # [nh*G, D, Vk]
             acc = _scratch(lay, "rows", q, (nh, G, s_q + 1, vk), reuse).zero_()  # weights per query slot
             for a, e, k_end, bias, slot in blocks[b]:
-                scores = scores_buf[: nh * G * (e - a) * k_end].view(nh * G, e - a, k_end)
-                torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling, out=scores)
+                scores = scores_buf[: nh * G * (e - a) * k_end].view(nh * G, e - a, k_end) if reuse else None
+                scores = torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling, out=scores)
                 probs = scores.softmax(-1)
                 acc[..., :k_end].index_add_(2, slot, probs.view(nh, G, e - a, k_end))
             pairs = _scratch(lay, "pairs", q, (nh, G, s_q + 1, s_kv), reuse).zero_()
@@ -363,6 +371,7 @@ def vtu_attention_exact(query: Tensor, key: Tensor, value: Tensor, lay: Layout, 
     q_c = torch.complex(qf[..., :Fq], qf[..., Fq:]).view(B, H_kv, G, s_q, Fq)
     k_conj = torch.complex(kf[..., :Fq], -kf[..., Fq:])  # [B, H_kv, S_kv, F]
     out = qf.new_zeros(B, H_kv, G, s_q, D)
+    reuse = _reusable(query, key, value)  # else: fresh block buffers and no out= (autograd records)
     for b in range(B):
         plan = _exact_plan(lay, b, s_q, inv_freq)
         width, k_slots, keys = plan["width"], plan["k_slots"], plan["keys"]
@@ -374,8 +383,8 @@ def vtu_attention_exact(query: Tensor, key: Tensor, value: Tensor, lay: Layout, 
         cb = max(1, min(n_max, EXACT_CHUNK_ELEMENTS // per_slot))
         hb = max(1, min(H_kv, EXACT_CHUNK_ELEMENTS // (cb * per_slot)))
         # buffers reused by every block (fresh large allocations cost page faults on each block)
-        w_buf = q_c.new_empty(hb * G * cb * width * Fq)
-        p_buf = q_c.new_empty(hb * G * cb * max(len(sl) for sl, *_ in keys) * Fq)
+        w_buf = q_c.new_empty(hb * G * cb * width * Fq) if reuse else None
+        p_buf = q_c.new_empty(hb * G * cb * max(len(sl) for sl, *_ in keys) * Fq) if reuse else None
         for q_slots, a_all, blocked_all, weights_all in plan["queries"]:
             n, r = weights_all.shape
             for h0 in range(0, H_kv, hb):
@@ -385,18 +394,19 @@ def vtu_attention_exact(query: Tensor, key: Tensor, value: Tensor, lay: Layout, 
                     c1 = min(n, c0 + cb)
                     c, cols = c1 - c0, q_slots[c0:c1]
                     qc = q_c[b, h0:h1].index_select(2, cols)[..., None, :]  # [h, G, c, 1, F]
-                    w = w_buf[: nh * G * c * width * Fq].view(nh, G, c, width, Fq)
+                    w = (w_buf[: nh * G * c * width * Fq] if reuse else q_c.new_empty(nh * G * c * width * Fq)).view(
+                        nh, G, c, width, Fq)
                     s0 = 0
                     for slots, rk, off, turn in keys:
                         m = len(slots)
                         k_j = k_b[h0:h1, None, None, s0:s0 + m]  # [h, 1, 1, m, F]
                         dst = w[..., off:off + m * rk, :]
                         if turn is None:
-                            torch.mul(qc, k_j, out=dst)
+                            _mul_into(qc, k_j, dst, reuse)
                         else:
-                            pair = p_buf[: nh * G * c * m * Fq].view(nh, G, c, m, Fq)
-                            torch.mul(qc, k_j, out=pair)
-                            torch.mul(pair[..., None, :], turn, out=dst.view(nh, G, c, m, rk, Fq))
+                            pair = (p_buf[: nh * G * c * m * Fq] if reuse else q_c.new_empty(nh * G * c * m * Fq))
+                            pair = _mul_into(qc, k_j, pair.view(nh, G, c, m, Fq), reuse)
+                            _mul_into(pair[..., None, :], turn, dst.view(nh, G, c, m, rk, Fq), reuse)
                         s0 += m
                     z = torch.view_as_real(w).view(nh, G, c, width, 2 * Fq)
                     scores = (a_all[c0:c1] * scaling) @ z.transpose(-1, -2)  # [h, G, c, r, K']
@@ -409,13 +419,21 @@ def vtu_attention_exact(query: Tensor, key: Tensor, value: Tensor, lay: Layout, 
                     s0 = 0
                     for slots, rk, off, _ in keys:
                         m = len(slots)
-                        torch.sum(probs[..., off:off + m * rk].unflatten(-1, (m, rk)), -1,
-                                  out=grouped[..., s0:s0 + m])
+                        members = probs[..., off:off + m * rk].unflatten(-1, (m, rk))
+                        if reuse:
+                            torch.sum(members, -1, out=grouped[..., s0:s0 + m])
+                        else:
+                            grouped[..., s0:s0 + m] = members.sum(-1)
                         s0 += m
                     rows_out = grouped.view(nh, G * c * r, -1) @ v_b[h0:h1]  # [h, G*c*r, D]
                     mean = (rows_out.view(nh, G, c, r, D) * weights_all[c0:c1, :, None]).sum(3)  # [h, G, c, D]
                     out[b, h0:h1].index_copy_(2, cols, mean)
     return out.view(B, H, s_q, D).transpose(1, 2).contiguous().to(query.dtype)
+
+
+def _mul_into(a: Tensor, b: Tensor, dst: Tensor, reuse: bool) -> Tensor:
+    """``dst = a * b`` without a temporary, or (autograd records: ``out=`` is not differentiable) through one."""
+    return torch.mul(a, b, out=dst) if reuse else dst.copy_(a * b)
 
 
 #: The kernel of each VTU mode.
