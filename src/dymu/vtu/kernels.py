@@ -35,12 +35,12 @@ __all__ = ["vtu_attention_fast", "vtu_attention_exact", "KERNELS", "EXACT_CHUNK_
 VTUKernel = Callable[[Tensor, Tensor, Tensor, Layout, Tensor, float, float], Tensor]
 
 
-def _scratch(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse: bool) -> Tensor:
-    """An uninitialised ``shape`` tensor like ``like``; with ``reuse``, one buffer per layout and name, which every
-    layer of the call writes again (fresh large CPU allocations pay their page faults on every layer). A VTU batch
-    therefore serves one forward at a time."""
+def _scratch(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse: bool) -> Tensor | None:
+    """An uninitialised ``shape`` buffer like ``like``, one per layout and name, which every layer of the call writes
+    again (fresh large CPU allocations pay their page faults on every layer), so a VTU batch serves one forward at a
+    time; None unless ``reuse`` (autograd records: the ops then allocate their outputs)."""
     if not reuse:
-        return like.new_empty(shape)
+        return None
     key = ("scratch", name, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
     buf = lay.plans.get(key)
     if buf is None:
@@ -51,6 +51,12 @@ def _scratch(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse
 def _reusable(*tensors: Tensor) -> bool:
     """Buffers may be reused across layers: nothing here is recorded for autograd."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _zeros(lay: Layout, name: str, like: Tensor, shape: tuple[int, ...], reuse: bool) -> Tensor:
+    """:func:`_scratch` filled with zeros, or new zeros."""
+    buf = _scratch(lay, name, like, shape, reuse)
+    return like.new_zeros(shape) if buf is None else buf.zero_()
 
 
 def _gather_cols(x: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
@@ -85,11 +91,11 @@ def _rotate_(x: Tensor, cos: Tensor, sin: Tensor, tmp: Tensor | None = None) -> 
     """Rotate ``x [B, H, V, D]`` in place further by ``cos/sin [B, 1, V, D/2]`` (``rotate_half`` RoPE).
 
     Rotations compose, so a vector the model rotated at position P becomes rotated at P + shift.
-    ``tmp``: a buffer of ``x.numel() // 2`` elements for the intermediate.
+    ``tmp``: a buffer of at least ``x.numel() // 2`` elements for the intermediate.
     """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    x1_sin = torch.mul(x1, sin, out=None if tmp is None else tmp.view(x1.shape))
+    x1_sin = torch.mul(x1, sin, out=None if tmp is None else tmp[: x1.numel()].view(x1.shape))
     x1.mul_(cos).addcmul_(x2, sin, value=-1)
     x2.mul_(cos).add_(x1_sin)
     return x
@@ -121,22 +127,20 @@ def vtu_attention_fast(query: Tensor, key: Tensor, value: Tensor, lay: Layout, i
     reuse = _reusable(query, key, value)
     cos, sin = lay.prompt_rotation(inv_freq, key.dtype)  # [B, 1, N_max, D/2]
     turn_size = (B * max(H_kv * vk, query.shape[1] * vq) * D // 2,)  # the rotation's temporary, k's or q's
-    tmp = _scratch(lay, "rotation", key, turn_size, reuse) if reuse else None
     # keys/values: the merged prompt copied to its N_max virtual columns and turned to their positions,
     # then (decode) the generated tokens as cached, already at their own positions
-    k = _gather_cols(key, lay.k_index, _scratch(lay, "k", key, (B * H_kv * vk * D,), reuse) if reuse else None)
-    _rotate_(k[:, :, :n], cos, sin, tmp[: B * H_kv * n * D // 2] if reuse else None)
+    k = _gather_cols(key, lay.k_index, _scratch(lay, "k", key, (B * H_kv * vk * D,), reuse))
+    _rotate_(k[:, :, :n], cos, sin, _scratch(lay, "rotation", key, turn_size, reuse))
     # queries: the prompt's virtual rows in prefill; in decode the new tokens as they are
     q = query
     if not lay.identity_q:
-        q_buf = _scratch(lay, "q", query, (query[:, :, :1].numel() * vq,), reuse) if reuse else None
-        q = _gather_cols(query, lay.q_index, q_buf)
-        tmp = _scratch(lay, "rotation", query, turn_size, reuse) if reuse else None  # k's buffer, same dtype
-        _rotate_(q, cos.to(query.dtype), sin.to(query.dtype), tmp[: q.numel() // 2] if reuse else None)
+        q = _gather_cols(query, lay.q_index, _scratch(lay, "q", query, (query[:, :, :1].numel() * vq,), reuse))
+        tmp = _scratch(lay, "rotation", query, turn_size, reuse)  # k's buffer, unless q's dtype differs
+        _rotate_(q, cos.to(query.dtype), sin.to(query.dtype), tmp)
         blocks = _prefill_blocks(lay, query.dtype) if _use_blocked(query, dropout) else None
         if blocks is not None:
             return _blocked_prefill(q, k, value, lay, blocks, query.shape[2], scaling, reuse)
-    v = _gather_cols(value, lay.k_index, _scratch(lay, "v", value, (B * H_kv * vk * D,), reuse) if reuse else None)
+    v = _gather_cols(value, lay.k_index, _scratch(lay, "v", value, (B * H_kv * vk * D,), reuse))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=lay.sdpa_mask, is_causal=lay.sdpa_causal, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != H_kv,
@@ -220,7 +224,7 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
     G = H // H_kv
     hb = max(1, min(H_kv, BLOCK_SCORE_ELEMENTS // (G * BLOCK_ROWS * vk)))
     out = q.new_empty(B, s_q, H, D)
-    scores_buf = _scratch(lay, "scores", q, (hb * G * BLOCK_ROWS * vk,), reuse) if reuse else None
+    scores_buf = _scratch(lay, "scores", q, (hb * G * BLOCK_ROWS * vk,), reuse)
     inv_count = lay.q_count.clamp(min=1).reciprocal().to(q.dtype)
     for b in range(B):
         for h0 in range(0, H_kv, hb):
@@ -231,14 +235,13 @@ def _blocked_prefill(q: Tensor, k: Tensor, value: Tensor, lay: Layout, blocks: l
             if G > 1:
                 k_h = k_h.repeat_interleave(G, 0)
             k_t = k_h.transpose(1, 2)  # [nh*G, D, Vk]
-            acc = _scratch(lay, "rows", q, (nh, G, s_q + 1, vk), reuse).zero_()  # weights per query slot
+            acc = _zeros(lay, "rows", q, (nh, G, s_q + 1, vk), reuse)  # weights per query slot
             for a, e, k_end, bias, slot in blocks[b]:
-                scores = scores_buf[: nh * G * (e - a) * k_end].view(nh * G, e - a, k_end) if reuse else None
-                scores = torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling, out=scores)
-                probs = scores.softmax(-1)
+                rows = nh * G * (e - a)
+                scores = None if scores_buf is None else scores_buf[: rows * k_end].view(nh * G, e - a, k_end)
+                probs = torch.baddbmm(bias, q_h[:, a:e], k_t[:, :, :k_end], alpha=scaling, out=scores).softmax(-1)
                 acc[..., :k_end].index_add_(2, slot, probs.view(nh, G, e - a, k_end))
-            pairs = _scratch(lay, "pairs", q, (nh, G, s_q + 1, s_kv), reuse).zero_()
-            pairs.index_add_(3, lay.k_index[b], acc)  # ... and per key slot
+            pairs = _zeros(lay, "pairs", q, (nh, G, s_q + 1, s_kv), reuse).index_add_(3, lay.k_index[b], acc)
             res = torch.bmm(pairs.view(nh, G * (s_q + 1), s_kv), value[b, h0:h1]).view(nh, G, s_q + 1, D)
             out[b, :, h0 * G:h1 * G] = res[:, :, :s_q].flatten(0, 1).transpose(0, 1)
     return out.mul_(inv_count[:, :, None, None])
