@@ -110,9 +110,8 @@ def op_time_breakdown(fn: Callable[[], Any], device: torch.device) -> dict[str, 
         if event.device_type != torch.autograd.DeviceType.CPU:
             continue  # device kernels: counted in the device time of the op that launched them
         micros = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if event.name == PROFILER_LABEL:
-            kind = "attention"  # the range's own self time: the Python between its ops
-        elif _inside(event, PROFILER_LABEL) or "scaled_dot_product" in event.name:
+        # the VTU range itself (its own self time: the Python between its ops), the ops inside it, stock SDPA
+        if event.name == PROFILER_LABEL or _inside(event, PROFILER_LABEL) or "scaled_dot_product" in event.name:
             kind = "attention"
         else:
             kind = "linear" if event.name in LINEAR_OPS else "other"

@@ -407,8 +407,8 @@ def vtu_attention_exact(query: Tensor, key: Tensor, value: Tensor, lay: Layout, 
                         if turn is None:
                             _mul_into(qc, k_j, dst, reuse)
                         else:
-                            pair = (p_buf[: nh * G * c * m * Fq] if reuse else q_c.new_empty(nh * G * c * m * Fq))
-                            pair = _mul_into(qc, k_j, pair.view(nh, G, c, m, Fq), reuse)
+                            pair = qc * k_j if p_buf is None else torch.mul(
+                                qc, k_j, out=p_buf[: nh * G * c * m * Fq].view(nh, G, c, m, Fq))
                             _mul_into(pair[..., None, :], turn, dst.view(nh, G, c, m, rk, Fq), reuse)
                         s0 += m
                     z = torch.view_as_real(w).view(nh, G, c, width, 2 * Fq)
