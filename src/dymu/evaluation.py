@@ -32,28 +32,27 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
 def resolve_pretrained(pretrained: Any) -> Path:
-    """A local checkpoint folder, or a hub name's snapshot (downloaded, or from the cache with HF_HUB_OFFLINE=1).
-
-    (:func:`dymu.vlm.load_llava` reads local folders only.)
-    """
+    """A local checkpoint folder (made absolute: a later change of folder does not move it), or a hub name's
+    snapshot (downloaded, or from the cache with HF_HUB_OFFLINE=1)."""
     if pretrained is None or str(pretrained) == "":
         raise ValueError("pass the checkpoint: pretrained=<LLaVA-1.5 folder or hub name>")
-    path = Path(str(pretrained)).expanduser()
+    path = Path(str(pretrained)).expanduser().absolute()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path}: expected a llava-hf or original LLaVA-1.5 checkpoint folder")
         return path
     text = str(pretrained)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    from dymu.hub import is_hub_name, unavailable
+
+    if is_hub_name(text):
         try:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(text, ignore_patterns=["*.msgpack", "*.h5", "*.ot", "*.onnx"]))
         except Exception as err:  # offline, unknown repo, ...: say so, without the hub's traceback
-            raise FileNotFoundError(
-                f"checkpoint not found: {text!r} is not a folder and could not be fetched from the Hugging Face hub "
-                f"({type(err).__name__}: {err})"
-            ) from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            hint = "or pass the checkpoint's local folder instead"
+            raise unavailable(text, f"checkpoint not found: {text!r} is not a folder", hint, f"{type(err).__name__}: {first}") from None
     raise FileNotFoundError(f"checkpoint not found: {path} (expected a LLaVA-1.5 folder or a hub name)")
 
 

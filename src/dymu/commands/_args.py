@@ -121,10 +121,18 @@ def load_vlm_from_args(args: argparse.Namespace, model: str | None = None):
 
 
 def checkpoint_model_type(path: str) -> str | None:
-    """``model_type`` of a local checkpoint folder's config.json (None for anything else: hub names, files)."""
+    """``model_type`` of a checkpoint folder's or hub repository's config.json (None for anything else, or where
+    the repository cannot be had: the loader then says why)."""
     import json
 
+    from dymu.hub import hub_file, is_hub_name
+
     config = Path(path) / "config.json"
+    if is_hub_name(path):
+        try:
+            config = hub_file(path, "config.json", what=path, local_hint="")
+        except FileNotFoundError:
+            return None
     if not config.is_file():
         return None
     try:

@@ -5,7 +5,9 @@ Token counts are patch tokens (CLS excluded), as in the DyMU names ("72out" = 72
 is given), a transformers folder or hub name of a CLIP / SigLIP / DINOv2 vision model, an installed weights
 name (dinov2-small, see `dymu weights`), or open_clip:MODEL[:PRETRAINED]. --thresholds is a checkpoint file
 (dymu .safetensors or the authors' .pth) or a DyMU name. The checkpoint folder is $DYMU_CHECKPOINT_DIR if set,
-else ./checkpoints/threshold_checkpoints, and then the checkpoints shipped with dymu (the DINOv2-S ones).
+else ./checkpoints/threshold_checkpoints, then the checkpoints shipped with dymu (the DINOv2-S ones), then (the
+authors' encoders) the authors' hub repository ($DYMU_HUB_REPO, default mikewang/DyMU; file layout
+$DYMU_HUB_FILES), cached by huggingface_hub (HF_HUB_OFFLINE=1: the cache only).
 
 Budget control on top of the stored thresholds: --threshold-offset adds a constant to every layer's threshold
 (> 0 keeps more tokens, < 0 fewer); --token-budget K picks the offset that makes these images keep K tokens on

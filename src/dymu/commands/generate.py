@@ -1,10 +1,12 @@
 """Answer a question about an image with LLaVA-1.5 or LLaVA-OneVision + DyMU and report the visual tokens kept.
 
-MODEL is a llava-hf LLaVA-1.5 or LLaVA-OneVision folder (a "dymu" block in its config.json turns DyMU on;
+MODEL is a llava-hf LLaVA-1.5 or LLaVA-OneVision folder or hub name (as from_pretrained takes it: the Hugging
+Face cache, HF_HUB_OFFLINE=1 for the cache only; a "dymu" block in its config.json turns DyMU on;
 `dymu convert-onevision` writes one into a OneVision checkpoint) or an original LLaVA-1.5 folder
 (mm_vision_tower naming a DyMU tower such as ViT-L-14-336-tome-72out turns DyMU on). --thresholds turns it on
 for any checkpoint. A DyMU name's thresholds are looked up in $DYMU_CHECKPOINT_DIR if set, else in
-./checkpoints/threshold_checkpoints, then among dymu's own. For OneVision the visual tokens of an image are
+./checkpoints/threshold_checkpoints, then among dymu's own, then (the authors' encoders) in the authors' hub
+repository ($DYMU_HUB_REPO, default mikewang/DyMU; file layout $DYMU_HUB_FILES, see docs/encoders.md). For OneVision the visual tokens of an image are
 what the LLM receives (merged tokens of the base crop and its anyres tiles, plus the row newlines), next to
 the stock count, and --token-budget counts tokens per crop (the K of siglip-so400m-patch14-384-<K>out).
 
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dymu.commands._args import int_at_least, positive_float
 
     parser.add_argument(
-        "--model", required=True, help="llava-hf LLaVA-1.5 / LLaVA-OneVision or original LLaVA-1.5 checkpoint folder"
+        "--model", required=True,
+        help="llava-hf LLaVA-1.5 / LLaVA-OneVision or original LLaVA-1.5 checkpoint: a folder or a hub name",
     )
     parser.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
     parser.add_argument(
@@ -49,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="target mean visual tokens per image (OneVision: per crop), calibrated on the given images; needs thresholds",
     )
     parser.add_argument("--no-dymu", action="store_true", help="run the stock model (for comparison)")
-    parser.add_argument("--vision-tower", help="where to load an original checkpoint's CLIP tower from (overrides mm_vision_tower)")
+    parser.add_argument(
+        "--vision-tower", help="where to load an original checkpoint's CLIP tower from, a folder or hub name (overrides mm_vision_tower)"
+    )
     parser.add_argument(
         "--downsample", choices=["nearest", "error"],
         help="OneVision: images the stock model downsamples (past anyres_max_N); default: config's, else nearest",

@@ -21,7 +21,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders.names import DyMUName, is_dymu_name, parse_dymu_name
+from dymu.encoders.names import (
+    KNOWN_BASES,
+    DyMUName,
+    bare_encoder_error,
+    did_you_mean,
+    is_dymu_name,
+    known_dymu_names,
+    parse_dymu_name,
+)
+from dymu.hub import explain, is_hub_name
 
 
 @dataclass
@@ -48,12 +57,15 @@ def load_encoder(
             raise ValueError(f"{spec}: no default weights for {dymu.base.identity}; pass the encoder with --weights")
         if is_dymu_name(source) and not Path(source).exists():
             raise ValueError(f"weights {source!r} must be a model folder, hub name or open_clip:..., not a DyMU name")
-        loaded = _load(source, num_layers=dymu.base.num_layers)
+        hint = f"or pass a local copy of {source} with --weights FOLDER (library: load_encoder(name, weights=FOLDER))"
+        loaded = _load(source, num_layers=dymu.base.num_layers, hint=hint)
         loaded.dymu = dymu
         if dymu.base.image_size is not None:  # DINOv2: the name fixes the input side
             from dymu.data import SquashResize
 
             loaded.preprocess = SquashResize.like(loaded.preprocess, dymu.base.image_size)
+    elif spec.endswith("-tome") and bare_encoder_error(spec) is not None and not Path(spec).exists():
+        raise bare_encoder_error(spec)  # the authors' OneVision spelling, without the count
     elif weights is not None:
         raise ValueError("--weights is only used with a DyMU name as --model")
     else:
@@ -71,13 +83,13 @@ def load_encoder(
     return loaded
 
 
-def _load(spec: str, *, num_layers: int | None = None) -> LoadedEncoder:
+def _load(spec: str, *, num_layers: int | None = None, hint: str | None = None) -> LoadedEncoder:
     if spec.startswith("open_clip:"):
         return _load_open_clip(spec.removeprefix("open_clip:"), num_layers)
-    return _load_hf(spec, num_layers)
+    return _load_hf(spec, num_layers, hint or "or pass a local folder of the model (--model FOLDER)")
 
 
-def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
+def _load_hf(spec: str, num_layers: int | None, hint: str) -> LoadedEncoder:
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
     from dymu import weights as dymu_weights
@@ -85,12 +97,17 @@ def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
     if spec in dymu_weights.REGISTRY:  # an installed weights name (FileNotFoundError says how to install it)
         spec = str(dymu_weights.resolve(spec))
     local = Path(spec)
-    if not local.is_dir() and (local.is_absolute() or spec.startswith(".") or spec.count("/") != 1):
-        raise FileNotFoundError(f"model folder not found: {spec} (nor is it a hub name 'org/model')")
-    try:
-        config = AutoConfig.from_pretrained(spec)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot load a transformers config from {spec}: {err}") from err
+    if not local.is_dir() and not is_hub_name(spec):
+        known = [*dymu_weights.REGISTRY, *known_dymu_names(), *(b.hf_name for b in KNOWN_BASES.values() if b.hf_name)]
+        raise FileNotFoundError(
+            f"model folder not found: {local.absolute()}{did_you_mean(spec, known)} (nor is it a hub name "
+            "'org/model', a weights name or a DyMU name)"
+        )
+    with explain(spec, what=f"cannot load the encoder {spec}", local_hint=hint):  # a hub name: say how to get it
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except OSError as err:
+            raise FileNotFoundError(f"cannot load a transformers config from {spec}: {err}") from err
     kind = config.model_type
     classes = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
     classes |= {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel, "dinov2": Dinov2Model}
@@ -105,11 +122,12 @@ def _load_hf(spec: str, num_layers: int | None) -> LoadedEncoder:
         vision = getattr(config, "vision_config", config)
         if vision.num_hidden_layers > num_layers:
             kwargs["num_hidden_layers"] = num_layers
-    try:
-        model = classes[kind].from_pretrained(spec, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(spec)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot load {spec}: {err}") from err
+    with explain(spec, what=f"cannot load the encoder {spec}", local_hint=hint):
+        try:
+            model = classes[kind].from_pretrained(spec, **kwargs)
+            processor = AutoImageProcessor.from_pretrained(spec)
+        except OSError as err:
+            raise FileNotFoundError(f"cannot load {spec}: {err}") from err
     from dymu.data import hf_transform
 
     # a folder is recorded by its absolute path, so a resumed run may name it differently

@@ -17,9 +17,11 @@ A *DyMU name* is an identity plus a token budget, in the authors' naming::
 :attr:`DyMUName.checkpoint_path` is where its thresholds are written by default
 (``checkpoints/threshold_checkpoints/<name>.safetensors`` under the current folder; the
 folder can be moved with the ``DYMU_CHECKPOINT_DIR`` environment variable), and
-:meth:`DyMUName.find_checkpoint` looks there first and then among the checkpoints shipped
+:meth:`DyMUName.find_checkpoint` looks there first, then among the checkpoints shipped
 inside the dymu package (:data:`PACKAGED_CHECKPOINT_DIR`, e.g. the DINOv2-S ones), so a
-name resolves outside the repository too.
+name resolves outside the repository too, and last in the authors' hub repository
+(:func:`hub_checkpoint`: ``DYMU_HUB_REPO``, default ``mikewang/DyMU``, for the authors' encoders; file
+layout ``DYMU_HUB_FILES``, default ``{name}.pth,threshold_checkpoints/{name}.pth``), cached by huggingface_hub.
 
 DINOv2 takes any input size, so its DyMU names carry the input side the thresholds were found at,
 ``<model identity>-<side>``: ``dinov2-small-224-tome-64out`` (and, for other DINOv2 shapes,
@@ -28,6 +30,7 @@ DINOv2 takes any input size, so its DyMU names carry the input side the threshol
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -154,7 +157,8 @@ def base_encoder(identity: str) -> BaseEncoder:
         known = ", ".join(sorted(KNOWN_BASES))
         hint = " (DINOv2 names carry the input side: dinov2-small-224)" if identity.startswith("dinov2") else ""
         raise ValueError(
-            f"unknown encoder {identity!r}; known: {known} (or '<clip|siglip>-<img>px-p<patch>-d<dim>'){hint}"
+            f"unknown encoder {identity!r}{did_you_mean(identity, [*KNOWN_BASES, *ALIASES], 0.6)}; known: {known} "
+            f"(or '<clip|siglip>-<img>px-p<patch>-d<dim>'){hint}"
         )
     img, patch = int(m["img"]), int(m["patch"])
     return BaseEncoder(identity, m["family"], (img // patch) ** 2, tome_infix=True)
@@ -199,16 +203,102 @@ class DyMUName:
                 path = folder / f"{self.name}{suffix}"
                 if path.is_file():
                     return path
-        raise FileNotFoundError(
+        missing = (
             f"no thresholds for {self.name} at {self.checkpoint_path} (or .pth; the folder is $DYMU_CHECKPOINT_DIR "
-            f"if set, else ./{DEFAULT_CHECKPOINT_DIR}) nor among dymu's own: run "
-            f"'dymu thresholds --model {self.name} --data IMAGES.json --image-dir DIR' or put the authors' "
-            f"checkpoint there"
+            f"if set, else ./{DEFAULT_CHECKPOINT_DIR}) nor among dymu's own"
         )
+        fix = (
+            f"run 'dymu thresholds --model {self.name} --data IMAGES.json --image-dir DIR', put the authors' "
+            f"checkpoint at {checkpoint_dir() / self.name}.pth, or pass a thresholds file"
+        )
+        found, tried = hub_checkpoint(self, what=missing, local_hint=fix)
+        if found is not None:
+            return found
+        near = did_you_mean(self.name, [n for n in known_dymu_names() if n != self.name])
+        raise FileNotFoundError(f"{missing}{tried}{near}: {fix}")
+
+    @property
+    def authors_spelling(self) -> str:
+        """The name as the authors spell their files (``-tome`` before the count for every encoder)."""
+        suffix = "" if self.schedule == "constant" else "-" + self.schedule.replace("_", "-")
+        return f"{self.base.identity}-tome-{self.out_tokens}out{suffix}"
 
 
 def checkpoint_dir() -> Path:
     return Path(os.environ.get("DYMU_CHECKPOINT_DIR", DEFAULT_CHECKPOINT_DIR))
+
+
+AUTHORS_HUB_REPO = "mikewang/DyMU"
+"""The authors' hub repository of threshold checkpoints (its file layout is not verified here: configurable)."""
+AUTHORS_HUB_FILES = ("{name}.pth", "threshold_checkpoints/{name}.pth")
+"""Where a name's ``.pth`` may sit in that repository; the first found wins."""
+AUTHORS_ENCODERS = ("ViT-L-14-336", "siglip-so400m-patch14-384")
+"""Encoders the authors published thresholds for: only their names are looked up in the default repository."""
+AUTHORS_NAMES = tuple(f"ViT-L-14-336-tome-{k}out" for k in (72, 192, 384, 480)) + tuple(
+    f"siglip-so400m-patch14-384-tome-{k}out" for k in (81, 162, 324)
+)
+"""The authors' names for their published thresholds (for suggestions; the hub decides what exists)."""
+
+
+def hub_checkpoint(name: DyMUName, *, what: str, local_hint: str) -> tuple[Path | None, str]:
+    """The thresholds of ``name`` from the hub repository ``$DYMU_HUB_REPO`` (default :data:`AUTHORS_HUB_REPO`,
+    consulted for the authors' encoders only; an explicit repository for every name; empty: never), at the
+    first of ``$DYMU_HUB_FILES`` (comma-separated, ``{name}`` replaced by the name as given and as the authors
+    spell it; default :data:`AUTHORS_HUB_FILES`). Returns (path or None, a note on what was tried)."""
+    repo = os.environ.get("DYMU_HUB_REPO")
+    if repo is None:
+        repo = AUTHORS_HUB_REPO if name.base.identity in AUTHORS_ENCODERS else ""
+    if not repo.strip():
+        return None, ""
+    patterns = [p.strip() for p in os.environ.get("DYMU_HUB_FILES", ",".join(AUTHORS_HUB_FILES)).split(",") if p.strip()]
+    spellings = dict.fromkeys((name.name, name.authors_spelling))
+    files = list(dict.fromkeys(p.format(name=n) for p in patterns for n in spellings))
+    from dymu.hub import find_hub_file
+
+    found = find_hub_file(repo.strip(), files, what=what, local_hint=local_hint)
+    return found, f", nor in hub repository {repo.strip()!r} ({', '.join(files)}; $DYMU_HUB_REPO, $DYMU_HUB_FILES)"
+
+
+def known_dymu_names() -> list[str]:
+    """DyMU names with a checkpoint here (checkpoint folder, dymu's own) and the authors' published ones."""
+    found = [
+        p.stem for folder in dict.fromkeys((checkpoint_dir(), PACKAGED_CHECKPOINT_DIR)) if folder.is_dir()
+        for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".pth") and is_dymu_name(p.stem)
+    ]
+    return list(dict.fromkeys([*found, *AUTHORS_NAMES]))
+
+
+def did_you_mean(text: str, candidates: list[str], cutoff: float = 0.8) -> str:
+    """`` (did you mean A or B?)`` for the candidates closest to ``text`` (difflib), else ''."""
+    close = difflib.get_close_matches(text, candidates, n=3, cutoff=cutoff)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def bare_encoder_error(text: str) -> ValueError | None:
+    """The error for an encoder named without a token count where thresholds are needed (the authors' OneVision
+    spelling ``ViT-SO400M-14-SigLIP-384-tome``), else None."""
+    identity = canonical_identity(text)
+    if "/" in text or identity not in KNOWN_BASES:
+        return None
+    base = KNOWN_BASES[identity]
+    example = dymu_name(identity, {"ViT-L-14-336": 72, "siglip-so400m-patch14-384": 81}.get(identity, base.patch_tokens // 4))
+    return ValueError(
+        f"{text!r} names the encoder {identity} without a token count, so it says nothing about thresholds: give "
+        f"a DyMU name with the count K of patch tokens kept on average (e.g. {example}) or a thresholds file "
+        "(.safetensors, or the authors' .pth)"
+    )
+
+
+def thresholds_not_found(text: str) -> Exception:
+    """The error for a thresholds argument that is neither a file nor a DyMU name: a bare encoder name, a typo
+    of a known DyMU name (suggested), or a missing file."""
+    bare = bare_encoder_error(text)
+    if bare is not None:
+        return bare
+    return FileNotFoundError(
+        f"threshold checkpoint not found: {Path(text).absolute()}{did_you_mean(Path(text).name, known_dymu_names())} "
+        "(expected a .safetensors / .pth file or a DyMU name such as ViT-L-14-336-tome-72out)"
+    )
 
 
 def is_dymu_name(name: str) -> bool:
@@ -224,7 +314,14 @@ def parse_dymu_name(name: str) -> DyMUName:
             f"{name!r} is not a DyMU encoder name; expected '<encoder>[-tome]-<K>out[-linear|-reverse-linear]', "
             "e.g. ViT-L-14-336-tome-72out or siglip-so400m-patch14-384-256out"
         )
-    base = base_encoder(m["base"])
+    try:
+        base = base_encoder(m["base"])
+    except ValueError as err:  # suggest whole names: "ViT-L-14-363-tome-72out" -> "ViT-L-14-336-tome-72out"
+        rest = name[len(m["base"]) :]
+        close = difflib.get_close_matches(m["base"], [*KNOWN_BASES, *ALIASES], n=3, cutoff=0.6)
+        if not close:
+            raise
+        raise ValueError(f"{name}: did you mean {' or '.join(c + rest for c in close)}? ({err})") from None
     k = int(m["k"])
     if not 0 < k <= base.patch_tokens:
         raise ValueError(f"{name}: {k} output tokens is out of range for {base.identity} (1..{base.patch_tokens})")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from dymu.encoders import hf, hf_dinov2, timm_vit
 from dymu.encoders import open_clip as open_clip_adapter
 from dymu.encoders.base import DToMeRun, DToMeState, patched_modules, restore_class
-from dymu.encoders.names import canonical_identity, is_dymu_name, parse_dymu_name
+from dymu.encoders.names import canonical_identity, is_dymu_name, parse_dymu_name, thresholds_not_found
 from dymu.merge import Mode, TokenOrder
 from dymu.thresholds import ThresholdCheckpoint, finding_order, load_thresholds
 
@@ -131,7 +131,7 @@ def resolve_thresholds_path(thresholds: str | Path) -> Path:
     path = Path(thresholds)
     if path.is_file() or not is_dymu_name(str(thresholds)):
         if not path.is_file():
-            raise FileNotFoundError(f"threshold checkpoint not found: {path}")
+            raise thresholds_not_found(str(thresholds))  # a bare encoder name, a typo (suggested), a missing file
         return path
     return parse_dymu_name(str(thresholds)).find_checkpoint()
 

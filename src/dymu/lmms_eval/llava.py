@@ -34,12 +34,13 @@ also carries ``token_counts.input_tokens``: the tokens its prompt put into the l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
@@ -99,10 +100,39 @@ def parse_thresholds(value: Any, name: str = NAME) -> Any:
         return [float(v) for v in values]
     from dymu.encoders import resolve_thresholds_path
 
-    try:
-        return str(resolve_thresholds_path(text))
+    try:  # now, relative to the folder lmms-eval was started in (the error names the absolute path tried)
+        return str(resolve_thresholds_path(text).absolute())
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{name}: {err}") from None
+
+
+def loud_failure(init: Callable[..., None]) -> Callable[..., None]:
+    """Make a failed construction impossible to miss: lmms-eval 0.7.3 catches it, logs one line among many and
+    exits with status 0 (``--verbosity DEBUG``: re-raised, status 1). So print it framed on stderr too, once."""
+
+    @functools.wraps(init)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except Exception as err:
+            if not getattr(err, "_dymu_reported", False):
+                name = self.backend_name
+                message = str(err) if str(err).startswith(name) else f"{name}: {err}"
+                rule = "=" * 100
+                print(
+                    f"\n{rule}\n{name}: THE MODEL COULD NOT BE BUILT - nothing is evaluated, no results are written\n"
+                    f"{type(err).__name__}: {message}\n(lmms-eval logs this and still exits with status 0; with "
+                    f"--verbosity DEBUG it exits with status 1)\n{rule}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:
+                    err._dymu_reported = True  # type: ignore[attr-defined]
+                except AttributeError:
+                    pass
+            raise
+
+    return wrapped
 
 
 def _flatten(visuals: Any) -> list[Any]:
@@ -147,6 +177,7 @@ class DyMULlava(lmms):
     )
     budget_unit = "per image"  # what token_budget counts
 
+    @loud_failure
     def __init__(
         self,
         pretrained: str | None = None,
@@ -240,7 +271,7 @@ class DyMULlava(lmms):
         evaluation.ensure_chat_template(self.processor)
         self.max_new_tokens = int(max_new_tokens)
         self.loglikelihood_output = loglikelihood_output
-        self.tokens_path = Path(tokens_path) if tokens_path else None
+        self.tokens_path = Path(tokens_path).absolute() if tokens_path else None
         self.merging = dymu_vtu_mode(model) is not None and self._merging_on()
         self.settings["vtu"] = dymu_vtu_mode(model)
         self.settings["merging"] = self.merging

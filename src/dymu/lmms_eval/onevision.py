@@ -29,7 +29,7 @@ from typing import Any
 
 from dymu import evaluation
 from dymu.evaluation import Prompt
-from dymu.lmms_eval.llava import DyMULlava
+from dymu.lmms_eval.llava import DyMULlava, loud_failure
 from dymu.vlm.base import dymu_vtu_mode
 from dymu.vlm.onevision import VIDEO_MESSAGE
 
@@ -78,6 +78,7 @@ class DyMULlavaOneVision(DyMULlava):
     )
     budget_unit = "per crop"
 
+    @loud_failure
     def __init__(self, downsample: str | None = None, token_order: str | None = "batch", **kwargs: Any) -> None:
         if downsample not in (None, "", "nearest", "error"):
             raise ValueError(f"{NAME}: downsample={downsample!r}; expected nearest or error")

@@ -3,6 +3,9 @@ LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA
 ``model_type`` ``llava_onevision``, with an optional ``dymu`` block).
 
 * :func:`load` dispatches on the checkpoint's ``config.json`` to :func:`load_llava` or :func:`load_onevision`.
+* every loader takes a local folder or a hub name (``llava-hf/llava-1.5-7b-hf``), as ``from_pretrained`` does:
+  the Hugging Face cache, downloads, ``HF_HUB_OFFLINE``; a repository that cannot be had is named, with how to
+  point to a local folder instead (:mod:`dymu.hub`).
 * llava-hf format: ``config.json`` may hold a block
   ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}`` (OneVision: also
   ``"downsample": "nearest" | "error"``; ``dymu convert-onevision`` writes it).
@@ -35,6 +38,7 @@ from transformers import (
 )
 
 from dymu.encoders.names import is_dymu_name, parse_dymu_name
+from dymu.hub import explain, hub_file, is_hub_name
 from dymu.vlm.llava import DyMUSettings, enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
 from dymu.vtu import VTUMode
@@ -76,11 +80,28 @@ LLAVA_V1_TEMPLATE = (
 )
 
 
+LOCAL_HINT = "or pass the checkpoint's local folder instead (--model FOLDER; library: load('/path/to/folder'))"
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
-    config_file = Path(path) / "config.json"
+    """``config.json`` of a checkpoint folder or of a hub repository (cached, or downloaded unless offline)."""
+    if is_hub_name(path):
+        config_file = hub_file(str(path), "config.json", what=f"cannot load {path}", local_hint=LOCAL_HINT)
+    else:
+        config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}: expected a llava-hf or original LLaVA checkpoint folder")
+        where = Path(path).absolute()
+        raise FileNotFoundError(
+            f"no config.json in {where}: expected a llava-hf or original LLaVA checkpoint folder, or a hub name"
+        )
     return json.loads(config_file.read_text())
+
+
+def _tower_hint(tower: str) -> str:
+    return (
+        f"or pass a local copy of the CLIP tower {tower} with --vision-tower FOLDER "
+        "(library: vision_tower='/path/to/folder')"
+    )
 
 
 def is_original_llava(config: dict[str, Any]) -> bool:
@@ -127,7 +148,7 @@ def convert_original_llava(
     by default ``mm_vision_tower`` is used, or for a DyMU name its base encoder. Returns the model, the processor
     and the DyMU settings implied by ``mm_vision_tower`` (encoder set when it names a DyMU tower).
     """
-    path = Path(path)
+    path = path if is_hub_name(path) else Path(path)
     raw = read_config(path)
     if not is_original_llava(raw):
         raise ValueError(f"{path} is not an original LLaVA checkpoint (no mm_vision_tower in config.json)")
@@ -140,9 +161,11 @@ def convert_original_llava(
     tower_source = vision_tower or (dymu_name.hf_name if dymu_name else tower_name)
     if tower_source is None:
         raise ValueError(f"mm_vision_tower {tower_name!r} has no known weights: pass vision_tower=<folder or hub name>")
-    tower = CLIPVisionModel.from_pretrained(tower_source, dtype=torch_dtype)
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with explain(tower_source, what=f"cannot load the CLIP tower of {path} (mm_vision_tower)", local_hint=_tower_hint(tower_source)):
+        tower = CLIPVisionModel.from_pretrained(tower_source, dtype=torch_dtype)
+        base_processor = AutoImageProcessor.from_pretrained(tower_source)
+    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     added = [t for t in ("<image>", "<pad>") if t not in tokenizer.get_vocab()]
     if added:
         tokenizer.add_tokens(added, special_tokens=True)
@@ -162,9 +185,10 @@ def convert_original_llava(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, dtype=torch_dtype
-    )
+    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, dtype=torch_dtype
+        )
     model.model.vision_tower.load_state_dict(tower.state_dict())  # the tower is not in the original checkpoint
     # transformers records the key mapping and reverts it in save_pretrained; a converted model must save as llava-hf
     model.__dict__.pop("_weight_conversions", None)
@@ -173,7 +197,6 @@ def convert_original_llava(
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
 
-    base_processor = AutoImageProcessor.from_pretrained(tower_source)
     image_args = {
         k: v for k, v in base_processor.to_dict().items() if k not in ("image_processor_type", "processor_class", "_processor_class")
     }
@@ -218,8 +241,9 @@ def load_llava(
         model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
         settings = settings if settings.encoder is not None else None
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(path)
+        with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+            processor = AutoProcessor.from_pretrained(path)
         block = raw.get("dymu")
         settings = DyMUSettings.from_dict(block) if block is not None else None
     if dymu is False or (settings is None and thresholds is None and dymu is not True):
@@ -239,8 +263,13 @@ def _chosen_thresholds(path: str | Path, settings: DyMUSettings, thresholds: Any
     chosen = thresholds if thresholds is not None else settings.thresholds
     if chosen is None and settings.encoder is not None:
         chosen = parse_dymu_name(settings.encoder).find_checkpoint()
-    if isinstance(chosen, str) and not Path(chosen).is_absolute() and (Path(path) / chosen).is_file():
-        chosen = Path(path) / chosen  # a path in the dymu block is relative to the checkpoint folder
+    if isinstance(chosen, str) and not Path(chosen).is_absolute():
+        # a path in the dymu block is relative to the checkpoint folder (or repository)
+        if is_hub_name(path):
+            if thresholds is None and not is_dymu_name(chosen):
+                chosen = hub_file(str(path), chosen, what=f"cannot load the thresholds of {path}", local_hint=LOCAL_HINT)
+        elif (Path(path) / chosen).is_file():
+            chosen = Path(path) / chosen
     return chosen
 
 
@@ -271,8 +300,9 @@ def load_onevision(
         )
     block = raw.get("dymu")
     settings = DyMUSettings.from_dict(block, family="onevision") if block is not None else None  # before loading
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(path)
     if dymu is False or (settings is None and thresholds is None and dymu is not True):
         return model, processor
     settings = settings or DyMUSettings()
