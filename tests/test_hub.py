@@ -161,6 +161,7 @@ def test_vlm_loads_by_hub_name_offline(hub_llava, monkeypatch):
     assert model.dymu_last_counts[0] < 16  # the hub's thresholds merged
 
 
+@pytest.mark.slow
 def test_generate_cli_takes_hub_names_offline(hub_llava, hub, tmp_path):
     """A real run, as a user starts it: the environment variables only, from another folder."""
     image = tmp_path / "flat.png"

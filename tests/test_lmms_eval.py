@@ -274,6 +274,35 @@ def test_cli_logs_the_error_and_writes_no_results(work, monkeypatch, capsys):
     assert not glob.glob(str(out / "**" / "*_results.json"), recursive=True)
 
 
+def test_failed_construction_is_loud_and_paths_resolve_from_the_start_folder(work, monkeypatch, capsys, tmp_path):
+    """A relative thresholds= path run from another folder: lmms-eval still exits 0 (documented in
+    docs/easy_vqa_task.md), but the plugin frames the error on stderr naming the absolute path it tried; from the
+    right folder, paths are made absolute at construction."""
+    from lmms_eval.__main__ import cli_evaluate
+
+    from dymu.lmms_eval.llava import DyMULlava
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "out"
+    argv = _cli(work, out, f"pretrained={work['llava']},thresholds={work['thresholds'].name}")[3:]
+    argv[argv.index("DEBUG")] = "INFO"
+    monkeypatch.setattr(sys, "argv", ["lmms_eval", *argv])
+    capsys.readouterr()
+    cli_evaluate()  # returns normally: the process would exit with status 0
+    err = capsys.readouterr().err
+    assert "dymu_llava: THE MODEL COULD NOT BE BUILT - nothing is evaluated" in err, err
+    assert f"threshold checkpoint not found: {elsewhere / work['thresholds'].name}" in err, err
+    assert "exits with status 0" in err
+    assert not glob.glob(str(out / "**" / "*_results.json"), recursive=True)
+
+    monkeypatch.chdir(work["root"])
+    model = DyMULlava(pretrained=str(work["llava"]), thresholds=work["thresholds"].name, tokens_path="t.json", device="cpu")
+    assert model.settings["thresholds"] == str(work["thresholds"])
+    assert model.tokens_path == work["root"] / "t.json"
+
+
 # ---------------------------------------------------------------------------------------------- scripts on paper
 def _yaml_tasks() -> dict[str, str]:
     """Task name -> YAML text of every task shipped with the installed lmms-eval."""
