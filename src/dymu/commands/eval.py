@@ -26,7 +26,10 @@ HELP = "score LLaVA-1.5 + DyMU on a local JSON of image questions (exact / norma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="llava-hf or original LLaVA-1.5 checkpoint folder (or cached hub name)")
+    parser.add_argument(
+        "--model", required=True,
+        help="llava-hf or original LLaVA-1.5 checkpoint: a folder or a hub name (HF_HUB_OFFLINE=1: from the cache)",
+    )
     parser.add_argument("--data", required=True, help='JSON list of {"image", "question", "answer"} records')
     parser.add_argument("--image-dir", help="folder the image paths are relative to (default: the JSON file's folder)")
     parser.add_argument("--output", help="per-question results, JSONL (default: DATA's name + .dymu_eval.jsonl, in the current folder)")
