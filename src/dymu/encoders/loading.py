@@ -64,8 +64,8 @@ def load_encoder(
             from dymu.data import SquashResize
 
             loaded.preprocess = SquashResize.like(loaded.preprocess, dymu.base.image_size)
-    elif spec.endswith("-tome") and bare_encoder_error(spec) is not None and not Path(spec).exists():
-        raise bare_encoder_error(spec)  # the authors' OneVision spelling, without the count
+    elif spec.endswith("-tome") and not Path(spec).exists() and (bare := bare_encoder_error(spec)) is not None:
+        raise bare  # the authors' OneVision spelling of the tower, without the count
     elif weights is not None:
         raise ValueError("--weights is only used with a DyMU name as --model")
     else:
