@@ -97,6 +97,10 @@ def find_hub_file(repo: str, filenames: Sequence[str], *, what: str, local_hint:
 
 
 def _short(err: Exception, filename: str = "") -> str:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if offline() and isinstance(err, LocalEntryNotFoundError):
+        return ""  # "cannot find the requested files in the local cache": the message says so already
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     where = f"{filename}: " if filename else ""
     return f"{where}{type(err).__name__}: {first}"[:300]

@@ -107,6 +107,8 @@ def _load_hf(spec: str, num_layers: int | None, hint: str) -> LoadedEncoder:
         try:
             config = AutoConfig.from_pretrained(spec)
         except OSError as err:
+            if is_hub_name(spec):
+                raise  # explain says it
             raise FileNotFoundError(f"cannot load a transformers config from {spec}: {err}") from err
     kind = config.model_type
     classes = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
@@ -127,6 +129,8 @@ def _load_hf(spec: str, num_layers: int | None, hint: str) -> LoadedEncoder:
             model = classes[kind].from_pretrained(spec, **kwargs)
             processor = AutoImageProcessor.from_pretrained(spec)
         except OSError as err:
+            if is_hub_name(spec):
+                raise
             raise FileNotFoundError(f"cannot load {spec}: {err}") from err
     from dymu.data import hf_transform
 

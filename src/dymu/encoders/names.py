@@ -316,12 +316,16 @@ def parse_dymu_name(name: str) -> DyMUName:
         )
     try:
         base = base_encoder(m["base"])
-    except ValueError as err:  # suggest whole names: "ViT-L-14-363-tome-72out" -> "ViT-L-14-336-tome-72out"
+    except ValueError:  # suggest whole names: "ViT-L-14-363-tome-72out" -> "ViT-L-14-336-tome-72out"
         rest = name[len(m["base"]) :]
         close = difflib.get_close_matches(m["base"], [*KNOWN_BASES, *ALIASES], n=3, cutoff=0.6)
         if not close:
             raise
-        raise ValueError(f"{name}: did you mean {' or '.join(c + rest for c in close)}? ({err})") from None
+        known = ", ".join(sorted(KNOWN_BASES))
+        raise ValueError(
+            f"{name}: unknown encoder {m['base']!r}; did you mean {' or '.join(c + rest for c in close)}? "
+            f"(known encoders: {known})"
+        ) from None
     k = int(m["k"])
     if not 0 < k <= base.patch_tokens:
         raise ValueError(f"{name}: {k} output tokens is out of range for {base.identity} (1..{base.patch_tokens})")
