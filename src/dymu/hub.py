@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -56,7 +56,7 @@ def hub_file(repo: str, filename: str, *, what: str, local_hint: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo, filename))
-    except Exception as err:  # offline, no connection, unknown repository or file: one message, no hub traceback
+    except (OSError, ValueError) as err:  # offline, no connection, unknown repository or file: one message
         raise unavailable(repo, what, local_hint, _short(err, filename)) from None
 
 
@@ -91,7 +91,7 @@ def find_hub_file(repo: str, filenames: Sequence[str], *, what: str, local_hint:
             raise unavailable(repo, what, local_hint, _short(err, filename)) from None
         except EntryNotFoundError:
             continue  # the repository has no such file: try the next layout
-        except Exception as err:  # unknown repository, gated, HTTP errors
+        except (OSError, ValueError) as err:  # unknown repository, gated, HTTP errors (HfHubHTTPError)
             raise unavailable(repo, what, local_hint, _short(err, filename)) from None
     return None
 
