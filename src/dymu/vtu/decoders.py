@@ -12,9 +12,10 @@ What differs between families is only *whether* that hook is valid for a given m
   a family that was not checked, a decoder without RoPE, partial rotary dims, RoPE scaling whose
   angles are not plain ``position * inv_freq`` (YaRN, LongRoPE, ...), or a sliding window in use.
 
-Supported families: ``llama``, ``qwen2``, ``mistral`` (their attention modules share the contract
-VTU relies on: q/k rotated with ``rotate_half`` RoPE before the attention function is called, and
-``num_key_value_groups`` for GQA).
+Supported families: ``llama``, ``qwen2``, ``mistral``, and with M-RoPE the text models of Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL (their attention modules share the contract VTU relies on: q/k rotated with ``rotate_half`` RoPE before
+the attention function is called, and ``num_key_value_groups`` for GQA; Qwen3-VL's q/k norms act before RoPE, on
+merged tokens, so they need nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from dymu.vtu.mrope import MROPE_MODEL_TYPES
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -31,8 +34,8 @@ __all__ = [
     "check_vtu_support",
 ]
 
-#: ``config.model_type`` of the text decoders VTU was checked on.
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral")
+#: ``config.model_type`` of the text decoders VTU was checked on (the Qwen-VL ones use M-RoPE, :mod:`dymu.vtu.mrope`).
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "qwen2", "mistral") + MROPE_MODEL_TYPES
 
 #: RoPE types whose angles are ``position * inv_freq`` with no extra scaling of cos/sin, so that a
 #: rotated key can be re-rotated to another position by the angle difference alone.

@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from dymu.vtu.decoders import find_decoder
 from dymu.vtu.kernels import KERNELS
 from dymu.vtu.layout import Layout, VTUBatch
+from dymu.vtu.mrope import frequency_matrix, is_mrope, mrope_components
 
 __all__ = [
     "VTUMode",
@@ -91,16 +92,34 @@ class _RopeSource:
 
     Not an ``nn.Module``, so it is not registered as a sub-module (state dict and ``modules()`` stay
     stock); ``inv_freq`` is read at call time so ``model.to(...)`` and dynamic RoPE are followed.
+    M-RoPE (:mod:`dymu.vtu.mrope`): ``inv_freq`` is the ``[3, F]`` frequency matrix (built once per ``inv_freq``
+    tensor, so the kernels' per-call tables stay cached), and ``positions`` the M-RoPE position ids the rotary
+    embedding last received (recorded by a forward pre-hook, since attention functions never see them).
     """
 
-    __slots__ = ("rotary",)
+    __slots__ = ("rotary", "components", "positions", "hook", "_matrix")
 
     def __init__(self, rotary: nn.Module) -> None:
         self.rotary = rotary
+        self.components = mrope_components(rotary) if is_mrope(rotary) else None
+        self.positions: Tensor | None = None
+        self.hook = None
+        self._matrix: tuple[tuple, Tensor] | None = None
+        if self.components is not None:
+            self.hook = rotary.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
 
     @property
     def inv_freq(self) -> Tensor:
-        return self.rotary.inv_freq
+        inv_freq = self.rotary.inv_freq
+        if self.components is None:
+            return inv_freq
+        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.device)
+        if self._matrix is None or self._matrix[0] != key:
+            self._matrix = (key, frequency_matrix(inv_freq, self.components))
+        return self._matrix[1]
 
 
 _ROPE_ATTR = "_dymu_vtu_rope"
@@ -112,8 +131,37 @@ _HANDLE_ATTR = "_dymu_vtu"
 PROFILER_LABEL = "dymu::vtu_attention"
 
 
+def _check_mrope_positions(rope: _RopeSource, lay: Layout) -> None:
+    """Refuse to run when an M-RoPE model rotated q/k at other (t, h, w) positions than the VTU batch planned."""
+    if (rope.components is None) != (lay.expected_rope is None):
+        if rope.components is None:
+            raise ValueError("VTU: the batch has M-RoPE positions (prepare_vtu(positions=...)), but this decoder uses "
+                             "1-D RoPE; build the batch without positions")
+        raise ValueError("VTU: this decoder uses M-RoPE; give prepare_vtu the (3, N) position ids of every virtual "
+                         "position (positions=[...], e.g. get_rope_index on the unmerged sequence)")
+    if rope.components is None:
+        return
+    expected = lay.expected_rope.permute(2, 0, 1)  # [P, B, Sq]
+    pos = rope.positions
+    ok = pos is not None and pos.dim() == 3 and pos.shape[-1] == expected.shape[-1]
+    if ok:
+        pos = pos[-expected.shape[0]:] if pos.shape[0] > expected.shape[0] else pos
+        ok = bool(torch.equal(pos.to(expected.device).expand_as(expected), expected))
+    if not ok:
+        got = "none" if pos is None else f"{tuple(pos.shape)}: {pos[..., :1, :4].tolist()}"
+        raise ValueError(
+            f"VTU: the model's M-RoPE position ids do not match the VTU batch (expected {tuple(expected.shape)}: "
+            f"{expected[:, :1, :4].tolist()}, got {got}). Pass position_ids=batch.model_position_ids to "
+            "forward/generate; positions numbered from the merged slots would continue at M instead of the stock "
+            "positions."
+        )
+
+
 def _check_positions(module: nn.Module, kwargs: dict[str, Any], lay: Layout) -> None:
     """Refuse to run when the model rotated q/k at other positions than the VTU batch planned."""
+    rope = getattr(module, _ROPE_ATTR)
+    if rope.components is not None or lay.expected_rope is not None:
+        return _check_mrope_positions(rope, lay)
     pos = kwargs.get("position_ids")
     expected = lay.expected_positions
     ok = pos is not None and pos.shape[-1] == expected.shape[-1]
@@ -232,6 +280,9 @@ def enable_vtu(model: nn.Module, mode: VTUMode = "fast") -> nn.Module:
         )
     source = _RopeSource(info.rotary)
     for attn in info.attentions:
+        old = attn.__dict__.get(_ROPE_ATTR)
+        if old is not None and old.hook is not None:  # enabled again (another mode): one recording hook
+            old.hook.remove()
         setattr(attn, _ROPE_ATTR, source)
     setattr(model, _HANDLE_ATTR, _Handle(mode, previous or "sdpa", info.config_key))
     return model
@@ -245,6 +296,9 @@ def disable_vtu(model: nn.Module) -> nn.Module:
     _set_impl(model, handle.config_key, handle.previous)
     for module in model.modules():
         if _ROPE_ATTR in module.__dict__:
+            source = module.__dict__[_ROPE_ATTR]
+            if source.hook is not None:
+                source.hook.remove()  # one source is shared by all layers; removing twice is harmless
             delattr(module, _ROPE_ATTR)
     delattr(model, _HANDLE_ATTR)
     return model
@@ -270,7 +324,7 @@ def _model_inputs(batch: VTUBatch, kwargs: dict[str, Any]) -> dict[str, Any]:
         inputs = kwargs.get("input_ids")
     device = inputs.device if isinstance(inputs, Tensor) else batch.device
     kwargs["attention_mask"] = batch.attention_mask.to(device)
-    kwargs["position_ids"] = batch.position_ids.to(device)
+    kwargs["position_ids"] = batch.model_position_ids.to(device)
     return kwargs
 
 

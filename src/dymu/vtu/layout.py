@@ -20,8 +20,14 @@ __all__ = ["VTUBatch", "Layout", "concat_groups", "prepare_vtu", "pad_merged"]
 
 
 def rope_angles(shift: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin ``[..., F]`` of the pure RoPE angles ``shift * inv_freq`` (float32)."""
-    ang = shift[..., None].float() * inv_freq.float().to(shift.device)
+    """cos/sin ``[..., F]`` of the pure RoPE angles (float32).
+
+    1-D RoPE: ``shift [...]`` times ``inv_freq [F]``. Per-frequency positions (M-RoPE, :mod:`dymu.vtu.mrope`):
+    ``shift [..., P]`` (one shift per position component) times the frequency matrix ``inv_freq [P, F]``, which has
+    one nonzero per column, so each frequency turns by its own component's shift.
+    """
+    freqs = inv_freq.float().to(shift.device)
+    ang = shift[..., None].float() * freqs if freqs.dim() == 1 else shift.float() @ freqs
     return ang.cos(), ang.sin()
 
 
@@ -40,26 +46,30 @@ class Layout:
     """
 
     q_index: Tensor  # [B, Vq] long: column of `query` each virtual query row copies (0 where invalid)
-    q_shift: Tensor  # [B, Vq] float: virtual position − position the column was rotated at
+    q_shift: Tensor  # [B, Vq(, P)] float: virtual position − position the column was rotated at (per component)
     q_valid: Tensor  # [B, Vq] bool
     k_index: Tensor  # [B, Vk] long: column of `key`/`value` (the cache) each virtual key copies
-    k_shift: Tensor  # [B, Vk] float
+    k_shift: Tensor  # [B, Vk(, P)] float
     mask: Tensor  # [B, Vq, Vk] bool, True = may attend; invalid query rows attend everything (discarded)
     q_count: Tensor  # [B, Sq] float: virtual rows per query column (0 at padding)
     identity_q: bool  # every query column is exactly one virtual row, in order (decode)
     expected_positions: Tensor  # [B, Sq] long: the position_ids the model must have rotated q at
     prompt_index: Tensor  # [B, N_max] long
-    prompt_shift: Tensor  # [B, N_max] float
+    prompt_shift: Tensor  # [B, N_max(, P)] float
     m_max: int
     tables: dict  # the batch's cache of prompt cos/sin, shared by all layers and decode steps
     # what SDPA needs: (None, True) when `mask` is plain causal, (None, False) when it allows all
     sdpa_mask: Tensor | None = None
     sdpa_causal: bool = False
+    # M-RoPE: the (t, h, w, ...) positions [B, Sq, P] the model must have rotated q at (None for 1-D RoPE)
+    expected_rope: Tensor | None = None
     # what kernels derive from this layout once for all layers of the call (e.g. the exact path's slot plan)
     plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prompt_rotation(self, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin ``[B, 1, N_max, D/2]`` turning each prompt copy to its virtual position (cached)."""
+        """cos/sin ``[B, 1, N_max, D/2]`` turning each prompt copy to its virtual position (cached).
+
+        ``inv_freq``: ``[D/2]``, or the ``[P, D/2]`` frequency matrix of per-frequency positions (M-RoPE)."""
         key = (dtype, self.prompt_shift.device, inv_freq.data_ptr(), inv_freq._version)
         if key not in self.tables:
             self.tables.clear()
@@ -90,6 +100,10 @@ class VTUBatch:
         num_virtual: ``[B]`` long, ``N_b``.
         num_merged: ``[B]`` long, ``M_b``.
         padding_side: ``"left"`` (needed for ``generate``) or ``"right"`` (plain forward only).
+        rope_positions: M-RoPE only (``None`` for 1-D RoPE): ``[B, N_max, P]`` long, the RoPE position components
+            (``t, h, w``) of each column of the padded virtual layout, 0 at padding.
+        slot_rope_positions: M-RoPE only: ``[B, M_max, P]`` long, the components each merged slot is rotated at
+            (those of its representative virtual position), 0 at padding.
     """
 
     groups: tuple[Tensor, ...]
@@ -101,6 +115,8 @@ class VTUBatch:
     num_virtual: Tensor
     num_merged: Tensor
     padding_side: Literal["left", "right"] = "left"
+    rope_positions: Tensor | None = None
+    slot_rope_positions: Tensor | None = None
     # Host copies of N_b / M_b (no device sync when building layouts), the layout of the last call shape
     # (all layers of one call share it; decode steps move on) and the prompt cos/sin (see Layout.tables).
     _nv: tuple[int, ...] = field(default=(), repr=False, compare=False)
@@ -125,6 +141,19 @@ class VTUBatch:
     @property
     def device(self) -> torch.device:
         return self.position_ids.device
+
+    @property
+    def model_position_ids(self) -> Tensor:
+        """The ``position_ids`` to give the model's ``forward`` / ``generate``.
+
+        1-D RoPE: :attr:`position_ids` ``[B, M_max]``. M-RoPE: ``[1 + P, B, M_max]``, as stock ``generate`` builds
+        them for Qwen-VL: row 0 :attr:`position_ids` (the representative's index in the virtual sequence, the "text
+        position" the model passes to attention), then the :attr:`slot_rope_positions` components. ``generate``
+        continues every row at its last value + 1, which is where the stock model continues after the last token.
+        """
+        if self.slot_rope_positions is None:
+            return self.position_ids
+        return torch.cat([self.position_ids[None], self.slot_rope_positions.permute(2, 0, 1)])
 
     def merged_offsets(self) -> list[int]:
         """Index of each sequence's first real slot in the padded merged layout."""
@@ -172,10 +201,14 @@ class VTUBatch:
         def mv(t: Tensor) -> Tensor:
             return t.to(device)
 
+        def mv_opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return VTUBatch(
             tuple(mv(g) for g in self.groups), mv(self.position_ids), mv(self.attention_mask),
             mv(self.group_index), mv(self.virtual_positions), mv(self.group_sizes), mv(self.num_virtual),
-            mv(self.num_merged), self.padding_side, self._nv, self._nm,
+            mv(self.num_merged), self.padding_side, mv_opt(self.rope_positions), mv_opt(self.slot_rope_positions),
+            self._nv, self._nm,
         )
 
     def layout(self, query: Tensor, key: Tensor) -> Layout:
@@ -222,7 +255,13 @@ class VTUBatch:
         p_index = gi.clamp(min=0)
         p_vpos = self.virtual_positions.to(device)
         reps = self.position_ids.to(device)
-        p_shift = torch.where(p_valid, p_vpos - reps.gather(1, p_index), 0).float()
+        slot_rope = None if self.slot_rope_positions is None else self.slot_rope_positions.to(device)
+        if slot_rope is None:
+            p_shift = torch.where(p_valid, p_vpos - reps.gather(1, p_index), 0).float()
+        else:  # M-RoPE: one shift per position component
+            rep_rope = slot_rope.gather(1, p_index[..., None].expand(-1, -1, slot_rope.shape[2]))
+            p_shift = torch.where(p_valid[..., None], self.rope_positions.to(device) - rep_rope, 0).float()
+        trail = p_shift.shape[2:]  # (P,) for M-RoPE, () for 1-D
 
         unpadded = min(self._nv) == self.max_virtual  # then virtual column = virtual position
         if q_len == kv_len:  # prefill: queries and keys are the merged prompt
@@ -232,26 +271,32 @@ class VTUBatch:
                 q_index=p_index, q_shift=p_shift, q_valid=p_valid, k_index=p_index, k_shift=p_shift, mask=mask,
                 q_count=self.group_sizes.to(device).float(), identity_q=False, expected_positions=reps,
                 prompt_index=p_index, prompt_shift=p_shift, m_max=m_max, tables=self._tables,
-                sdpa_mask=None if unpadded else mask[:, None], sdpa_causal=unpadded,
+                sdpa_mask=None if unpadded else mask[:, None], sdpa_causal=unpadded, expected_rope=slot_rope,
             )
 
         # decode: the cache holds the merged prompt (M_max columns) then t generated tokens, each
-        # generated token i rotated at its own virtual position N_b + i (shift 0).
+        # generated token i rotated at its own virtual position N_b + i (shift 0); under M-RoPE at the last
+        # slot's components + 1 + i, where the stock model continues after the prompt's last token.
         t = kv_len - m_max
         n_b = self.num_virtual.to(device)[:, None]
         gen = torch.arange(t, device=device)
         k_index = torch.cat([p_index, (m_max + gen).expand(B, t)], 1)
-        k_shift = torch.cat([p_shift, torch.zeros(B, t, device=device)], 1)
+        k_shift = torch.cat([p_shift, torch.zeros(B, t, *trail, device=device)], 1)
         k_valid = torch.cat([p_valid, torch.ones(B, t, dtype=torch.bool, device=device)], 1)
         k_vpos = torch.cat([p_vpos, n_b + gen], 1)
         q_vpos = n_b + (t - q_len) + torch.arange(q_len, device=device)
         mask = (k_vpos[:, None, :] <= q_vpos[:, :, None]) & k_valid[:, None, :]
+        q_rope = None
+        if slot_rope is not None:
+            ends = torch.tensor([o + m - 1 for o, m in zip(self.merged_offsets(), self._nm)], device=device)
+            last = slot_rope[torch.arange(B, device=device), ends]  # [B, P]
+            q_rope = last[:, None, :] + 1 + (t - q_len) + torch.arange(q_len, device=device)[None, :, None]
         return Layout(
-            q_index=torch.arange(q_len, device=device).expand(B, q_len), q_shift=torch.zeros(B, q_len, device=device),
+            q_index=torch.arange(q_len, device=device).expand(B, q_len), q_shift=torch.zeros(B, q_len, *trail, device=device),
             q_valid=torch.ones(B, q_len, dtype=torch.bool, device=device), k_index=k_index, k_shift=k_shift, mask=mask,
             q_count=torch.ones(B, q_len, device=device), identity_q=True, expected_positions=q_vpos,
             prompt_index=p_index, prompt_shift=p_shift, m_max=m_max, tables=self._tables,
-            sdpa_mask=None if (unpadded and q_len == 1) else mask[:, None],
+            sdpa_mask=None if (unpadded and q_len == 1) else mask[:, None], expected_rope=q_rope,
         )
 
 
@@ -326,10 +371,31 @@ def _check_groups(b: int, g: Tensor, num_merged: int | None) -> int:
     return m
 
 
+def _check_rope_positions(positions: Sequence[Tensor], ns: list[int]) -> int:
+    """Validate per-sequence M-RoPE positions ``[P, N_b]`` and return ``P``."""
+    if len(positions) != len(ns):
+        raise ValueError(f"positions has {len(positions)} entries for {len(ns)} sequences")
+    comps = None
+    for b, (pos, n) in enumerate(zip(positions, ns)):
+        if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != n:
+            shape = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+            raise ValueError(
+                f"positions[{b}] must be a [P, N] LongTensor with N = {n} (the virtual length of groups[{b}]), "
+                f"e.g. the (3, N) M-RoPE ids of get_rope_index on the unmerged sequence; got {shape}"
+            )
+        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise ValueError(f"positions[{b}] must hold integer positions, got dtype {pos.dtype}")
+        if comps is not None and pos.shape[0] != comps:
+            raise ValueError(f"positions[{b}] has {pos.shape[0]} components, positions[0] {comps}")
+        comps = pos.shape[0]
+    return int(comps)
+
+
 def prepare_vtu(
     groups: Sequence[Tensor],
     padding_side: Literal["left", "right"] = "left",
     num_merged: Sequence[int] | None = None,
+    positions: Sequence[Tensor] | None = None,
 ) -> VTUBatch:
     """Lay out a batch of groupings for VTU.
 
@@ -339,6 +405,10 @@ def prepare_vtu(
         padding_side: ``"left"`` (what ``generate`` needs) or ``"right"`` (plain forward only).
         num_merged: optional ``M_b`` per sequence (e.g. the merged input lengths) to check the groups
             against; by default ``M_b = max(groups[b]) + 1``.
+        positions: M-RoPE decoders only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): per sequence the ``[P, N_b]`` RoPE
+            position components of every virtual position, as the stock model would rotate the unmerged sequence
+            (``get_rope_index`` on it: ``(t, h, w)`` per image patch, text after an image at ``start + max(H, W)``).
+            Each merged slot is rotated at its representative's components; VTU turns every copy to its own.
 
     Returns:
         A :class:`VTUBatch` on the device of the groups.
@@ -359,6 +429,11 @@ def prepare_vtu(
     ns = [int(g.numel()) for g in groups]
     B, m_max, n_max = len(groups), max(ms), max(ns)
     left = padding_side == "left"
+    comps = None if positions is None else _check_rope_positions(list(positions), ns)
+    rope_positions = slot_rope = None
+    if comps is not None:
+        rope_positions = torch.zeros(B, n_max, comps, dtype=torch.long, device=device)
+        slot_rope = torch.zeros(B, m_max, comps, dtype=torch.long, device=device)
 
     position_ids = torch.zeros(B, m_max, dtype=torch.long, device=device)
     attention_mask = torch.zeros(B, m_max, dtype=torch.long, device=device)
@@ -382,6 +457,10 @@ def prepare_vtu(
         group_sizes[b, mo : mo + m] = counts
         group_index[b, vo : vo + n] = g + mo
         virtual_positions[b, vo : vo + n] = torch.arange(n, device=device)
+        if positions is not None:
+            pos = positions[b].to(device=device, dtype=torch.long).T  # [N_b, P]
+            rope_positions[b, vo : vo + n] = pos
+            slot_rope[b, mo : mo + m] = pos[rep]
     return VTUBatch(
         groups=tuple(groups),
         position_ids=position_ids,
@@ -392,6 +471,8 @@ def prepare_vtu(
         num_virtual=torch.tensor(ns, dtype=torch.long, device=device),
         num_merged=torch.tensor(ms, dtype=torch.long, device=device),
         padding_side=padding_side,
+        rope_positions=rope_positions,
+        slot_rope_positions=slot_rope,
         _nv=tuple(ns),
         _nm=tuple(ms),
     )
