@@ -26,6 +26,7 @@ from transformers import (  # noqa: E402
 
 from dymu.vtu import (  # noqa: E402
     concat_groups,
+    output_cache,
     disable_vtu,
     enable_vtu,
     prepare_vtu,
@@ -109,9 +110,9 @@ def stock_sequence(model: nn.Module, gen: torch.Generator, images: int = 1, text
 
 
 def merged_case(model: nn.Module, gen: torch.Generator, images: int = 1):
-    """``(groups [N], positions [3, N], merged embeds [M, C], wrong positions [3, N])`` for VTU, from a stock
-    sequence. The wrong positions continue the text after each image at start + (its merged count) instead of
-    start + max(h, w): positions counted on the merged layout."""
+    """``(groups [N], positions [3, N], merged embeds [M, C], wrong positions [3, N], visual slots [M] bool)`` for
+    VTU, from a stock sequence. The wrong positions continue the text after each image at start + (its merged count)
+    instead of start + max(h, w): positions counted on the merged layout."""
     ids, types, _, positions, locals_ = stock_sequence(model, gen, images)
     parts: list = []
     wrong = positions.clone()
@@ -127,7 +128,9 @@ def merged_case(model: nn.Module, gen: torch.Generator, images: int = 1):
         span = int(positions[1:, end - count:end].max() - positions[0, end - count]) + 1  # max(h, w)
         wrong[:, end:] += int(local.max()) + 1 - span
     groups = concat_groups(parts)
-    return groups, positions, torch.randn(int(groups.max()) + 1, HIDDEN, generator=gen), wrong
+    m = int(groups.max()) + 1
+    visual = torch.zeros(m, dtype=torch.bool).index_fill_(0, groups[types.bool()], True)
+    return groups, positions, torch.randn(m, HIDDEN, generator=gen), wrong, visual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,20 +139,25 @@ def merged_case(model: nn.Module, gen: torch.Generator, images: int = 1):
 
 
 @torch.no_grad()
-def reference_logits(model: nn.Module, embeds: torch.Tensor, groups: torch.Tensor, positions: torch.Tensor):
+def reference_logits(model: nn.Module, embeds: torch.Tensor, groups: torch.Tensor, positions: torch.Tensor,
+                     deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None):
     """VTU by definition: logits ``[M, V]`` of merged tokens ``embeds [M, C]`` with ``groups [N]`` at M-RoPE
-    ``positions [3, N]``: stock attention modules and stock M-RoPE cos/sin over the expanded sequence."""
+    ``positions [3, N]``: stock attention modules and stock M-RoPE cos/sin over the expanded sequence.
+    ``deepstack``: (visual slots [M] bool, features [K, C] per layer) added to the visual slots after those layers
+    (Qwen3-VL; a merged token's feature is its group's, so adding it to the token adds it to every copy)."""
     dec = model.model.language_model
     m, n = embeds.shape[0], groups.numel()
     sizes = torch.bincount(groups, minlength=m).float()[None, :, None]
     causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
     h = embeds[None]
     cos, sin = dec.rotary_emb(h, positions[:, None])  # [1, N, D]
-    for layer in dec.layers:
+    for i, layer in enumerate(dec.layers):
         x = layer.input_layernorm(h)[:, groups]  # expand: copy each merged token to its positions
         a, _ = layer.self_attn(hidden_states=x, attention_mask=causal, position_embeddings=(cos, sin))
         h = h + torch.zeros(1, m, a.shape[-1]).index_add_(1, groups, a) / sizes  # group mean (o_proj is linear)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if deepstack is not None and i < len(deepstack[1]):
+            h[:, deepstack[0]] += deepstack[1][i]
     return model.lm_head(dec.norm(h))[0]
 
 
@@ -198,9 +206,9 @@ def cases(model, layout: str, seed: int = 3):
     """``single``: one sequence with two images; ``padded``: three sequences of different virtual and merged
     lengths (one plain text), left-padded."""
     gen = torch.Generator().manual_seed(seed)
-    seqs = [merged_case(model, gen, images=2)]
+    seqs = [merged_case(model, gen, images=2)[:4]]
     if layout == "padded":
-        seqs.append(merged_case(model, gen, images=1))
+        seqs.append(merged_case(model, gen, images=1)[:4])
         n = min(set(range(3, 64)) - {s[0].numel() for s in seqs} - {s[2].shape[0] for s in seqs})
         text = torch.arange(n).expand(3, n)
         seqs.append((torch.arange(n), text, torch.randn(n, HIDDEN, generator=gen), text))
@@ -244,6 +252,46 @@ def test_decode_logits_equal_reference_every_step(models, kind, mode, layout):
         disable_vtu(model)
     assert float(err.max()) <= TOL, (kind, mode, layout, err.tolist())
     assert float(logits.abs().max()) > 1.0
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
+def test_cache_stays_at_merged_length(models, kind):
+    model = models[kind]
+    groups, positions, embeds, _ = cases(model, "single")
+    batch = prepare_vtu(groups, positions=positions)
+    enable_vtu(model, "fast")
+    try:
+        with torch.no_grad():
+            out = vtu_generate(model, batch, inputs_embeds=batch.pad(embeds), max_new_tokens=3, do_sample=False,
+                               pad_token_id=0, return_dict_in_generate=True)
+    finally:
+        disable_vtu(model)
+    assert batch.max_merged < batch.max_virtual
+    assert output_cache(out).get_seq_length() == batch.max_merged + 3 - 1  # merged prompt + tokens fed back
+
+
+def test_qwen3_deepstack_at_merged_slots(models):
+    """Qwen3-VL's text model adds DeepStack features at ``visual_pos_masks`` after its first layers: with VTU the
+    mask and the features are at merged length (one feature per merged visual token), and the logits equal the
+    definition with the features added to the merged tokens."""
+    model = models["qwen3_vl"]
+    dec = model.model.language_model
+    g, p, e, _, visual = merged_case(model, torch.Generator().manual_seed(4), images=2)
+    gen = torch.Generator().manual_seed(5)
+    features = [torch.randn(int(visual.sum()), HIDDEN, generator=gen) for _ in range(2)]
+    want = reference_logits(model, e, g, p, deepstack=(visual, features))
+    assert float((want - reference_logits(model, e, g, p)).abs().max()) > 100 * TOL  # the features matter
+    batch = prepare_vtu([g], positions=[p])
+    for mode in ("fast", "exact"):
+        enable_vtu(dec, mode)
+        try:
+            with torch.no_grad():
+                out = vtu_forward(dec, batch, inputs_embeds=batch.pad([e]), visual_pos_masks=batch.pad([visual]),
+                                  deepstack_visual_embeds=features)
+                got = model.lm_head(out.last_hidden_state)[0]
+        finally:
+            disable_vtu(dec)
+        assert float((got - want).abs().max()) <= TOL, mode
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
@@ -373,7 +421,7 @@ def test_comparison_catches_wrong_variants(models, variant, monkeypatch):
 def test_bad_positions_and_calls(models):
     model = models["qwen2_vl"]
     gen = torch.Generator().manual_seed(1)
-    g, p, e, _ = merged_case(model, gen)
+    g, p, e, *_ = merged_case(model, gen)
     with pytest.raises(ValueError, match=r"positions\[0\] must be a \[P, N\] LongTensor with N = "):
         prepare_vtu([g], positions=[p[:, 1:]])
     with pytest.raises(ValueError, match=r"positions has 2 entries for 1 sequences"):
