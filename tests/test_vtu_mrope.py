@@ -438,5 +438,21 @@ def test_bad_positions_and_calls(models):
                                pad_token_id=0)
         with pytest.raises(ValueError, match=r"uses M-RoPE; give prepare_vtu the \(3, N\) position ids"):
             vtu_forward(model, prepare_vtu([g]), inputs_embeds=batch.pad([e]))
+        with pytest.raises(ValueError, match=r"has 3 position components \(t, h, w\); the batch's positions have 2"):
+            vtu_forward(model, prepare_vtu([g], positions=[p[:2]]), inputs_embeds=batch.pad([e]))
+    finally:
+        disable_vtu(model)
+
+
+def test_one_dimensional_decoder_refuses_mrope_positions():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(**TEXT)).eval()
+    g = concat_groups([1, torch.tensor([0, 1, 0]), 1])
+    batch = prepare_vtu([g], positions=[torch.arange(5).expand(3, 5)])
+    enable_vtu(model, "fast")
+    try:
+        with pytest.raises(ValueError, match=r"batch has M-RoPE positions .* but this decoder uses 1-D RoPE"):
+            vtu_forward(model, batch, inputs_embeds=torch.randn(1, 4, HIDDEN))
     finally:
         disable_vtu(model)

@@ -1,4 +1,5 @@
-"""VTU — virtual token unmerging for RoPE decoders (Llama, Qwen2, Mistral in transformers 5).
+"""VTU — virtual token unmerging for RoPE decoders (Llama, Qwen2, Mistral; with M-RoPE the Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL text models, in transformers 5).
 
 After DToMe, an image is a handful of merged tokens instead of its full patch grid. VTU lets the
 language model act as if it saw the full *virtual* sequence ``M·e`` (every merged token copied back
@@ -16,6 +17,12 @@ MLP run only once per merged token. Per decoder layer:
   7B-shaped layer (CPU); the fast path's twin, and the decode kernel of both modes.
 
 Text tokens are groups of one, so a sequence without merged tokens is computed exactly as stock.
+
+M-RoPE (:mod:`dymu.vtu.mrope`): each virtual position has its own ``(t, h, w)`` position, given per sequence to
+``prepare_vtu(groups, positions=[pos [3, N_b]])`` (the stock ``get_rope_index`` of the *unmerged* sequence); every
+rotary frequency turns by its own component (chunked sections for Qwen2/2.5-VL, interleaved for Qwen3-VL, read
+from the stock rotary embedding). Pass ``position_ids=batch.model_position_ids`` (``[4, B, M_max]``, as stock
+``generate`` builds them).
 
 Interface
 ---------
@@ -90,6 +97,7 @@ from dymu.vtu.kernels import (
     vtu_attention_fast,
 )
 from dymu.vtu.layout import Layout, VTUBatch, concat_groups, pad_merged, prepare_vtu
+from dymu.vtu.mrope import MROPE_MODEL_TYPES, frequency_matrix, mrope_components
 
 # written out (not concatenated from the modules' __all__) so that static checkers see the re-exports
 __all__ = [
@@ -104,4 +112,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "DecoderInfo", "find_decoder", "check_vtu_support",
     # compat
     "CACHE_NAMES", "cache_kwarg", "output_cache",
+    # M-RoPE
+    "MROPE_MODEL_TYPES", "mrope_components", "frequency_matrix",
 ]

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from dymu.vtu.decoders import find_decoder
 from dymu.vtu.kernels import KERNELS
 from dymu.vtu.layout import Layout, VTUBatch
-from dymu.vtu.mrope import frequency_matrix, is_mrope, mrope_components
+from dymu.vtu.mrope import MROPE_COMPONENTS, frequency_matrix, is_mrope, mrope_components
 
 __all__ = [
     "VTUMode",
@@ -131,16 +131,22 @@ _HANDLE_ATTR = "_dymu_vtu"
 PROFILER_LABEL = "dymu::vtu_attention"
 
 
-def _check_mrope_positions(rope: _RopeSource, lay: Layout) -> None:
-    """Refuse to run when an M-RoPE model rotated q/k at other (t, h, w) positions than the VTU batch planned."""
-    if (rope.components is None) != (lay.expected_rope is None):
-        if rope.components is None:
-            raise ValueError("VTU: the batch has M-RoPE positions (prepare_vtu(positions=...)), but this decoder uses "
-                             "1-D RoPE; build the batch without positions")
+def _check_rope_kind(rope: _RopeSource, batch: VTUBatch) -> None:
+    """Refuse a batch whose positions do not fit the decoder's RoPE (1-D vs M-RoPE and its components)."""
+    comps = None if batch.slot_rope_positions is None else batch.slot_rope_positions.shape[-1]
+    if rope.components is None and comps is not None:
+        raise ValueError("VTU: the batch has M-RoPE positions (prepare_vtu(positions=...)), but this decoder uses "
+                         "1-D RoPE; build the batch without positions")
+    if rope.components is not None and comps is None:
         raise ValueError("VTU: this decoder uses M-RoPE; give prepare_vtu the (3, N) position ids of every virtual "
                          "position (positions=[...], e.g. get_rope_index on the unmerged sequence)")
-    if rope.components is None:
-        return
+    if rope.components is not None and comps != MROPE_COMPONENTS:
+        raise ValueError(f"VTU: this decoder's M-RoPE has {MROPE_COMPONENTS} position components (t, h, w); the "
+                         f"batch's positions have {comps} rows")
+
+
+def _check_mrope_positions(rope: _RopeSource, lay: Layout) -> None:
+    """Refuse to run when an M-RoPE model rotated q/k at other (t, h, w) positions than the VTU batch planned."""
     expected = lay.expected_rope.permute(2, 0, 1)  # [P, B, Sq]
     pos = rope.positions
     ok = pos is not None and pos.dim() == 3 and pos.shape[-1] == expected.shape[-1]
@@ -160,7 +166,7 @@ def _check_mrope_positions(rope: _RopeSource, lay: Layout) -> None:
 def _check_positions(module: nn.Module, kwargs: dict[str, Any], lay: Layout) -> None:
     """Refuse to run when the model rotated q/k at other positions than the VTU batch planned."""
     rope = getattr(module, _ROPE_ATTR)
-    if rope.components is not None or lay.expected_rope is not None:
+    if rope.components is not None:
         return _check_mrope_positions(rope, lay)
     pos = kwargs.get("position_ids")
     expected = lay.expected_positions
@@ -206,6 +212,7 @@ def _attention_function(mode: str) -> Callable[..., tuple[Tensor, None]]:
             )
         if kwargs.get("sliding_window") is not None:
             raise ValueError(f"VTU does not support sliding-window attention (sliding_window={kwargs['sliding_window']})")
+        _check_rope_kind(rope, batch)
         lay = batch.layout(query, key)
         if getattr(module, "layer_idx", 0) == 0:  # one check per forward is enough
             _check_positions(module, kwargs, lay)
@@ -257,7 +264,9 @@ def enable_vtu(model: nn.Module, mode: VTUMode = "fast") -> nn.Module:
     """Switch the text decoder of ``model`` to VTU attention (``"off"`` = :func:`disable_vtu`).
 
     Works on a ``*ForCausalLM``, a bare decoder model, or a VLM whose text model is Llama, Qwen2 or
-    Mistral; for a VLM only the text sub-config is switched, so the vision tower keeps its attention.
+    Mistral, or (M-RoPE) Qwen2-VL / Qwen2.5-VL / Qwen3-VL; for a VLM only the text sub-config is switched,
+    so the vision tower keeps its attention. On an M-RoPE decoder a forward pre-hook on its rotary embedding
+    records the position ids it is given (to check them against the batch); :func:`disable_vtu` removes it.
     Nothing changes until a :class:`VTUBatch` is supplied (by :func:`vtu_context` or ``vtu_batch=``).
 
     Returns:
@@ -329,7 +338,8 @@ def _model_inputs(batch: VTUBatch, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def vtu_forward(model: nn.Module, batch: VTUBatch, **kwargs: Any) -> Any:
-    """``model(**kwargs)`` with the batch's attention mask and position ids, inside :func:`vtu_context`.
+    """``model(**kwargs)`` with the batch's attention mask and position ids (:attr:`VTUBatch.model_position_ids`),
+    inside :func:`vtu_context`.
 
     Pass merged ``inputs_embeds``/``input_ids`` already padded with :meth:`VTUBatch.pad`.
     """

@@ -15,7 +15,9 @@ Common arguments:
     query: ``[B, H, Sq, D]`` rotated by the model at the slots' representative positions.
     key, value: ``[B, H_kv, S_kv, D]`` (the cache, GQA not repeated).
     lay: the call's layout (:meth:`VTUBatch.layout <dymu.vtu.layout.VTUBatch.layout>`).
-    inv_freq: ``[D/2]`` pure RoPE inverse frequencies (``rotate_half`` RoPE over the whole head).
+    inv_freq: ``[D/2]`` pure RoPE inverse frequencies (``rotate_half`` RoPE over the whole head), or for
+        per-frequency positions (M-RoPE) the ``[P, D/2]`` frequency matrix of :mod:`dymu.vtu.mrope`, with the
+        layout's shifts carrying a trailing component axis; the kernels are the same for both.
     scaling: the softmax scale; dropout: attention dropout probability.
 """
 

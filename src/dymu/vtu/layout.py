@@ -16,6 +16,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from dymu.vtu.mrope import check_positions
+
 __all__ = ["VTUBatch", "Layout", "concat_groups", "prepare_vtu", "pad_merged"]
 
 
@@ -371,26 +373,6 @@ def _check_groups(b: int, g: Tensor, num_merged: int | None) -> int:
     return m
 
 
-def _check_rope_positions(positions: Sequence[Tensor], ns: list[int]) -> int:
-    """Validate per-sequence M-RoPE positions ``[P, N_b]`` and return ``P``."""
-    if len(positions) != len(ns):
-        raise ValueError(f"positions has {len(positions)} entries for {len(ns)} sequences")
-    comps = None
-    for b, (pos, n) in enumerate(zip(positions, ns)):
-        if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != n:
-            shape = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
-            raise ValueError(
-                f"positions[{b}] must be a [P, N] LongTensor with N = {n} (the virtual length of groups[{b}]), "
-                f"e.g. the (3, N) M-RoPE ids of get_rope_index on the unmerged sequence; got {shape}"
-            )
-        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
-            raise ValueError(f"positions[{b}] must hold integer positions, got dtype {pos.dtype}")
-        if comps is not None and pos.shape[0] != comps:
-            raise ValueError(f"positions[{b}] has {pos.shape[0]} components, positions[0] {comps}")
-        comps = pos.shape[0]
-    return int(comps)
-
-
 def prepare_vtu(
     groups: Sequence[Tensor],
     padding_side: Literal["left", "right"] = "left",
@@ -429,7 +411,7 @@ def prepare_vtu(
     ns = [int(g.numel()) for g in groups]
     B, m_max, n_max = len(groups), max(ms), max(ns)
     left = padding_side == "left"
-    comps = None if positions is None else _check_rope_positions(list(positions), ns)
+    comps = None if positions is None else check_positions(list(positions), ns)
     rope_positions = slot_rope = None
     if comps is not None:
         rope_positions = torch.zeros(B, n_max, comps, dtype=torch.long, device=device)

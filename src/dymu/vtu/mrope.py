@@ -16,9 +16,11 @@ installed transformers applies them.
 from __future__ import annotations
 
 import torch
+from typing import Sequence
+
 from torch import Tensor, nn
 
-__all__ = ["MROPE_MODEL_TYPES", "MROPE_COMPONENTS", "is_mrope", "mrope_components", "frequency_matrix"]
+__all__ = ["MROPE_MODEL_TYPES", "MROPE_COMPONENTS", "is_mrope", "mrope_components", "frequency_matrix", "check_positions"]
 
 #: ``model_type`` of the M-RoPE text decoders VTU was checked on.
 MROPE_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
@@ -58,3 +60,27 @@ def frequency_matrix(inv_freq: Tensor, components: Tensor, num_components: int =
     w = torch.zeros(num_components, inv_freq.numel(), dtype=torch.float32, device=inv_freq.device)
     w[components.to(inv_freq.device), torch.arange(inv_freq.numel(), device=inv_freq.device)] = inv_freq.float()
     return w
+
+
+def check_positions(positions: Sequence[Tensor], ns: Sequence[int]) -> int:
+    """Validate per-sequence position components ``[P, N_b]`` (``ns``: the virtual lengths ``N_b``); return ``P``.
+
+    Raises:
+        ValueError: a count, shape or dtype that does not fit, naming the sequence and what was expected.
+    """
+    if len(positions) != len(ns):
+        raise ValueError(f"positions has {len(positions)} entries for {len(ns)} sequences")
+    comps = None
+    for b, (pos, n) in enumerate(zip(positions, ns)):
+        if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[1] != n:
+            shape = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+            raise ValueError(
+                f"positions[{b}] must be a [P, N] LongTensor with N = {n} (the virtual length of groups[{b}]), "
+                f"e.g. the (3, N) M-RoPE ids of get_rope_index on the unmerged sequence; got {shape}"
+            )
+        if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise ValueError(f"positions[{b}] must hold integer positions, got dtype {pos.dtype}")
+        if comps is not None and pos.shape[0] != comps:
+            raise ValueError(f"positions[{b}] has {pos.shape[0]} components, positions[0] {comps}")
+        comps = pos.shape[0]
+    return int(comps)
