@@ -399,8 +399,8 @@ def test_comparison_catches_wrong_variants(models, variant, monkeypatch):
             if variant == "positions-from-merged-count":  # prefill right, every decode step of a merged row off
                 assert float(err[:, 0].max()) <= TOL
                 assert float(err[:2, 1:].min()) > 1000 * TOL, err.tolist()
-            else:
-                assert float(err[:2, 0].min()) > 1000 * TOL, err.tolist()
+            else:  # the chunked sections turn only some frequencies wrong: a smaller, still clear error
+                assert float(err[:2, 0].min()) > 100 * TOL, err.tolist()
         disable_vtu(model)
         for mode in ("fast", "exact"):  # the test itself fails
             if variant == "text-shifted-by-merged-length":
