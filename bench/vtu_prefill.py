@@ -18,6 +18,11 @@ over plain merged tokens goes, from one profiled run of each (self time of the m
 the attention — stock SDPA, or everything inside VTU's attention function, which by definition attends over
 the virtual sequence — and of the rest).
 
+``--family qwen2_5_vl`` times Qwen2.5-VL-7B-shaped text layers instead (hidden 3584, MLP 18944, 28 heads, 4 kv heads,
+M-RoPE with sections [16, 24, 24]): the image is a grid of LLM tokens as close to square as ``--visual`` allows, at
+the stock ``get_rope_index`` positions ``(s, s + row, s + col)``, text after it at ``s + max(H, W)``; the plain merged
+tokens at consecutive positions.
+
 ``--merged 90 195 394`` times several merged counts in one run (~72out/192out/384out of CLIP
 ViT-L/14-336 with DToMe); the full prefill is timed once. Targets are printed next to the ratios
 (PASS/MISS, not asserted): VTU fast at ~90 visual tokens >= 3.5x faster than full; VTU fast <= 1.05x
@@ -50,16 +55,24 @@ from dymu.vtu import (  # noqa: E402
 )
 
 ROW_NAMES = ("full (stock sdpa)", "merged, no VTU", "VTU fast", "VTU exact")
+#: Default layer shapes per ``--family``.
+SHAPES = {
+    "llama": dict(hidden=4096, mlp=11008, heads=32, kv_heads=None),
+    "qwen2_5_vl": dict(hidden=3584, mlp=18944, heads=28, kv_heads=4),
+}
 FAST_KERNEL_DECODE = "VTU fast, fast-kernel step"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argument_parser("python -m bench.vtu_prefill", __doc__)
+    p.add_argument("--family", choices=tuple(SHAPES), default="llama",
+                   help="llama: Llama-2-7B-shaped layers, 1-D RoPE; qwen2_5_vl: Qwen2.5-VL-7B-shaped text layers, "
+                        "M-RoPE (default llama)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
-    p.add_argument("--mlp", type=int, default=11008, help="MLP intermediate size (default 11008)")
-    p.add_argument("--heads", type=int, default=32, help="attention heads (default 32)")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: = heads)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 4096; qwen2_5_vl 3584)")
+    p.add_argument("--mlp", type=int, default=None, help="MLP intermediate size (default 11008; qwen2_5_vl 18944)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 32; qwen2_5_vl 28)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: = heads; qwen2_5_vl 4)")
     p.add_argument("--visual", type=int, default=576, help="visual tokens before merging (default 576)")
     p.add_argument("--merged", type=int, nargs="+", default=[90],
                    help="visual tokens after merging; several values are timed in one run (default 90)")
@@ -75,6 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-exact", action="store_true", help="do not time the (slow) exact path")
     p.add_argument("--tiny", action="store_true", help="tiny smoke shapes (for tests): overrides sizes")
     args = p.parse_args(argv)
+    for name, value in SHAPES[args.family].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.tiny:
         args.layers, args.hidden, args.mlp, args.heads, args.kv_heads = 1, 64, 128, 4, 2
         args.visual, args.text, args.repeats, args.warmup = 48, 8, 1, 1
@@ -84,6 +100,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not 1 <= merged <= args.visual:
             p.error(f"--merged must be in 1..--visual ({args.visual}), got {merged}")
     return args
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """``(H, W)`` with ``H * W == n`` and ``H <= W`` as close as possible (an image of ``n`` LLM tokens)."""
+    h = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+    return h, n // h
+
+
+def mrope_positions(before: int, n_visual: int, after: int) -> torch.Tensor:
+    """``[3, N]`` stock M-RoPE positions of text, one ``H x W`` image (:func:`grid_shape`), text."""
+    h, w = grid_shape(n_visual)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    image = torch.stack([torch.zeros(h * w, dtype=torch.long), rows.flatten(), cols.flatten()]) + before
+    text_after = torch.arange(after) + before + max(h, w)
+    return torch.cat([torch.arange(before).expand(3, -1), image, text_after.expand(3, -1)], 1)
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random decoder layers of ``args.family``'s shape (only shapes matter for time)."""
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=32,
+                 max_position_embeddings=4096)
+    if args.family == "llama":
+        from transformers import LlamaConfig, LlamaModel
+
+        config, model_cls = LlamaConfig(**shape), LlamaModel
+    else:
+        from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+        half = args.hidden // args.heads // 2  # rotary frequencies: t, h, w sections in Qwen2.5-VL's 16:24:24
+        section = [half // 4, (half - half // 4) // 2]
+        section.append(half - sum(section))
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        config, model_cls = Qwen2_5_VLTextConfig(**shape, rope_parameters=rope), Qwen2_5_VLTextModel
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        return model_cls(config).to(dtype).eval()
 
 
 def visual_groups(n_visual: int, n_merged: int, generator: torch.Generator) -> torch.Tensor:
@@ -111,8 +164,6 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int, device: tor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transformers import LlamaConfig, LlamaModel
-
     global CLOCK
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -125,25 +176,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
-    config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=32,
-        max_position_embeddings=4096,
-    )
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = LlamaModel(config).to(dtype).eval()
+    model = build_model(args, device, dtype)
+    mrope = args.family != "llama"
     cache_name = cache_kwarg(model)  # "cache" from transformers 5.24 on, "past_key_values" before
 
     before = min(8, args.text)
     n_virtual = before + args.visual + args.text - before
     full = torch.randn(1, n_virtual, args.hidden, generator=gen).to(device, dtype)
+    # RoPE positions of the full sequence ([1, N]; M-RoPE [3, 1, N]) and where decoding continues
+    positions = mrope_positions(before, args.visual, args.text - before) if mrope else torch.arange(n_virtual)[None]
+    full_positions = positions[:, None].to(device) if mrope else positions.to(device)
+    # stock generate continues every component at the last token's + 1 (an image's last patch, if it ends the prompt)
+    next_positions = (positions[..., -1:] + 1).to(device)
+    next_positions = next_positions[:, None] if mrope else next_positions
+
+    def at(position_ids: torch.Tensor) -> torch.Tensor:
+        """1-D positions ``[1, S]`` as the model takes them (M-RoPE: the same in all 3 components)."""
+        return position_ids[None].expand(3, -1, -1) if mrope else position_ids
 
     def run(embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
         with torch.inference_mode():
             return model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=True)
 
-    def decode_step(out, position: int, cache_len: int) -> Callable[[], object]:
+    def decode_step(out, position_ids: torch.Tensor, cache_len: int) -> Callable[[], object]:
         """One decode step on top of a prefill's cache (cropped back after each run, so runs are alike)."""
         token = torch.randn(1, 1, args.hidden, generator=gen).to(device, dtype)
         cache = output_cache(out)
@@ -151,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def step():
             with torch.inference_mode():
                 res = model(inputs_embeds=token, **{cache_name: cache}, use_cache=True,
-                            position_ids=torch.tensor([[position]], device=device),
+                            position_ids=position_ids,
                             attention_mask=torch.ones(1, cache_len + 1, dtype=torch.long, device=device))
             cache.crop(-1)  # drop the step's token again
             return res
@@ -175,32 +230,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # every prefill config, then timed in interleaved rounds (the drift of a shared machine hits all alike)
     prefills: dict[tuple[int, str], tuple[Callable[[], None], Callable[[], object]]] = {
-        (0, "full"): (mode("off"), lambda: run(full, torch.arange(n_virtual, device=device)[None], ones_full)),
+        (0, "full"): (mode("off"), lambda: run(full, full_positions, ones_full)),
     }
     plan: list[tuple[int, int, object]] = []  # (visual merged, merged tokens, VTU batch)
     modes = ("fast",) if args.skip_exact else ("fast", "exact")
     for visual_merged in args.merged:
         groups = concat_groups([before, visual_groups(args.visual, visual_merged, gen), args.text - before])
         n_merged = int(groups.max()) + 1
-        batch = prepare_vtu([groups.to(device)])
+        batch = prepare_vtu([groups.to(device)], positions=[positions.to(device)] if mrope else None)
         # merged inputs: each slot is the mean of its members (as DToMe's size-weighted merge does)
         merged = torch.zeros(1, n_merged, args.hidden, device=device, dtype=dtype).index_add_(1, groups.to(device), full)
         merged = merged / torch.bincount(groups, minlength=n_merged).to(device, dtype)[None, :, None]
         ones_merged = torch.ones(1, n_merged, dtype=torch.long, device=device)
         prefills[(visual_merged, "merged")] = (
-            mode("off"), lambda m=merged, o=ones_merged, n=n_merged: run(m, torch.arange(n, device=device)[None], o))
+            mode("off"), lambda m=merged, o=ones_merged, n=n_merged: run(m, at(torch.arange(n, device=device)[None]), o))
         for name in modes:
             prefills[(visual_merged, name)] = (
-                mode(name), in_context(batch, lambda m=merged, b=batch: run(m, b.position_ids, b.attention_mask)))
+                mode(name), in_context(batch, lambda m=merged, b=batch: run(m, b.model_position_ids, b.attention_mask)))
         plan.append((visual_merged, n_merged, batch))
     prefill_times, outs = interleaved(prefills, args.repeats, args.warmup, device)
     # one decode step on each prefill's cache, interleaved the same way
-    steps = {(0, "full"): (mode("off"), decode_step(outs[(0, "full")], n_virtual, n_virtual))}
+    steps = {(0, "full"): (mode("off"), decode_step(outs[(0, "full")], next_positions, n_virtual))}
     for visual_merged, n_merged, batch in plan:
-        steps[(visual_merged, "merged")] = (mode("off"), decode_step(outs[(visual_merged, "merged")], n_merged,
-                                                                     n_merged))
+        steps[(visual_merged, "merged")] = (mode("off"), decode_step(
+            outs[(visual_merged, "merged")], at(torch.tensor([[n_merged]], device=device)), n_merged))
         for name in modes:
-            step = decode_step(outs[(visual_merged, name)], n_virtual, n_merged)
+            step = decode_step(outs[(visual_merged, name)], next_positions, n_merged)
             steps[(visual_merged, name)] = (mode(name), in_context(batch, step))
             if name == "fast":  # the fast kernel at decode too (dymu decodes fast mode the exact way)
                 steps[(visual_merged, "fast-kernel")] = (mode("fast", decode_with_exact=False), in_context(batch, step))
@@ -234,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode("off")()
 
     print(
-        f"VTU prefill benchmark: {args.layers} decoder layer(s), hidden {args.hidden}, MLP {args.mlp}, "
+        f"VTU prefill benchmark ({args.family}): {args.layers} decoder layer(s), hidden {args.hidden}, MLP {args.mlp}, "
         f"{args.heads} heads ({args.kv_heads} kv), {args.dtype} on {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.clock} clock"
     )

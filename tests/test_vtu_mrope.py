@@ -456,3 +456,23 @@ def test_one_dimensional_decoder_refuses_mrope_positions():
             vtu_forward(model, batch, inputs_embeds=torch.randn(1, 4, HIDDEN))
     finally:
         disable_vtu(model)
+
+
+def test_benchmark_tiny_mrope_runs(capsys, monkeypatch):
+    """``python -m bench.vtu_prefill --tiny --family qwen2_5_vl``: every row, a merged-length cache and fast ≈ exact
+    (no timing assertions)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    sys.modules.pop("bench.vtu_prefill", None)
+    from bench import vtu_prefill
+
+    assert vtu_prefill.main(["--tiny", "--family", "qwen2_5_vl"]) == 0
+    out = capsys.readouterr().out
+    assert "(qwen2_5_vl)" in out
+    rows = dict(re.findall(r"^(full \(stock sdpa\)|merged, no VTU|VTU fast|VTU exact)\s+\d+\s+\S+\s+\S+\s+(\d+)", out, re.M))
+    assert len(rows) == 4 and all(int(rows[n]) < int(rows["full (stock sdpa)"]) for n in rows if not n.startswith("full"))
+    check = re.search(r"max \|fast - exact\| on the last hidden state = (\S+)", out)
+    assert check and float(check.group(1)) < 1e-3

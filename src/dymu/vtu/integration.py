@@ -118,7 +118,8 @@ class _RopeSource:
             return inv_freq
         key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.device)
         if self._matrix is None or self._matrix[0] != key:
-            self._matrix = (key, frequency_matrix(inv_freq, self.components))
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: the kernels key tables by _version
+                self._matrix = (key, frequency_matrix(inv_freq, self.components))
         return self._matrix[1]
 
 
