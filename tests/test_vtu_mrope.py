@@ -84,10 +84,12 @@ def models() -> dict[str, nn.Module]:
 # ---------------------------------------------------------------------------------------------
 
 
-def stock_sequence(model: nn.Module, gen: torch.Generator, images: int = 1, text_first: int | None = None):
+def stock_sequence(model: nn.Module, gen: torch.Generator, images: int = 1, text_first: int | None = None,
+                   image_last: bool = False):
     """``(input_ids [N], mm_token_type_ids [N], image_grid_thw [I, 3], positions [3, N], local group maps)`` of one
-    unmerged sequence: images of h x w LLM tokens (h != w, so max(h, w) is neither h*w nor the merged count), the
-    positions from the stock ``get_rope_index``, each image's tokens merged into random non-contiguous groups."""
+    unmerged sequence: images of h x w LLM tokens (h != w, so the text after one resumes at max(h, w), not at h*w),
+    the positions from the stock ``get_rope_index``, each image's tokens merged into random non-contiguous groups.
+    ``image_last``: the prompt ends with the last image (decoding then continues at its last patch + 1)."""
     first = int(torch.randint(1, 4, (1,), generator=gen)) if text_first is None else text_first
     ids = [torch.randint(0, 90, (first,), generator=gen)]
     grids, locals_ = [], []
@@ -98,22 +100,22 @@ def stock_sequence(model: nn.Module, gen: torch.Generator, images: int = 1, text
         k = int(torch.randint(1, n // 2 + 2, (1,), generator=gen))
         local = torch.randint(0, k, (n,), generator=gen)
         local[torch.randperm(n, generator=gen)[:k]] = torch.arange(k)
-        ids += [torch.full((n,), IMAGE), torch.randint(0, 90, (int(torch.randint(1, 4, (1,), generator=gen)),),
-                                                       generator=gen)]
+        after = int(torch.randint(1, 4, (1,), generator=gen))
+        ids += [torch.full((n,), IMAGE), torch.randint(0, 90, (after,), generator=gen)]
         grids.append([1, 2 * h, 2 * w])  # the patch grid; the LLM sees it merged 2 x 2
         locals_.append(local)
-    ids = torch.cat(ids)
+    ids = torch.cat(ids[:-1] if image_last else ids)
     types = (ids == IMAGE).int()
     grid = torch.tensor(grids)
     positions, _ = model.model.get_rope_index(ids[None], types[None], image_grid_thw=grid)
     return ids, types, grid, positions[:, 0], locals_
 
 
-def merged_case(model: nn.Module, gen: torch.Generator, images: int = 1):
+def merged_case(model: nn.Module, gen: torch.Generator, images: int = 1, image_last: bool = False):
     """``(groups [N], positions [3, N], merged embeds [M, C], wrong positions [3, N], visual slots [M] bool)`` for
     VTU, from a stock sequence. The wrong positions continue the text after each image at start + (its merged count)
     instead of start + max(h, w): positions counted on the merged layout."""
-    ids, types, _, positions, locals_ = stock_sequence(model, gen, images)
+    ids, types, _, positions, locals_ = stock_sequence(model, gen, images, image_last=image_last)
     parts: list = []
     wrong = positions.clone()
     runs = torch.unique_consecutive(types, return_counts=True)
@@ -204,11 +206,11 @@ def maxdiff(a, b) -> float:
 
 def cases(model, layout: str, seed: int = 3):
     """``single``: one sequence with two images; ``padded``: three sequences of different virtual and merged
-    lengths (one plain text), left-padded."""
+    lengths (one ending with an image, one plain text), left-padded."""
     gen = torch.Generator().manual_seed(seed)
     seqs = [merged_case(model, gen, images=2)[:4]]
     if layout == "padded":
-        seqs.append(merged_case(model, gen, images=1)[:4])
+        seqs.append(merged_case(model, gen, images=1, image_last=True)[:4])
         n = min(set(range(3, 64)) - {s[0].numel() for s in seqs} - {s[2].shape[0] for s in seqs})
         text = torch.arange(n).expand(3, n)
         seqs.append((torch.arange(n), text, torch.randn(n, HIDDEN, generator=gen), text))
@@ -324,10 +326,10 @@ def test_fast_exact_batch_and_one_by_one_agree(models, kind):
 def test_identity_groups_equal_stock_generate(kind):
     """Nothing merged: VTU's prefill and decode logits equal stock ``generate`` on the token ids with
     ``image_grid_thw`` and ``mm_token_type_ids`` (which builds the M-RoPE positions and their decode
-    continuation itself), for a left-padded batch of two."""
+    continuation itself), for a left-padded batch of two (one prompt ends with an image)."""
     model = make_model(kind)
     gen = torch.Generator().manual_seed(11)
-    seqs = [stock_sequence(model, gen, images=i, text_first=2 + i) for i in (1, 2)]
+    seqs = [stock_sequence(model, gen, images=i, text_first=2 + i, image_last=i == 1) for i in (1, 2)]
     n = max(s[0].numel() for s in seqs)
     pad = lambda x, v: torch.stack([torch.cat([x_.new_full((n - x_.numel(),), v), x_]) for x_ in x])  # noqa: E731
     ids, types = pad([s[0] for s in seqs], 0), pad([s[1] for s in seqs], 0)
