@@ -242,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         merged = torch.zeros(1, n_merged, args.hidden, device=device, dtype=dtype).index_add_(1, groups.to(device), full)
         merged = merged / torch.bincount(groups, minlength=n_merged).to(device, dtype)[None, :, None]
         ones_merged = torch.ones(1, n_merged, dtype=torch.long, device=device)
+        merged_positions = at(torch.arange(n_merged, device=device)[None])
         prefills[(visual_merged, "merged")] = (
-            mode("off"), lambda m=merged, o=ones_merged, n=n_merged: run(m, at(torch.arange(n, device=device)[None]), o))
+            mode("off"), lambda m=merged, o=ones_merged, pos=merged_positions: run(m, pos, o))
         for name in modes:
             prefills[(visual_merged, name)] = (
                 mode(name), in_context(batch, lambda m=merged, b=batch: run(m, b.model_position_ids, b.attention_mask)))

@@ -294,7 +294,8 @@ class VTUBatch:
             last = slot_rope[torch.arange(B, device=device), ends]  # [B, P]
             q_rope = last[:, None, :] + 1 + (t - q_len) + torch.arange(q_len, device=device)[None, :, None]
         return Layout(
-            q_index=torch.arange(q_len, device=device).expand(B, q_len), q_shift=torch.zeros(B, q_len, *trail, device=device),
+            q_index=torch.arange(q_len, device=device).expand(B, q_len),
+            q_shift=torch.zeros(B, q_len, *trail, device=device),
             q_valid=torch.ones(B, q_len, dtype=torch.bool, device=device), k_index=k_index, k_shift=k_shift, mask=mask,
             q_count=torch.ones(B, q_len, device=device), identity_q=True, expected_positions=q_vpos,
             prompt_index=p_index, prompt_shift=p_shift, m_max=m_max, tables=self._tables,

@@ -20,7 +20,9 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["MROPE_MODEL_TYPES", "MROPE_COMPONENTS", "is_mrope", "mrope_components", "frequency_matrix", "check_positions"]
+__all__ = [
+    "MROPE_MODEL_TYPES", "MROPE_COMPONENTS", "is_mrope", "mrope_components", "frequency_matrix", "check_positions",
+]
 
 #: ``model_type`` of the M-RoPE text decoders VTU was checked on.
 MROPE_MODEL_TYPES: tuple[str, ...] = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
