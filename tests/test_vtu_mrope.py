@@ -297,15 +297,19 @@ def test_qwen3_deepstack_at_merged_slots(models):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
-def test_fast_exact_batch_and_one_by_one_agree(models, kind):
-    """Prefill logits of every merged token: fast == exact == the definition, batched (left and right padding)
-    == one by one; plain merged tokens at their representative positions (no VTU) are far off."""
+def test_fast_exact_batch_and_one_by_one_agree(models, kind, monkeypatch):
+    """Prefill logits of every merged token: fast (blocked CPU form and SDPA form) == exact == the definition,
+    batched (left and right padding) == one by one; plain merged tokens at their representative positions (no VTU)
+    are far off."""
+    from dymu.vtu import kernels
+
     model = models[kind]
     groups, positions, embeds, _ = cases(model, "padded", seed=5)
     refs = [reference_logits(model, e, g, p) for g, p, e in zip(groups, positions, embeds)]
     got = {}
-    for mode in ("fast", "exact"):
-        enable_vtu(model, mode)
+    for mode in ("fast", "fast sdpa", "exact"):
+        monkeypatch.setattr(kernels, "FAST_BLOCKED_ON_CPU", mode != "fast sdpa")
+        enable_vtu(model, mode.split()[0])
         try:
             got[mode] = vtu_logits(model, groups, positions, embeds)
             got[mode + " right"] = vtu_logits(model, groups, positions, embeds, padding_side="right")
@@ -314,6 +318,7 @@ def test_fast_exact_batch_and_one_by_one_agree(models, kind):
             disable_vtu(model)
     for name, logits in got.items():
         assert maxdiff(logits, refs) <= TOL, (name, maxdiff(logits, refs))
+    assert maxdiff(got["fast"], got["fast sdpa"]) > 0  # both forms ran
     # without VTU the merged tokens see each other at one position per slot: the comparison can tell
     batch = prepare_vtu(groups, positions=positions)
     with torch.no_grad():
