@@ -469,11 +469,9 @@ def test_benchmark_tiny_mrope_runs(capsys, monkeypatch):
     """``python -m bench.vtu_prefill --tiny --family qwen2_5_vl``: every row, a merged-length cache and fast ≈ exact
     (no timing assertions)."""
     import re
-    import sys
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    sys.modules.pop("bench.vtu_prefill", None)
     from bench import vtu_prefill
 
     assert vtu_prefill.main(["--tiny", "--family", "qwen2_5_vl"]) == 0
