@@ -357,6 +357,39 @@ def test_identity_groups_equal_stock_generate(kind):
         assert float((logits - stock_logits).abs().max()) <= TOL, (mode, float((logits - stock_logits).abs().max()))
 
 
+def test_forward_with_autograd_gives_the_definitions_gradients(monkeypatch):
+    """Outside torch.no_grad VTU with M-RoPE is differentiable: the gradients of the merged inputs and of a key
+    projection equal the definition's (Qwen3-VL, padded batch; fast blocked, fast SDPA, exact)."""
+    import dymu.vtu.kernels as kernels
+
+    model = make_model("qwen3_vl", seed=5)
+    groups, positions, embeds, _ = cases(model, "padded", seed=12)
+    gen = torch.Generator().manual_seed(13)
+    weights = [torch.randn(e.shape[0], VOCAB, generator=gen) for e in embeds]
+    k_proj = model.model.language_model.layers[0].self_attn.k_proj
+
+    def gradients(logits_of) -> list[torch.Tensor]:
+        model.zero_grad()
+        inputs = [e.clone().requires_grad_(True) for e in embeds]
+        loss = sum((logits * w).sum() for logits, w in zip(logits_of(inputs), weights))
+        loss.backward()
+        return [x.grad for x in inputs] + [k_proj.weight.grad.clone()]
+
+    with torch.enable_grad():
+        definition = reference_logits.__wrapped__  # without its no_grad
+        want = gradients(lambda xs: [definition(model, x, g, p) for x, g, p in zip(xs, groups, positions)])
+        got = {}
+        for name, blocked in (("fast", True), ("fast sdpa", False), ("exact", True)):
+            monkeypatch.setattr(kernels, "FAST_BLOCKED_ON_CPU", blocked)
+            enable_vtu(model, name.split()[0])
+            batch = prepare_vtu(groups, positions=positions)
+            got[name] = gradients(lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
+    disable_vtu(model)
+    scale = max(float(w.abs().max()) for w in want)
+    for name, grads in got.items():
+        assert maxdiff(grads, want) <= 1e-4 * scale, (name, maxdiff(grads, want), scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Deliberately wrong variants
 # ---------------------------------------------------------------------------------------------
