@@ -20,16 +20,18 @@ from dymu import __version__, commands
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written, and every option's default as "(default: X)" (argparse's
-    ArgumentDefaultsHelpFormatter, but silent for None / False and where the help already says it)."""
+    ArgumentDefaultsHelpFormatter, but silent for None, for flags and where the help already says it)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
+        said = text.lower()
         if (
             "%(default)" in text
-            or "(default" in text
+            or "(default" in said
+            or "default:" in said  # "default: 16" written by hand: not twice
             or default is None
-            or default is False  # store_true (0 is a real default: `is`, not `==`)
+            or action.nargs == 0  # a flag (store_true / store_false): "(default: True)" would mislead
             or default == argparse.SUPPRESS
             or not action.option_strings
         ):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,6 +39,14 @@ class ImageList:
     image_dir: Path
     json_path: Path | None = None
     without_image: int = 0  # records with no "image" key (text-only), skipped
+
+    def duplicates(self) -> dict[str, int]:
+        """Paths listed more than once, with how often (each listing is used: it weighs that image more)."""
+        counts: dict[str, int] = {}
+        for p in self.paths:
+            p = os.path.normpath(p)  # "a.png" and "./a.png" are one file
+            counts[p] = counts.get(p, 0) + 1
+        return {p: n for p, n in counts.items() if n > 1}
 
     def fingerprint(self) -> str:
         """A hash of the image dir and the relative paths, in order (resume refuses another list)."""
@@ -115,10 +125,11 @@ class ImageListDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Item:
+        path = self.images.image_dir / self.images.paths[index]
         try:
-            return Item(index, self.transform(load_image(self.images.image_dir / self.images.paths[index])))
+            return Item(index, self.transform(load_image(path)))
         except FileNotFoundError:
-            return Item(index, None, "missing")
+            return Item(index, None, f"dangling link to {os.readlink(path)}" if path.is_symlink() else "missing")
         except ValueError as err:
             return Item(index, None, f"unreadable: {err.__cause__!r}" if err.__cause__ else f"unreadable: {err}")
 
@@ -272,19 +283,57 @@ def to_rgb(img):
     return grey.convert("RGB")
 
 
+def has_alpha(img) -> bool:
+    """Whether ``img`` has an alpha channel or a transparent palette / colour entry."""
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+_alpha_reported = False
+
+
+def on_white(img, name: str = "an image"):
+    """``img`` composited on a white background (``convert("RGB")`` would keep the colour under transparent
+    pixels, often black); the first time in a process it says so (a warning)."""
+    global _alpha_reported
+    from PIL import Image
+
+    if not _alpha_reported:
+        _alpha_reported = True
+        warnings.warn(
+            f"{name} has an alpha channel: composited on white (said once; later images with alpha are treated "
+            "the same)",
+            stacklevel=3,
+        )
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _decode(img, name: str):
+    """Upright (EXIF orientation applied, as a photo viewer shows it) 8-bit RGB."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    return on_white(img, name) if has_alpha(img) else to_rgb(img)
+
+
 def load_image(image: "str | Path | object"):
     """A decoded RGB PIL image from a path (or a PIL image); FileNotFoundError / ValueError name the bad file.
 
-    16-bit greyscale and float images are scaled to 8 bits, not clipped (see :func:`to_rgb`).
+    The one image reader of dymu (finding, encode, generate, eval, the demo, the lmms-eval task): the EXIF
+    orientation is applied (a photo stored sideways is read upright), an alpha channel is composited on white
+    (said once), and 16-bit greyscale and float images are scaled to 8 bits, not clipped (see :func:`to_rgb`).
     """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return _decode(image, "an image")
     try:
         with Image.open(image) as img:
-            return to_rgb(img)  # forces decoding: truncated files fail here
+            return _decode(img, str(image))  # forces decoding: truncated files fail here
     except FileNotFoundError:
+        path = Path(image)
+        if path.is_symlink():
+            raise FileNotFoundError(f"image not found: {image} is a dangling link (to {os.readlink(path)})") from None
         raise FileNotFoundError(f"image not found: {image}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ValueError(f"cannot read image {image}: {type(err).__name__}: {err}") from err

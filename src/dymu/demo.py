@@ -115,7 +115,9 @@ def real_demo_images() -> dict[str, tuple[object, str]]:
     import easy_vqa
     from PIL import Image
 
-    flat = Image.open(easy_vqa.get_test_image_paths()[0]).convert("RGB")
+    from dymu.data import load_image
+
+    flat = load_image(easy_vqa.get_test_image_paths()[0])
     try:
         from skimage import data
 

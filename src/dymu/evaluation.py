@@ -466,7 +466,9 @@ def evaluate_questions(
         if not meta_path(output).is_file():
             raise ValueError(f"{output} exists but has no {meta_path(output).name}: not a dymu eval output; choose another --output")
         previous = json.loads(meta_path(output).read_text())
-        if previous != json.loads(json.dumps(meta)):
+        if previous != json.loads(json.dumps(meta)) and output.stat().st_size == 0:
+            meta_path(output).write_text(json.dumps(meta, indent=1))  # nothing was answered: nothing to protect
+        elif previous != json.loads(json.dumps(meta)):
             changed = sorted(k for k in set(previous) | set(meta) if previous.get(k) != json.loads(json.dumps(meta)).get(k))
             raise ValueError(
                 f"{output} was written by a run with other questions or settings ({', '.join(changed)} differ); "

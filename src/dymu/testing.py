@@ -162,13 +162,13 @@ def find_and_save_thresholds(tower: nn.Module, pixel_values: torch.Tensor, r_tot
 #: the prompt, exact match; log-likelihood as the metric of loglikelihood tasks)
 LMMS_TASK_UTILS = '''
 from pathlib import Path
-from PIL import Image
+from dymu.data import load_image
 
 HERE = Path(__file__).parent
 
 
 def doc_to_visual(doc):
-    return [Image.open(HERE / doc["image"]).convert("RGB")]
+    return [load_image(HERE / doc["image"])]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):

@@ -26,6 +26,8 @@ HELP = "score LLaVA-1.5 + DyMU on a local JSON of image questions (exact / norma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dymu.commands._args import int_at_least, positive_float
+
     parser.add_argument(
         "--model", required=True,
         help="llava-hf or original LLaVA-1.5 checkpoint: a folder or a hub name (HF_HUB_OFFLINE=1: from the cache)",
@@ -37,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vtu", choices=["fast", "exact", "off"], help="virtual token unmerging (default: config's, else fast)")
     parser.add_argument("--threshold-offset", type=float, help="added to every threshold: > 0 keeps more visual tokens")
     parser.add_argument(
-        "--token-budget", type=float,
+        "--token-budget", type=positive_float,
         help="target mean visual tokens per image, calibrated on the first --calibration-images readable images",
     )
-    parser.add_argument("--calibration-images", type=int, default=32, help="images for --token-budget (default: 32)")
+    parser.add_argument("--calibration-images", type=int_at_least(1), default=32, help="images for --token-budget")
     parser.add_argument(
         "--token-order", choices=["single", "authors", "batch", "raster"],
         help="DToMe token order (default: single — every image merged as the authors' code merges a lone image, "
@@ -48,14 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-dymu", action="store_true", help="run the stock model (the full-token baseline)")
     parser.add_argument("--vision-tower", help="where to load an original checkpoint's CLIP tower from")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default: 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="default: 16")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="questions per forward pass")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=16, help="tokens to generate per answer")
     parser.add_argument(
         "--prompt-suffix", default=None,
         help="appended to every question (default: LLaVA-1.5's '\\nAnswer the question using a single word or phrase.'; '' for none)",
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="default: float32")
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -64,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     from dymu.data import load_image
     from dymu.evaluation import SHORT_ANSWER, evaluate_questions, read_questions, resolve_pretrained, set_token_order
-    from dymu.commands._args import load_llava_from_args
+    from dymu.commands._args import check_writable_file, load_llava_from_args
     from dymu.vlm import dymu_vtu_mode
 
     if args.token_budget is not None and args.threshold_offset is not None:
         raise ValueError("give --token-budget or --threshold-offset, not both (the budget sets the offset)")
     questions, image_dir = read_questions(args.data, args.image_dir)
     output = Path(args.output) if args.output else Path(Path(args.data).stem + ".dymu_eval.jsonl")
+    check_writable_file(output, "--output")  # before the model load, not after it
     model, processor = load_llava_from_args(args, resolve_pretrained(args.model))
     token_order = set_token_order(model, args.token_order)
     settings = {

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             model_source=loaded.source,
         )
         if rank == 0:
-            print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image))
+            print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image, images.duplicates()))
     finally:
         import torch.distributed as dist
 
@@ -171,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(result, encoder: str, patches: int, counts: list[int], schedule: str, world: int, without_image: int) -> str:
+def _report(
+    result, encoder: str, patches: int, counts: list[int], schedule: str, world: int, without_image: int,
+    duplicates: dict[str, int],
+) -> str:
     lines = [
         f"encoder {encoder}: {len(counts)} layers, {schedule} schedule, r_total {sum(counts)} "
         f"(target {patches - sum(counts)} of {patches} patch tokens per image)",
@@ -181,6 +184,13 @@ def _report(result, encoder: str, patches: int, counts: list[int], schedule: str
     ]
     if without_image:
         lines.append(f"records without an image key (ignored): {without_image}")
+    if duplicates:
+        shown = ", ".join(f"{p} x{n}" for p, n in list(duplicates.items())[:10])
+        more = f", … {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        lines.append(
+            f"{sum(duplicates.values()) - len(duplicates)} list entries repeat an earlier one ({len(duplicates)} "
+            f"image(s) listed more than once: {shown}{more}); each entry was used, as listed"
+        )
     if result.skipped:
         shown = ", ".join(f"{p} ({why})" for p, why in result.skipped[:10])
         more = f", … {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""

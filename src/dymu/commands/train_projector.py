@@ -93,8 +93,9 @@ def cached_features(model: Any, processor: Any, image_ids: list[int], paths: dic
                     progress: bool = True) -> dict[int, Any]:
     """DINOv2 features of ``image_ids``, computed once and stored in ``cache`` (a torch file)."""
     import torch
-    from PIL import Image
     from tqdm import tqdm
+
+    from dymu.data import load_image
 
     stored: dict[int, Any] = torch.load(cache) if cache.exists() else {}
     missing = [i for i in image_ids if i not in stored]
@@ -102,7 +103,7 @@ def cached_features(model: Any, processor: Any, image_ids: list[int], paths: dic
         device = next(model.model.vision_tower.parameters()).device
         for start in tqdm(range(0, len(missing), 16), desc="DINOv2 features", disable=not progress):
             chunk = missing[start : start + 16]
-            images = [Image.open(paths[i]).convert("RGB") for i in chunk]
+            images = [load_image(paths[i]) for i in chunk]
             pv = processor.image_processor(images, return_tensors="pt").pixel_values.to(device)
             feats = image_features(model, pv).cpu()
             for i, f in zip(chunk, feats):

@@ -75,9 +75,9 @@ def process_docs_full(dataset: Any) -> Any:
 
 
 def doc_to_visual(doc: dict) -> list[Any]:
-    from PIL import Image
+    from dymu.data import load_image  # EXIF orientation, alpha: as every dymu entry point reads images
 
-    return [Image.open(doc["image"]).convert("RGB")]
+    return [load_image(doc["image"])]
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
