@@ -88,6 +88,35 @@ def chat_text(processor: Any, text: str, num_images: int) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The language model's context (``max_position_embeddings`` of the text config), None where unknown."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_context(model: nn.Module, inputs: Any, new_tokens: int = 1) -> None:
+    """Refuse, before generating, a prompt that leaves no room in the model's context for ``new_tokens``: it would
+    run for minutes past the positions the model was trained on and answer nothing useful. The length is the
+    processor's (placeholders expanded to the full image count): VTU gives the language model those positions,
+    merged or not."""
+    limit = context_length(model)
+    if limit is None:
+        return
+    ids = inputs["input_ids"]
+    lengths = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * len(ids)
+    for row, n in enumerate(lengths):
+        if n + new_tokens > limit:
+            image_id = getattr(model.config, "image_token_id", None)
+            images = int((ids[row] == image_id).sum()) if image_id is not None else 0
+            raise ValueError(
+                f"prompt {row + 1} is {int(n)} tokens with its image placeholders expanded ({images} image tokens, "
+                f"{int(n) - images} text tokens), but the language model's context is {limit} tokens "
+                "(max_position_embeddings): shorten the prompt"
+            )
+
+
 def _dymu_on(model: nn.Module) -> bool:
     from dymu.vlm.base import dymu_vtu_mode
 
@@ -191,6 +220,7 @@ def generate(
     tok = processor.tokenizer
     texts = [chat_text(processor, p.text, len(p.images)) for p in prompts]
     inputs = _encode_batch(model, processor, texts, prompts)
+    check_context(model, inputs)
     kwargs: dict[str, Any] = {
         "max_new_tokens": int(max_new_tokens),
         "do_sample": bool(do_sample),
@@ -253,6 +283,7 @@ def loglikelihood(
         full_texts.append(stripped + cont)
         lengths.append(n_full - n_ctx)
     inputs = _encode_batch(model, processor, full_texts, prompts)
+    check_context(model, inputs, new_tokens=0)
     keep = max(lengths) + 1
     logits = model(**inputs, logits_to_keep=keep).logits[:, -keep:].float()
     rows = _row_counts(model, prompts, inputs)

@@ -59,29 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-layer", action="store_true", help="also print the tokens after every layer")
     parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="device")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_token_order_argument(parser, default=None, help="token order after a merge (default: the checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
+
+    import torch
 
     import dymu
     from dymu.commands._args import checkpoint_model_type
-    from dymu.data import load_images
+    from dymu.data import load_image
     from dymu.encoders.loading import load_encoder
+    from dymu.encoders.names import is_dymu_name
+    from dymu.encoders.patching import resolve_thresholds_path
 
     if checkpoint_model_type(args.model) == "llava_onevision":
         return run_onevision(args)
     if args.layer is None:
         args.layer = -1
-    loaded = load_encoder(args.model, weights=args.weights, device=args.device)
-    thresholds = args.thresholds
-    if thresholds is None:
-        if loaded.dymu is None:
-            raise ValueError("give --thresholds (a checkpoint or DyMU name), or use a DyMU name as --model")
-        thresholds = loaded.dymu.name
-    pixel_values = load_images(args.images, loaded.preprocess)
+    # every check that needs no model comes before its load: images, thresholds
+    pil = [load_image(p) for p in args.images]
+    if args.thresholds is not None:
+        resolve_thresholds_path(args.thresholds)
+    elif is_dymu_name(args.model) and not Path(args.model).exists():
+        resolve_thresholds_path(args.model)
+    else:
+        raise ValueError("give --thresholds (a checkpoint or DyMU name), or use a DyMU name as --model")
+    dtype = getattr(torch, args.dtype)
+    loaded = load_encoder(args.model, weights=args.weights, device=args.device, dtype=dtype)
+    thresholds = args.thresholds if args.thresholds is not None else loaded.dymu.name
+    pixel_values = torch.stack([loaded.preprocess(img) for img in pil]).to(dtype)
     model = loaded.model
     state = dymu.patch(model, thresholds, threshold_offset=args.threshold_offset or 0.0, token_order=args.token_order)
     calibration = None
@@ -132,8 +143,11 @@ def run_onevision(args: argparse.Namespace) -> int:
     """``dymu encode`` on a LLaVA-OneVision folder: tokens per crop, and per image those the LLM receives."""
     import json
 
+    import torch
+
     import dymu
     from dymu.data import load_image
+    from dymu.encoders.patching import resolve_thresholds_path
     from dymu.vlm import load_onevision
     from dymu.vlm.base import enabled
     from dymu.vlm.loading import read_config
@@ -145,8 +159,12 @@ def run_onevision(args: argparse.Namespace) -> int:
         raise ValueError("--weights is only used with a DyMU name as --model (a OneVision folder holds its tower)")
     if args.per_layer:
         raise ValueError("--per-layer is not available for a LLaVA-OneVision checkpoint (give its vision tower instead)")
+    pil = [load_image(p) for p in args.images]  # before the model load
+    if args.thresholds is not None:
+        resolve_thresholds_path(args.thresholds)
     model, processor = load_onevision(
-        args.model, thresholds=args.thresholds, threshold_offset=args.threshold_offset, dymu=True
+        args.model, thresholds=args.thresholds, threshold_offset=args.threshold_offset, dymu=True,
+        torch_dtype=getattr(torch, args.dtype),
     )
     model.to(args.device)
     tower = model.model.vision_tower
@@ -155,7 +173,6 @@ def run_onevision(args: argparse.Namespace) -> int:
         raise ValueError(f"give --thresholds (a checkpoint or DyMU name): {args.model}'s dymu block names none")
     if args.token_order is not None:
         dymu.configure(tower, token_order=args.token_order)
-    pil = [load_image(p) for p in args.images]
     calibration = None
     if args.token_budget is not None:
         calibration = calibrate_token_budget(model, processor, pil, args.token_budget)

@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     import statistics
 
     from dymu.commands._args import load_vlm_from_args
+    from dymu.data import load_image
+    from dymu.encoders.patching import resolve_thresholds_path
 
     images, prompts = args.image, args.prompt
     if len(prompts) == 1:
@@ -97,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
                                 ("--threshold-offset", args.threshold_offset)) if v is not None]
         if given:
             raise ValueError(f"--no-dymu runs the stock model without merging: drop {' and '.join(given)}")
+    # checks that need no model, before its (long) load: the images, and --thresholds (a path or a DyMU name)
+    pil = [load_image(i) for i in images]
+    if args.thresholds is not None:
+        resolve_thresholds_path(args.thresholds)
     model, processor = load_vlm_from_args(args)
     onevision = _is_onevision(model)
     if args.token_budget is not None:
@@ -111,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
                 "--token-budget needs --thresholds (a threshold checkpoint or DyMU name), or a checkpoint whose "
                 f"config.json has a dymu block; {args.model} has none"
             )
-        offset = calibrate_token_budget(model, processor, images, args.token_budget)
+        offset = calibrate_token_budget(model, processor, pil, args.token_budget)
         unit = "per crop" if onevision else "per image"
         print(f"threshold offset for {args.token_budget:g} visual tokens {unit}: {offset:+.4f}")
-    results, stock = _answer_placed(model, processor, images, prompts, placed, max_new_tokens=args.max_new_tokens)
+    results, stock = _answer_placed(model, processor, pil, prompts, placed, max_new_tokens=args.max_new_tokens)
     for image, result, full in zip(images, results, stock):
         of = f" of {full}" if onevision else ""
         print(f"[{image}] ({result.visual_tokens}{of} visual tokens) {result.text}")
@@ -139,11 +145,11 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
     visual tokens the stock model would give the LLM."""
     import torch
 
-    from dymu.data import load_image
+    from dymu.evaluation import check_context
     from dymu.vlm.base import dymu_vtu_mode
     from dymu.vlm.llava import Answer, full_image_tokens
 
-    pil = [load_image(i) for i in images]
+    pil = list(images)  # PIL images, read before the model load
     texts = []
     for prompt, own in zip(prompts, placed):
         content = [{"type": "text", "text": prompt}]
@@ -154,6 +160,7 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
     inputs = processor(images=pil, text=texts, return_tensors="pt", padding=True).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    check_context(model, inputs)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
