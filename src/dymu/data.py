@@ -199,14 +199,36 @@ def batches(
     first: int = 0,
     num_workers: int = 0,
 ) -> Iterator[Batch]:
-    """Iterate this rank's :class:`Batch` of every global batch from ``first`` on (empty slices included)."""
+    """Iterate this rank's :class:`Batch` of every global batch from ``first`` on (empty slices included).
+
+    Loading workers ignore Ctrl-C and SIGTERM (a terminal sends them to the whole process group): the main process
+    alone stops, and closing this generator (or an exception in the loop that consumes it) shuts the workers down
+    at once, so an interrupted run prints nothing but its own message."""
     from torch.utils.data import DataLoader
 
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, first=first)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
-    for number, batch in enumerate(loader, start=first):
-        batch.number = number
-        yield batch
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
+    )
+    stream = iter(loader)
+    try:
+        for number, batch in enumerate(stream, start=first):
+            batch.number = number
+            yield batch
+    finally:
+        shutdown = getattr(stream, "_shutdown_workers", None)  # the multi-process iterator's own cleanup
+        if shutdown is not None:
+            shutdown()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker leaves SIGINT / SIGTERM to the main process, which shuts it down
+    (a worker exits by itself when the main process is gone)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def hf_transform(processor) -> Transform:

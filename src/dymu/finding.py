@@ -25,7 +25,9 @@ lists those that load now (start over to include them).
 
 from __future__ import annotations
 
+import functools
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 
 from dymu.data import ImageList, ImageListDataset, Transform, batches
 from dymu.merge import TokenOrder, select_top
-from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
+from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, output_lock, save_thresholds
 
 if TYPE_CHECKING:
     from dymu.encoders.base import DToMeState
@@ -105,6 +107,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _one_run_per_output(find: Callable[..., FindingResult]) -> Callable[..., FindingResult]:
+    """Hold :func:`dymu.thresholds.output_lock` on ``output`` (rank 0, which writes it) for the whole run: a second
+    run on the same output is refused instead of sharing its resume state."""
+
+    @functools.wraps(find)
+    def locked(*args, **kwargs) -> FindingResult:
+        output = kwargs.get("output")
+        with output_lock(output) if output is not None and dist_info()[0] == 0 else nullcontext():
+            return find(*args, **kwargs)
+
+    return locked
+
+
+@_one_run_per_output
 def find_thresholds(
     model: nn.Module,
     images: ImageList,
@@ -176,8 +192,9 @@ def find_thresholds(
         resumed_from = done
 
         bar = tqdm(total=num_batches, initial=done, disable=not progress or rank != 0, unit="batch", desc="thresholds")
+        stream = batches(dataset, batch_size, rank=rank, world_size=world, first=done, num_workers=num_workers)
         try:
-            for batch in batches(dataset, batch_size, rank=rank, world_size=world, first=done, num_workers=num_workers):
+            for batch in stream:
                 if max_batches is not None and batch.number >= max_batches:
                     break
                 n_local = len(batch.indices)
@@ -200,6 +217,7 @@ def find_thresholds(
                 if on_batch is not None:
                     on_batch(batch.number, running)
         finally:
+            stream.close()  # stops the loading workers now (Ctrl-C included), not when garbage-collected
             bar.close()
     finally:
         dymu.unpatch(model)

@@ -102,6 +102,7 @@ def _input_geometry(loaded, info) -> tuple[int, int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
     from pathlib import Path
 
     import torch
@@ -111,14 +112,20 @@ def run(args: argparse.Namespace) -> int:
     from dymu.encoders.loading import load_encoder
     from dymu.encoders.names import checkpoint_dir, dymu_name, is_dymu_name, parse_dymu_name
     from dymu.finding import find_thresholds, init_distributed
-    from dymu.thresholds import merge_schedule
+    from dymu.thresholds import merge_schedule, output_lock
 
-    if args.output:  # checked before the (possibly long) model load
-        _check_output(Path(args.output), args.overwrite)
+    known = None  # the output, where it is known before the (possibly long) model load
+    if args.output:
+        known = Path(args.output)
     elif is_dymu_name(args.model) and not Path(args.model).exists():
-        _check_output(parse_dymu_name(args.model).checkpoint_path, args.overwrite)
+        known = parse_dymu_name(args.model).checkpoint_path
+    if known is not None:
+        _check_output(known, args.overwrite)
     rank, world, device = init_distributed()
+    locks = ExitStack()  # one run per output: a second one is refused, not mixed into the same resume state
     try:
+        if known is not None and rank == 0:
+            locks.enter_context(output_lock(known))
         images = read_image_list(args.data, args.image_dir, max_images=args.max_images)
         loaded = load_encoder(args.model, weights=args.weights, device=args.device or device, dtype=getattr(torch, args.dtype))
         info = inspect_encoder(loaded.model)
@@ -145,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
                 _check_output(default_output, args.overwrite)
         counts = merge_schedule(schedule, r_total, info.num_layers)
         output = Path(args.output) if args.output else default_output
+        if rank == 0:
+            locks.enter_context(output_lock(output))  # (re-entrant where it is held already)
         result = find_thresholds(
             loaded.model,
             images,
@@ -166,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         import torch.distributed as dist
 
+        locks.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
