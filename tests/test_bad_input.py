@@ -516,3 +516,300 @@ def test_schedule_spellings_are_the_same_everywhere():
         extra = {"thresholds": ["--model", "m", "--data", "d.json"]}.get(name, [])
         args = parser.parse_args([name, *extra, "--schedule", "reverse-linear"])
         assert args.schedule == "reverse_linear"
+
+
+# ------------------------------------------------------------------ 9. issue 29: inputs, files, signals, early checks
+
+
+def _sideways_jpeg(path: Path) -> Path:
+    """A JPEG stored 320x80 (left half red, right half blue) with EXIF Orientation=6: shown 80x320, red on top."""
+    stored = Image.new("RGB", (320, 80), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 160, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(path, exif=exif, quality=95)
+    return path
+
+
+def _upright(img) -> None:
+    assert img.size == (80, 320), img.size
+    top, bottom = img.getpixel((40, 20)), img.getpixel((40, 300))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def test_exif_orientation_is_applied_by_every_reader(tmp_path):
+    from dymu.data import ImageListDataset, read_image_list
+    from dymu.lmms_eval.tasks.easy_vqa import utils as task_utils
+    from dymu.testing import LMMS_TASK_UTILS
+
+    path = _sideways_jpeg(tmp_path / "sideways.jpg")
+    with Image.open(path) as raw:
+        assert raw.size == (320, 80)  # as stored
+        _upright(load_image(raw))  # a PIL image handed to dymu
+    _upright(load_image(path))  # encode, generate, eval, the demo, train-projector
+    (tmp_path / "list.json").write_text(json.dumps([{"image": "sideways.jpg"}]))
+    _upright(ImageListDataset(read_image_list(tmp_path / "list.json"), lambda img: img)[0].pixel_values)  # finding
+    _upright(task_utils.doc_to_visual({"image": str(path)})[0])  # the easy-VQA lmms-eval task
+    scope: dict = {"__file__": str(tmp_path / "utils.py")}
+    exec(LMMS_TASK_UTILS, scope)  # the task utils the plugin tests write
+    _upright(scope["doc_to_visual"]({"image": "sideways.jpg"})[0])
+
+
+def test_alpha_is_composited_on_white_and_said_once(tmp_path, monkeypatch):
+    import dymu.data
+
+    monkeypatch.setattr(dymu.data, "_alpha_reported", False)
+    rgba = np.zeros((8, 8, 4), np.uint8)  # black, fully transparent ...
+    rgba[:4, :, :] = (0, 200, 0, 255)  # ... under an opaque green top half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    with pytest.warns(UserWarning, match=r"a\.png has an alpha channel: composited on white"):
+        img = load_image(tmp_path / "a.png")
+    assert img.mode == "RGB" and img.getpixel((1, 6)) == (255, 255, 255) and img.getpixel((1, 1)) == (0, 200, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert load_image(tmp_path / "a.png").getpixel((1, 6)) == (255, 255, 255)
+
+
+def test_dangling_link_is_named(clip, tmp_path, capsys, monkeypatch):
+    from dymu.data import ImageListDataset, read_image_list
+
+    link = tmp_path / "gone.png"
+    link.symlink_to(tmp_path / "moved" / "photo.png")
+    with pytest.raises(FileNotFoundError, match=r"gone\.png is a dangling link \(to .*moved/photo\.png\)"):
+        load_image(link)
+    (tmp_path / "list.json").write_text(json.dumps(["gone.png"]))
+    item = ImageListDataset(read_image_list(tmp_path / "list.json"), lambda img: img)[0]
+    assert item.error.startswith("dangling link to ") and item.error.endswith("photo.png")
+    import dymu.encoders.loading as loading
+
+    monkeypatch.setattr(loading, "load_encoder", _no_loading)
+    code, _, err = run_cli(capsys, "encode", "--model", clip[1], "--thresholds", clip[3], link)
+    assert code == 2 and "dangling link" in one_line_error(err, "encode")
+
+
+def test_duplicate_list_entries_are_reported(clip, tmp_path, capsys):
+    root, model_dir, images, _ = clip
+    names = ["flat0.png", "textured1.png", "flat0.png", "./flat0.png", "gradient2.png", "textured1.png"]
+    (tmp_path / "dups.json").write_text(json.dumps([{"image": n} for n in names]))
+    code, out, err = run_cli(capsys, "thresholds", "--model", model_dir, "--data", tmp_path / "dups.json",
+                             "--image-dir", images, "--batch-size", "2", "--num-workers", "0", "--quiet",
+                             "--out-tokens", "16", "-o", tmp_path / "t.safetensors")
+    assert code == 0, err
+    assert "3 list entries repeat an earlier one (2 image(s) listed more than once: flat0.png x3, textured1.png x2)" in out
+
+
+def test_help_has_no_doubled_or_misleading_defaults():
+    import re
+
+    bad = []
+    for name, sub in _subparsers(build_parser()):
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            text = " ".join(sub._get_formatter()._format_action(action).split())
+            values = re.findall(r"default:\s*([^\s),;]+)", text, flags=re.I)
+            if len(values) != len(set(values)):
+                bad.append(f"{name} {action.option_strings[-1]}: {text}")  # "default: 16 (default: 16)"
+            if action.nargs == 0 and re.search(r"\(default: (True|False)\)", text):
+                bad.append(f"{name} {action.option_strings[-1]}: {text}")  # a flag "(default: True)"
+    assert not bad, bad
+
+
+def test_encode_takes_dtype(clip, capsys, monkeypatch):
+    import dymu.encoders.loading as loading
+
+    root, model_dir, images, ckpt = clip
+    real, seen = loading.load_encoder, []
+
+    def recording(*a, **k):
+        seen.append(k.get("dtype"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(loading, "load_encoder", recording)
+    code, out, err = run_cli(capsys, "encode", "--model", model_dir, "--thresholds", ckpt, "--dtype", "bfloat16",
+                             "--json", images / "textured1.png")
+    assert code == 0, err
+    assert seen == [torch.bfloat16] and json.loads(out)["images"][0]["tokens"] > 0
+
+
+# ---- checks that need no model come before its load
+
+
+def _no_loading(*a, **k):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
+def test_eval_numbers_are_refused_by_the_parser(capsys):
+    base = ["eval", "--model", "m", "--data", "d.json"]
+    for option, value in (("--max-new-tokens", "0"), ("--batch-size", "0"), ("--calibration-images", "0"),
+                          ("--token-budget", "0")):
+        with pytest.raises(SystemExit) as info:
+            main([*base, option, value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and option in err and "must be" in err, (option, err)
+
+
+def test_eval_output_is_checked_before_the_model_load(tmp_path, capsys, monkeypatch):
+    import dymu.commands._args as cli_args
+
+    monkeypatch.setattr(cli_args, "load_llava_from_args", _no_loading)
+    make_image("flat", 32).save(tmp_path / "a.png")
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"image": "a.png", "question": "q", "answer": "a"}]))
+    (tmp_path / "out").mkdir()
+    code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--output", tmp_path / "out")
+    assert code == 2 and "is a directory" in one_line_error(err, "eval")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK else real_access(p, mode, **kw))
+    code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--output", tmp_path / "ro" / "o.jsonl")
+    assert code == 2 and "not writable" in one_line_error(err, "eval")
+    assert not (tmp_path / "ro").exists()
+
+
+def test_encode_and_generate_check_images_and_thresholds_before_loading(clip, llava, tmp_path, capsys, monkeypatch):
+    import dymu.commands._args as cli_args
+    import dymu.encoders.loading as loading
+
+    monkeypatch.setattr(loading, "load_encoder", _no_loading)
+    monkeypatch.setattr(cli_args, "load_vlm_from_args", _no_loading)
+    root, model_dir, images, ckpt = clip
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = images / "flat0.png"
+    for bad, says in ((tmp_path / "missing.png", "image not found"), (tmp_path / "corrupt.png", "cannot read image")):
+        code, _, err = run_cli(capsys, "encode", "--model", model_dir, "--thresholds", ckpt, good, bad)
+        assert code == 2 and says in one_line_error(err, "encode") and bad.name in err
+        code, _, err = run_cli(capsys, "generate", "--model", llava[0], "--image", good, "--image", bad, "--prompt", "w1")
+        assert code == 2 and says in one_line_error(err, "generate") and bad.name in err
+    monkeypatch.setenv("DYMU_CHECKPOINT_DIR", str(tmp_path))
+    for command in (["encode", "--model", model_dir, good], ["generate", "--model", llava[0], "--image", good,
+                                                               "--prompt", "w1"]):
+        code, _, err = run_cli(capsys, *command, "--thresholds", "clip-56px-p14-d64-tome-8out")
+        assert code == 2 and "no thresholds for clip-56px-p14-d64-tome-8out" in one_line_error(err, command[0])
+        code, _, err = run_cli(capsys, *command, "--thresholds", tmp_path / "nope.safetensors")
+        assert code == 2 and "nope.safetensors" in one_line_error(err, command[0])
+    code, _, err = run_cli(capsys, "encode", "--model", model_dir, good)  # no thresholds at all
+    assert code == 2 and "give --thresholds" in one_line_error(err, "encode")
+
+
+def test_generate_takes_a_threshold_name(llava, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    llava_dir, thresholds, image = llava
+    name = f"{load_thresholds(thresholds).encoder}-tome-8out"  # as a docs/results.md set is named
+    shutil.copy(thresholds, tmp_path / f"{name}.safetensors")
+    monkeypatch.setenv("DYMU_CHECKPOINT_DIR", str(tmp_path))
+    base = ["generate", "--model", llava_dir, "--image", image, "--prompt", "w1 w2", "--max-new-tokens", "2"]
+    code, by_name, err = run_cli(capsys, *base, "--thresholds", name)
+    assert code == 0, err
+    code, by_path, err = run_cli(capsys, *base, "--thresholds", thresholds)
+    assert code == 0 and by_name == by_path and "visual tokens)" in by_name
+
+
+def test_prompt_longer_than_the_context_is_refused(llava, capsys, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    def no_generate(*a, **k):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", no_generate)
+    llava_dir, thresholds, image = llava
+    prompt = " ".join(["w1"] * 2100)
+    code, _, err = run_cli(capsys, "generate", "--model", llava_dir, "--thresholds", thresholds, "--image", image,
+                           "--prompt", prompt)
+    assert code == 2
+    line = one_line_error(err, "generate")
+    assert "prompt 1 is" in line and "(16 image tokens" in line and "context is 2048 tokens" in line, line
+    tokens = int(line.split("prompt 1 is ")[1].split()[0])
+    assert tokens > 2100
+
+
+def test_a_meta_file_without_answers_does_not_block_a_corrected_rerun(llava, tmp_path):
+    from dymu.evaluation import evaluate_questions, meta_path, read_questions
+    from dymu.vlm import load_llava
+
+    llava_dir, thresholds, image = llava
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"image": str(image), "question": "w1", "answer": "w2"}]))
+    questions, image_dir = read_questions(data)
+    output = tmp_path / "out.jsonl"
+    output.touch()  # what a run stopped before its first answer leaves
+    meta_path(output).write_text(json.dumps({"questions": 1, "max_new_tokens": 0}))
+    model, processor = load_llava(llava_dir, dymu=False)
+    summary = evaluate_questions(model, processor, questions, image_dir, output, max_new_tokens=2, progress=False)
+    assert summary.answered == 1 and json.loads(meta_path(output).read_text())["max_new_tokens"] == 2
+    with pytest.raises(ValueError, match="other questions or settings"):  # with answers in it: protected
+        evaluate_questions(model, processor, questions, image_dir, output, max_new_tokens=3, progress=False)
+
+
+# ---- one run per output, file modes
+
+
+def test_a_second_thresholds_run_on_a_held_output_is_refused(clip, tmp_path, capsys):
+    import fcntl
+
+    from dymu.thresholds import lock_path
+
+    out = tmp_path / "t.safetensors"
+    lock = lock_path(out)
+    with open(lock, "w") as held:  # another run holds it (flock: per open file, so this process counts as one)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("dymu thresholds, pid 4242: dymu thresholds --model x")
+        held.flush()
+        code, _, err = run_cli(capsys, *thresholds_args(clip, "-o", out))
+        assert code == 2
+        line = one_line_error(err, "thresholds")
+        assert "being written by another run" in line and "pid 4242" in line and str(lock) in line
+        assert not out.exists() and not resume_path(out).exists()
+    # the holder died (its lock file is left behind, unlocked): a new run goes ahead and removes it at the end
+    assert lock.exists()
+    code, out_text, err = run_cli(capsys, *thresholds_args(clip, "-o", out))
+    assert code == 0 and "wrote" in out_text, err
+    assert out.exists() and not lock.exists()
+
+
+def test_threshold_checkpoints_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_thresholds(tmp_path / "t.safetensors", ThresholdCheckpoint([0.5, 0.5], encoder="x"))
+    finally:
+        os.umask(previous)
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert load_thresholds(path).thresholds.tolist() == [0.5, 0.5]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loading_workers_is_one_clean_line(clip, tmp_path):
+    """As a terminal's Ctrl-C or a job scheduler does: the signal reaches the loading workers too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, model_dir, images, _ = clip
+    (tmp_path / "many.json").write_text(json.dumps([{"image": p.name} for p in sorted(images.iterdir())] * 6))
+    slow_reader = (
+        "import sys, time\nimport dymu.data\nread = dymu.data.load_image\n"
+        "dymu.data.load_image = lambda p: (time.sleep(0.3), read(p))[1]  # a slow disk\n"
+        "from dymu.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "t.safetensors"
+    argv = ["thresholds", "--model", model_dir, "--data", tmp_path / "many.json", "--image-dir", images,
+            "--batch-size", "2", "--num-workers", "2", "--out-tokens", "16", "-o", out, "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", slow_reader, *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    deadline = time.monotonic() + 120
+    while not resume_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert resume_path(out).exists(), proc.communicate()[1]
+    time.sleep(0.5)  # workers busy with later batches
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert proc.returncode == 143 and lines == [
+        "dymu thresholds: terminated; the batches done so far are saved: run the same command again to resume "
+        "(--restart starts over)"
+    ], err
+    assert resume_path(out).exists() and not out.exists()
