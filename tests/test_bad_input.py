@@ -749,10 +749,8 @@ def test_a_meta_file_without_answers_does_not_block_a_corrected_rerun(llava, tmp
 def test_a_second_thresholds_run_on_a_held_output_is_refused(clip, tmp_path, capsys):
     import fcntl
 
-    from dymu.thresholds import lock_path
-
     out = tmp_path / "t.safetensors"
-    lock = lock_path(out)
+    lock = tmp_path / "t.safetensors.lock"
     with open(lock, "w") as held:  # another run holds it (flock: per open file, so this process counts as one)
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("dymu thresholds, pid 4242: dymu thresholds --model x")
