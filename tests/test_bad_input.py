@@ -339,8 +339,10 @@ def test_encode_and_thresholds_accept_dinov2(dino_dir, clip, tmp_path, capsys, m
     assert code == 0, err and [im["tokens"] for im in json.loads(out)["images"]] == tokens
 
 
-def test_dinov2_names_need_real_dinov2(dino_dir, capsys):
-    code, _, err = run_cli(capsys, "encode", "--model", "dinov2-small-224-tome-64out", "--weights", dino_dir, "x.png")
+def test_dinov2_names_need_real_dinov2(dino_dir, tmp_path, capsys):
+    make_image("flat", 32).save(tmp_path / "x.png")  # (images are read before the model)
+    code, _, err = run_cli(capsys, "encode", "--model", "dinov2-small-224-tome-64out", "--weights", dino_dir,
+                           tmp_path / "x.png")
     assert code == 2
     assert "is for dinov2-small" in one_line_error(err, "encode")
 
