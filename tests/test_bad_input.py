@@ -668,6 +668,14 @@ def test_eval_output_is_checked_before_the_model_load(tmp_path, capsys, monkeypa
     code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--output", tmp_path / "ro" / "o.jsonl")
     assert code == 2 and "not writable" in one_line_error(err, "eval")
     assert not (tmp_path / "ro").exists()
+    old = tmp_path / "old.jsonl"
+    old.touch()  # a run to resume, in a file that cannot be appended to (in a writable folder)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == old else real_access(p, mode, **kw))
+    code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--output", tmp_path / "old.jsonl")
+    assert code == 2 and "old.jsonl: the file is not writable" in one_line_error(err, "eval")
+    monkeypatch.setattr(os, "access", real_access)
+    code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--thresholds", "clip-56px-p14-d64-tome-8out")
+    assert code == 2 and "no thresholds for clip-56px-p14-d64-tome-8out" in one_line_error(err, "eval")
 
 
 def test_encode_and_generate_check_images_and_thresholds_before_loading(clip, llava, tmp_path, capsys, monkeypatch):

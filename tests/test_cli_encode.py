@@ -121,7 +121,10 @@ def test_encode_errors(setup, capsys, tmp_path):
         "--model", model_dir, "--thresholds", "clip-84px-p14-d64-tome-3out", paths[0]
     )
     assert "--weights is only used with a DyMU name" in error("--model", model_dir, "--weights", model_dir, paths[0])
-    assert "is for ViT-L-14-336" in error("--model", "ViT-L-14-336-tome-72out", "--weights", model_dir, paths[0])
+    # (with thresholds at hand: a missing checkpoint is reported before the model loads)
+    assert "is for ViT-L-14-336" in error(
+        "--model", "ViT-L-14-336-tome-72out", "--weights", model_dir, "--thresholds", ckpt, paths[0]
+    )
     assert "threshold checkpoint not found" in error("--model", model_dir, "--thresholds", tmp_path / "x.safetensors", paths[0])
 
 

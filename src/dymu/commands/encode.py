@@ -83,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
         args.layer = -1
     # every check that needs no model comes before its load: images, thresholds
     pil = [load_image(p) for p in args.images]
+    named = is_dymu_name(args.model) and not Path(args.model).exists()
+    if args.weights is not None and not named:
+        raise ValueError("--weights is only used with a DyMU name as --model")
     if args.thresholds is not None:
         resolve_thresholds_path(args.thresholds)
-    elif is_dymu_name(args.model) and not Path(args.model).exists():
+    elif named:
         resolve_thresholds_path(args.model)
     else:
         raise ValueError("give --thresholds (a checkpoint or DyMU name), or use a DyMU name as --model")

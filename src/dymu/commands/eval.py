@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from dymu.data import load_image
@@ -74,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     questions, image_dir = read_questions(args.data, args.image_dir)
     output = Path(args.output) if args.output else Path(Path(args.data).stem + ".dymu_eval.jsonl")
     check_writable_file(output, "--output")  # before the model load, not after it
+    if output.is_file() and not os.access(output, os.W_OK):  # a resumed run appends to it
+        raise ValueError(f"cannot write --output {output}: the file is not writable")
+    if args.thresholds is not None:
+        from dymu.encoders.patching import resolve_thresholds_path
+
+        resolve_thresholds_path(args.thresholds)  # a path, or a DyMU name that resolves
     model, processor = load_llava_from_args(args, resolve_pretrained(args.model))
     token_order = set_token_order(model, args.token_order)
     settings = {
