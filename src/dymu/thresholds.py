@@ -213,7 +213,7 @@ def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- output lock
-_held_locks: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, nesting depth) held by this process
+_held_locks: set[Path] = set()  # lock files this process holds (a nested output_lock is a no-op)
 
 
 def lock_path(output: str | Path) -> Path:
@@ -237,14 +237,8 @@ def output_lock(output: str | Path, what: str = "dymu thresholds"):
         yield None
         return
     path = lock_path(output).absolute()
-    if path in _held_locks:
-        fd, depth = _held_locks[path]
-        _held_locks[path] = (fd, depth + 1)
-        try:
-            yield path
-        finally:
-            fd, depth = _held_locks[path]
-            _held_locks[path] = (fd, depth - 1)
+    if path in _held_locks:  # the command took it before the model load; find_thresholds asks again
+        yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -267,11 +261,11 @@ def output_lock(output: str | Path, what: str = "dymu thresholds"):
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"{what}, pid {os.getpid()}: {' '.join(sys.argv)[:300]}\n".encode())
-    _held_locks[path] = (fd, 1)
+    _held_locks.add(path)
     try:
         yield path
     finally:
-        _held_locks.pop(path, None)
+        _held_locks.discard(path)
         try:
             path.unlink()  # while still locked, so no other run locks this file after we let go
         except FileNotFoundError:

@@ -11,7 +11,9 @@ what the LLM receives (merged tokens of the base crop and its anyres tiles, plus
 the stock count, and --token-budget counts tokens per crop (the K of siglip-so400m-patch14-384-<K>out).
 
 Each prompt goes into the chat template with its image in front; a prompt that holds one <image> places
-the image there instead (no second one is added).
+the image there instead (no second one is added). The images and --thresholds are checked before the model
+loads; a prompt longer than the language model's context (max_position_embeddings, image placeholders
+counted at the stock count) is refused with the numbers.
 
 Examples:
   dymu generate --model llava-hf/llava-1.5-7b-hf --thresholds checkpoints/threshold_checkpoints/ViT-L-14-336-tome-72out.safetensors \\
