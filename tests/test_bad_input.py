@@ -557,6 +557,25 @@ def test_exif_orientation_is_applied_by_every_reader(tmp_path):
     _upright(scope["doc_to_visual"]({"image": "sideways.jpg"})[0])
 
 
+def test_encode_preprocesses_the_upright_image(clip, tmp_path, capsys, monkeypatch):
+    import dymu.encoders.loading as loading
+
+    real, seen = loading.load_encoder, []
+
+    def recording(*a, **k):
+        loaded = real(*a, **k)
+        preprocess = loaded.preprocess
+        loaded.preprocess = lambda img: (seen.append(img), preprocess(img))[1]
+        return loaded
+
+    monkeypatch.setattr(loading, "load_encoder", recording)
+    path = _sideways_jpeg(tmp_path / "sideways.jpg")
+    code, _, err = run_cli(capsys, "encode", "--model", clip[1], "--thresholds", clip[3], path)
+    assert code == 0, err
+    assert len(seen) == 1
+    _upright(seen[0])
+
+
 def test_alpha_is_composited_on_white_and_said_once(tmp_path, monkeypatch):
     import dymu.data
 
