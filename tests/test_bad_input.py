@@ -618,7 +618,8 @@ def test_duplicate_list_entries_are_reported(clip, tmp_path, capsys):
                              "--image-dir", images, "--batch-size", "2", "--num-workers", "0", "--quiet",
                              "--out-tokens", "16", "-o", tmp_path / "t.safetensors")
     assert code == 0, err
-    assert "3 list entries repeat an earlier one (2 image(s) listed more than once: flat0.png x3, textured1.png x2)" in out
+    said = "3 list entries repeat an earlier one (2 image(s) listed more than once: flat0.png x3, textured1.png x2)"
+    assert said in out
 
 
 def test_help_has_no_doubled_or_misleading_defaults():
@@ -693,8 +694,11 @@ def test_eval_output_is_checked_before_the_model_load(tmp_path, capsys, monkeypa
     code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--output", tmp_path / "old.jsonl")
     assert code == 2 and "old.jsonl: the file is not writable" in one_line_error(err, "eval")
     monkeypatch.setattr(os, "access", real_access)
-    code, _, err = run_cli(capsys, "eval", "--model", "m", "--data", data, "--thresholds", "clip-56px-p14-d64-tome-8out")
+    base = ["eval", "--model", "m", "--data", data]
+    code, _, err = run_cli(capsys, *base, "--thresholds", "clip-56px-p14-d64-tome-8out")
     assert code == 2 and "no thresholds for clip-56px-p14-d64-tome-8out" in one_line_error(err, "eval")
+    code, _, err = run_cli(capsys, *base, "--no-dymu", "--token-budget", "8")
+    assert code == 2 and "--no-dymu runs the stock model without merging: drop --token-budget" in one_line_error(err, "eval")
 
 
 def test_encode_and_generate_check_images_and_thresholds_before_loading(clip, llava, tmp_path, capsys, monkeypatch):
@@ -709,7 +713,8 @@ def test_encode_and_generate_check_images_and_thresholds_before_loading(clip, ll
     for bad, says in ((tmp_path / "missing.png", "image not found"), (tmp_path / "corrupt.png", "cannot read image")):
         code, _, err = run_cli(capsys, "encode", "--model", model_dir, "--thresholds", ckpt, good, bad)
         assert code == 2 and says in one_line_error(err, "encode") and bad.name in err
-        code, _, err = run_cli(capsys, "generate", "--model", llava[0], "--image", good, "--image", bad, "--prompt", "w1")
+        code, _, err = run_cli(capsys, "generate", "--model", llava[0], "--image", good, "--image", bad,
+                               "--prompt", "w1")
         assert code == 2 and says in one_line_error(err, "generate") and bad.name in err
     monkeypatch.setenv("DYMU_CHECKPOINT_DIR", str(tmp_path))
     for command in (["encode", "--model", model_dir, good], ["generate", "--model", llava[0], "--image", good,

@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.token_budget is not None and args.threshold_offset is not None:
         raise ValueError("give --token-budget or --threshold-offset, not both (the budget sets the offset)")
+    if args.no_dymu:
+        given = [o for o, v in (("--thresholds", args.thresholds), ("--token-budget", args.token_budget),
+                                ("--threshold-offset", args.threshold_offset)) if v is not None]
+        if given:
+            raise ValueError(f"--no-dymu runs the stock model without merging: drop {' and '.join(given)}")
     questions, image_dir = read_questions(args.data, args.image_dir)
     output = Path(args.output) if args.output else Path(Path(args.data).stem + ".dymu_eval.jsonl")
     check_writable_file(output, "--output")  # before the model load, not after it

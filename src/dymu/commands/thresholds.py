@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
             model_source=loaded.source,
         )
         if rank == 0:
-            print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image, images.duplicates()))
+            duplicates = images.duplicates()
+            print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image, duplicates))
     finally:
         import torch.distributed as dist
 
