@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from dymu.data import ImageList, ImageListDataset, Transform, batches
 from dymu.merge import TokenOrder, select_top
-from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, output_lock, save_thresholds
+from dymu.output_lock import output_lock
+from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
 
 if TYPE_CHECKING:
     from dymu.encoders.base import DToMeState
@@ -108,7 +109,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _one_run_per_output(find: Callable[..., FindingResult]) -> Callable[..., FindingResult]:
-    """Hold :func:`dymu.thresholds.output_lock` on ``output`` (rank 0, which writes it) for the whole run: a second
+    """Hold :func:`dymu.output_lock.output_lock` on ``output`` (rank 0, which writes it) for the whole run: a second
     run on the same output is refused instead of sharing its resume state."""
 
     @functools.wraps(find)

@@ -147,7 +147,7 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
     visual tokens the stock model would give the LLM."""
     import torch
 
-    from dymu.evaluation import check_context
+    from dymu.prompt_length import check_context
     from dymu.vlm.base import dymu_vtu_mode
     from dymu.vlm.llava import Answer, full_image_tokens
 

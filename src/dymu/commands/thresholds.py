@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from dymu.encoders.loading import load_encoder
     from dymu.encoders.names import checkpoint_dir, dymu_name, is_dymu_name, parse_dymu_name
     from dymu.finding import find_thresholds, init_distributed
-    from dymu.thresholds import merge_schedule, output_lock
+    from dymu.output_lock import output_lock
+    from dymu.thresholds import merge_schedule
 
     known = None  # the output, where it is known before the (possibly long) model load
     if args.output:
