@@ -801,6 +801,34 @@ def test_a_second_thresholds_run_on_a_held_output_is_refused(clip, tmp_path, cap
     assert out.exists() and not lock.exists()
 
 
+def test_output_lock_locks_the_file_at_the_path_after_a_release_race(tmp_path, monkeypatch):
+    """The run before released its lock and removed the lock file between our open and our flock: the file we
+    locked is gone from the path, so locking it guards nothing; the lock must be taken on the file at the path."""
+    import fcntl
+
+    from dymu.output_lock import output_lock
+
+    out = tmp_path / "t.safetensors"
+    lock = tmp_path / "t.safetensors.lock"
+    real_flock, raced = fcntl.flock, []
+
+    def flock_after_a_release(fd, op):
+        if not raced:  # the previous holder unlinks its file now; a third run creates a fresh one
+            raced.append(True)
+            lock.unlink()
+            lock.touch()
+        return real_flock(fd, op)
+
+    lock.touch()
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_release)
+    with output_lock(out):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        with open(lock) as other:  # a third run now must find the path's file locked
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert raced and not lock.exists()
+
+
 def test_threshold_checkpoints_follow_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
