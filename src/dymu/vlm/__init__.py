@@ -1,7 +1,7 @@
 """DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision
 (:mod:`dymu.vlm.onevision`)."""
 
-from dymu.vlm.base import dymu_vtu_mode
+from dymu.vlm.base import dymu_vtu_mode, prompt_suffix
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
 from dymu.vlm.loading import convert_original_llava, load, load_llava, load_onevision
 from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
@@ -18,4 +18,5 @@ __all__ = [
     "enable_dymu_onevision",
     "disable_dymu_onevision",
     "dymu_vtu_mode",
+    "prompt_suffix",
 ]

@@ -57,6 +57,30 @@ def dymu_vtu_mode(model: nn.Module) -> VTUMode | None:
     return None if settings is None else settings.vtu
 
 
+# keys of a checkpoint's "dymu" config block that describe its prompt format, not DyMU's settings: a block holding
+# only these leaves DyMU off
+PROMPT_FORMAT_KEYS = ("prompt_suffix",)
+
+
+def settings_block(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``config.json``'s ``dymu`` block without its prompt-format keys; None where nothing else is in it."""
+    block = config.get("dymu")
+    if isinstance(block, dict):
+        block = {k: v for k, v in block.items() if k not in PROMPT_FORMAT_KEYS} or None
+    return block
+
+
+def prompt_suffix(model: Any) -> str | None:
+    """The text a checkpoint says to append to each question (``"prompt_suffix"`` in its ``dymu`` config block,
+    e.g. written by :func:`dymu.small_vlm.build_small_vlm`); None where it says nothing. ``model``: a model or
+    its config."""
+    block = getattr(getattr(model, "config", model), "dymu", None)
+    suffix = block.get("prompt_suffix") if isinstance(block, dict) else None
+    if suffix is not None and not isinstance(suffix, str):
+        raise ValueError(f"the 'dymu' config block's prompt_suffix must be a string, got {type(suffix).__name__}")
+    return suffix
+
+
 def log_counts(model: nn.Module, counts: list[int], log: logging.Logger = logger) -> None:
     """Keep the call's per-image visual token counts on ``model.dymu_last_counts`` and log them."""
     model.dymu_last_counts = counts
