@@ -132,6 +132,10 @@ def test_resumed_run_continues_the_same_loss_trajectory(built, tmp_path):
     assert second.losses == whole.losses, (second.losses, whole.losses)
     for k, v in whole.trainable_state().items():
         assert torch.equal(v, second.trainable_state()[k]), k
+    from dymu.small_vlm import prompt_suffix_of
+
+    whole.export(tmp_path / "out", {})
+    assert prompt_suffix_of(tmp_path / "out" / "projector.safetensors") == ""  # trained on the bare question
 
 
 MID = REPO / "checkpoints" / "small_vlm" / "thresholds" / "dinov2-small-224-tome-88out.safetensors"
