@@ -5,9 +5,10 @@ the small real VLM of docs/results.md (DINOv2-S + SmolLM2-135M-Instruct, its tra
 the weights are built from the packages on first use, ~30 s) answers a question about a flat and a busy image
 with full tokens and with DyMU (thresholds dinov2-small-224-tome-64out, found on easy-VQA and photo crops, so that
 photos merge too), and prints the visual tokens kept and the generate time saved; it says what it is doing while
-it builds the model and answers (about a minute on 2 CPU cores). Without them (or with --random) it runs the random-weight demo: it finds per-layer merge thresholds of a
-small random CLIP ViT on 16 generated images, then encodes a flat and a textured image and prints the tokens kept
-after each layer — the flat image keeps far fewer tokens than the textured one.
+it builds the model and answers (about a minute on 2 CPU cores). Without them (or with --random) it runs the
+random-weight demo: it finds per-layer merge thresholds of a small random CLIP ViT on 16 generated images, then
+encodes a flat and a textured image and prints the tokens kept after each layer — the flat image keeps far fewer
+tokens than the textured one.
 
 Example:
   dymu demo

@@ -177,7 +177,8 @@ class DyMULlava(lmms):
     backend_name = NAME  # the --model name, in messages and the token record
     accepted_args = (
         "pretrained, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
-        "dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, prompt_suffix"
+        "dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
+        "prompt_suffix"
     )
     budget_unit = "per image"  # what token_budget counts
 
@@ -460,7 +461,8 @@ class DyMULlava(lmms):
                 continuation = target if isinstance(target, str) else target(doc)
                 if isinstance(continuation, (list, tuple)):
                     raise ValueError(f"{self.backend_name}: task {task!r} gave several continuations for one loglikelihood request")
-                prompts.append(Prompt(str(context) + self.prompt_suffix, self._visuals(doc_to_visual, task, split, doc_id)))
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+                prompts.append(Prompt(str(context) + self.prompt_suffix, visuals))
                 continuations.append(str(continuation))
                 args.append((task, split, doc_id))
             for i, (task, split, doc_id), ll in zip(batch, args, self._loglikelihoods(prompts, continuations)):
