@@ -401,9 +401,9 @@ def test_decode_logits_equal_reference_every_step(models, kind, mode, layout):
 
 def _decode_attends_padded_columns(monkeypatch):
     """Wrong decode: the new token also attends the padded columns of the virtual prompt layout."""
-    from dymu.vtu import VTUBatch
+    import dymu.vtu.layout
 
-    build = VTUBatch._build_layout
+    build = dymu.vtu.layout._build_layout
 
     def wrong(batch, q_len, kv_len, device):
         lay = build(batch, q_len, kv_len, device)
@@ -414,7 +414,7 @@ def _decode_attends_padded_columns(monkeypatch):
             lay.mask, lay.sdpa_mask = mask, mask[:, None]
         return lay
 
-    monkeypatch.setattr(VTUBatch, "_build_layout", wrong)
+    monkeypatch.setattr(dymu.vtu.layout, "_build_layout", wrong)
 
 
 def _decode_positions_from_merged_count(monkeypatch, decoder):
