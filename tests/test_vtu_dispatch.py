@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from test_vtu import HIDDEN, make_model  # noqa: E402  (tests/ is on the path, as for encoder_zoo)
 
 import dymu.vtu.integration as integration  # noqa: E402
 from dymu.vtu import (  # noqa: E402
@@ -84,19 +84,6 @@ def test_override_forces_one_phase_only_and_checks_names():
             pass
 
 
-def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=97)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
-    model.generation_config.eos_token_id = None
-    return model
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -111,11 +98,12 @@ def test_model_calls_run_the_tables_kernel(device, monkeypatch):
             calls.append(("prefill" if query.shape[2] == key.shape[2] else "decode", _name))
             return _fn(query, key, *args)
         monkeypatch.setitem(integration.KERNELS, name, spy)
-    model = _model().to(device)
+    model = make_model("llama").to(device)
     gen = torch.Generator().manual_seed(1)
-    groups = [concat_groups([2, torch.tensor([0, 1, 0, 2, 2, 1, 0]), 3]), concat_groups([1, torch.tensor([0, 0, 1]), 2])]
+    groups = [concat_groups([2, torch.tensor([0, 1, 0, 2, 2, 1, 0]), 3]),
+              concat_groups([1, torch.tensor([0, 0, 1]), 2])]
     batch = prepare_vtu([g.to(device) for g in groups])
-    embeds = [torch.randn(int(g.max()) + 1, 64, generator=gen) for g in groups]
+    embeds = [torch.randn(int(g.max()) + 1, HIDDEN, generator=gen) for g in groups]
     layers = model.config.num_hidden_layers
     dtypes = [F32] + ([F16] if device == "cuda" else [BF16])
     for dtype in dtypes:

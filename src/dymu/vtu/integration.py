@@ -5,9 +5,9 @@ Importing this module registers two attention functions with ``transformers.Atte
 (:data:`ATTN_IMPLEMENTATIONS`: ``dymu_vtu_fast``, ``dymu_vtu_exact``) and, under the same names, a mask builder
 with ``AttentionMaskInterface``. :func:`enable_vtu` selects one on a model's text decoder. Each call runs the kernel
 that :data:`DISPATCH` names for its mode, phase (prefill or decode) and device/dtype; :func:`vtu_kernels` overrides
-it. Per-call state (a :class:`~dymu.vtu.batch.VTUBatch`) travels in :func:`vtu_context` (a ``ContextVar``, since ``generate``
-rejects unknown kwargs) or in a ``vtu_batch=`` forward kwarg; outside both, the registered function *is*
-stock sdpa (same mask, same call), so an enabled model is unchanged.
+it. Per-call state (a :class:`~dymu.vtu.batch.VTUBatch`) travels in :func:`vtu_context` (a ``ContextVar``, since
+``generate`` rejects unknown kwargs) or in a ``vtu_batch=`` forward kwarg; outside both, the registered function
+*is* stock sdpa (same mask, same call), so an enabled model is unchanged.
 """
 
 from __future__ import annotations

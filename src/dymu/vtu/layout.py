@@ -65,7 +65,7 @@ class Layout:
 
 
 def call_layout(batch: VTUBatch, query: Tensor, key: Tensor) -> Layout:
-    """The :class:`Layout` of an attention call on ``batch`` with ``query [B, H, Sq, D]`` and ``key [B, H_kv, S_kv, D]``.
+    """The :class:`Layout` of an attention call on ``batch``, ``query [B, H, Sq, D]`` and ``key [B, H_kv, S_kv, D]``.
 
     ``Sq == S_kv`` is the prefill of the merged prompt (``M_max`` columns); ``Sq < S_kv`` a decode step on
     the cache (the merged prompt, then the generated tokens). Built once per call shape (every layer of a
