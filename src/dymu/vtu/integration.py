@@ -89,14 +89,12 @@ WHERE: dict[str, Callable[[str, torch.dtype, float], bool]] = {
 
 #: (mode, phase, where) -> kernel: the first row that matches a call runs it.
 DISPATCH: tuple[tuple[VTUMode, Phase, str, KernelName], ...] = (
-    # torch's CPU SDPA computes the whole score square and multiplies V per virtual row; blocks skip both
-    ("fast", "prefill", "cpu fp32/fp64, no dropout", "fast_blocked_cpu"),
-    # GPU (and half precision): flash / memory-efficient SDPA skips the masked blocks itself
-    ("fast", "prefill", "any", "fast_sdpa"),
-    # one query row per sequence: the decomposition is cheap and the cached K/V are never copied to virtual length
-    ("fast", "decode", "any", "exact"),
-    ("exact", "prefill", "any", "exact"),
-    ("exact", "decode", "any", "exact"),
+    # mode     phase      where                         kernel
+    ("fast",  "prefill", "cpu fp32/fp64, no dropout", "fast_blocked_cpu"),  # CPU SDPA: whole square, V per row
+    ("fast",  "prefill", "any",                       "fast_sdpa"),  # GPU flash SDPA skips masked blocks itself
+    ("fast",  "decode",  "any",                       "exact"),  # one query row: nothing copied to virtual length
+    ("exact", "prefill", "any",                       "exact"),
+    ("exact", "decode",  "any",                       "exact"),
 )
 
 _FORCED: contextvars.ContextVar[dict[Phase, KernelName]] = contextvars.ContextVar("dymu_vtu_kernels", default={})
