@@ -245,28 +245,47 @@ class _HFTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-class SquashResize:
-    """PIL image -> ``[3, S, S]``: bicubic resize (squash) to S×S, scaled to [0, 1] and normalised by ``mean`` /
-    ``std`` (how the DINOv2 threshold checkpoints were found, see ``eval_scripts/real_dinov2_thresholds.py``)."""
+def squash_transform(processor, side: int) -> Transform:
+    """``processor`` (a transformers image processor) resizing every image to ``side`` × ``side`` (squash, its own
+    resampling and normalisation) with no crop: dymu's one preprocessing of a DINOv2 encoder at an input side,
+    the same as the small VLM's processor (``dymu.small_vlm.build_processor``) at 224."""
+    import copy
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.size, self.mean, self.std = int(size), [float(m) for m in mean], [float(s) for s in std]
+    squashed = copy.deepcopy(processor)
+    squashed.size = {"height": int(side), "width": int(side)}
+    squashed.do_center_crop = False
+    return _HFTransform(squashed)
 
-    @classmethod
-    def like(cls, transform: Transform, size: int) -> "SquashResize":
-        """Squash to ``size`` with the normalisation of ``transform``'s image processor (ImageNet's if none)."""
-        processor = getattr(transform, "processor", None)
-        mean = getattr(processor, "image_mean", None) or (0.485, 0.456, 0.406)
-        std = getattr(processor, "image_std", None) or (0.229, 0.224, 0.225)
-        return cls(size, mean, std)
 
-    def __call__(self, image) -> Tensor:
-        import numpy as np
-        from PIL import Image
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
-        resized = load_image(image).resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+def describe_preprocess(transform: object) -> str | None:
+    """What a transform from :func:`hf_transform` (or a transformers image processor) does to an image's size, in
+    words recorded in threshold checkpoints: ``"squash 224x224 bicubic"`` or ``"resize 256, crop 224x224
+    bicubic"``; None when it is not known (e.g. an open_clip transform)."""
+    processor = getattr(transform, "processor", transform)
+    if not hasattr(processor, "do_resize") or not hasattr(processor, "size"):
+        return None
+    resample = getattr(processor, "resample", None)
+    resample = _RESAMPLE.get(int(resample), str(resample)) if resample is not None else "default"
+    size, crop, parts = processor.size, getattr(processor, "crop_size", None), []
+    if processor.do_resize:
+        if _get(size, "height") and _get(size, "width"):
+            parts.append(f"squash {_get(size, 'height')}x{_get(size, 'width')}")
+        elif _get(size, "shortest_edge"):
+            parts.append(f"resize {_get(size, 'shortest_edge')}")
+        else:
+            return None
+    if getattr(processor, "do_center_crop", False) and _get(crop, "height"):
+        parts.append(f"crop {_get(crop, 'height')}x{_get(crop, 'width')}")
+    return ", ".join(parts) + f" {resample}" if parts else None
+
+
+def _get(size: object, key: str) -> int | None:
+    """An entry of a processor's size (a dict, or transformers 5's ``SizeDict``)."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

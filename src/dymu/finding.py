@@ -17,7 +17,7 @@ averaged per-process thresholds of per-process batches; with equal shards this d
 Resuming: after every finished batch, rank 0 atomically writes ``<output>.resume.pt`` with the running
 thresholds, batches done, images seen and the skipped list. A killed run started again with the same settings
 continues from the next batch — nothing lost, nothing counted twice. Different settings (encoder, merge counts,
-batch size, image list, model dtype, device type) are refused. The resume file is removed once the checkpoint is
+batch size, image list, model dtype, device type, preprocessing) are refused. The resume file is removed once the checkpoint is
 written, and when no image at all could be read (nothing to resume: a rerun after fixing the images starts
 over). Images skipped in batches already done stay skipped when resuming; :attr:`FindingResult.readable_now`
 lists those that load now (start over to include them).
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dymu.data import ImageList, ImageListDataset, Transform, batches
+from dymu.data import ImageList, ImageListDataset, Transform, batches, describe_preprocess
 from dymu.merge import TokenOrder, select_top
 from dymu.output_lock import output_lock
 from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
@@ -62,6 +62,7 @@ class FindingSettings:
     dtype: str | None = None  # model dtype ("float32"): another precision finds other thresholds
     device: str | None = None  # device type ("cpu", "cuda"), not the index: torchrun ranks differ in it
     token_order: str = "authors"  # raster finds other thresholds than the authors' order
+    preprocess: str | None = None  # how images are resized (dymu.data.describe_preprocess): other pixels, other thresholds
 
 
 @dataclass
@@ -152,6 +153,7 @@ def find_thresholds(
     from tqdm.auto import tqdm
 
     import dymu
+    from dymu.encoders.encoding import patch_size
 
     rank, world = dist_info()
     output = Path(output) if output is not None else None
@@ -178,12 +180,14 @@ def find_thresholds(
             dtype=str(dtype).removeprefix("torch."),
             device=device.type,
             token_order="raster" if token_order == "raster" else "authors",
+            preprocess=describe_preprocess(transform),
         )
+        sizes: set[tuple[int, int]] = set()  # (height, width) of the batches: recorded when there is one
         running = RunningThresholds(state.num_layers)
         done, seen, skipped = 0, 0, []
         readable_now: list[str] = []
         if state_path is not None and state_path.exists() and resume:
-            done, seen, skipped = _load_resume(state_path, settings, running)
+            done, seen, skipped = _load_resume(state_path, settings, running, sizes)
             readable_now = _readable_now(images, skipped)
         elif output is not None:
             if output.exists() and not overwrite:
@@ -203,6 +207,7 @@ def find_thresholds(
                 failed = _gather_failed(batch.failed)
                 if n_global > 0:
                     if n_local > 0:
+                        sizes.add((int(batch.pixel_values.shape[-2]), int(batch.pixel_values.shape[-1])))
                         with torch.no_grad():
                             state.forward(batch.pixel_values.to(device=device, dtype=dtype))
                         found = state.run.found_thresholds
@@ -212,7 +217,7 @@ def find_thresholds(
                 done, seen = batch.number + 1, seen + n_global
                 skipped += [(images.paths[i], reason) for i, reason in failed]
                 if state_path is not None and rank == 0:
-                    _save_resume(state_path, settings, running, done, seen, skipped)
+                    _save_resume(state_path, settings, running, done, seen, skipped, sizes)
                 bar.update(1)
                 bar.set_postfix(images=seen, skipped=len(skipped))
                 if on_batch is not None:
@@ -231,6 +236,9 @@ def find_thresholds(
         merge_counts=list(merge_counts),
         images_seen=seen,
         token_order=token_order,
+        input_size=next(iter(sizes)) if len(sizes) == 1 else None,  # one size: what decides the token grid
+        patch_size=patch_size(model) if len(sizes) == 1 else None,
+        preprocess=settings.preprocess,
     )
     result = FindingResult(ckpt, done, num_batches, seen, skipped, resumed_from)
     result.readable_now = readable_now
@@ -316,7 +324,9 @@ def _readable_now(images: ImageList, skipped, limit: int = 1000) -> list[str]:
     return found
 
 
-def _save_resume(path: Path, settings: FindingSettings, running: RunningThresholds, done: int, seen: int, skipped) -> None:
+def _save_resume(
+    path: Path, settings: FindingSettings, running: RunningThresholds, done: int, seen: int, skipped, sizes: set
+) -> None:
     blob = {
         "format": RESUME_FORMAT,
         "settings": asdict(settings),
@@ -324,6 +334,7 @@ def _save_resume(path: Path, settings: FindingSettings, running: RunningThreshol
         "batches_done": done,
         "images_seen": seen,
         "skipped": [list(s) for s in skipped],
+        "input_sizes": sorted(list(s) for s in sizes),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -331,7 +342,9 @@ def _save_resume(path: Path, settings: FindingSettings, running: RunningThreshol
     os.replace(tmp, path)  # atomic: a kill leaves the previous batch's state, never half a file
 
 
-def _load_resume(path: Path, settings: FindingSettings, running: RunningThresholds) -> tuple[int, int, list]:
+def _load_resume(
+    path: Path, settings: FindingSettings, running: RunningThresholds, sizes: set
+) -> tuple[int, int, list]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -341,11 +354,12 @@ def _load_resume(path: Path, settings: FindingSettings, running: RunningThreshol
     if int(blob.get("images_seen", 0)) == 0:
         return 0, 0, []  # nothing learned yet (every image failed so far): start over
     stored = blob["settings"]
-    unrecorded = {"dtype", "device"}  # resume files written before these were recorded: not compared
+    unrecorded = {"dtype", "device", "preprocess"}  # resume files written before these were recorded: not compared
     differ = [
         f"{k}: {stored.get(k)!r} then, {v!r} now"
         for k, v in asdict(settings).items()
         if stored.get(k) != v and not (k in unrecorded and k not in stored)
+        and not (k == "preprocess" and None in (stored.get(k), v))  # a transform dymu cannot describe: unknown
     ]
     if differ:
         raise ValueError(
@@ -353,4 +367,5 @@ def _load_resume(path: Path, settings: FindingSettings, running: RunningThreshol
             "use the same settings, or pass --restart to start over"
         )
     running.load_state_dict(blob["running"])
+    sizes.update(tuple(s) for s in blob.get("input_sizes", []))  # older resume files: the remaining batches say
     return int(blob["batches_done"]), int(blob["images_seen"]), [tuple(s) for s in blob["skipped"]]

@@ -8,7 +8,16 @@ A threshold checkpoint is a small safetensors file::
 with string metadata ``format=dymu-thresholds``, ``encoder``, ``num_layers``,
 ``schedule``, ``r_total``, ``images_seen`` and ``token_order`` (the token order
 after a merge used while finding, see :mod:`dymu.merge`: ``authors`` or
-``raster``; files written before it was recorded were found in raster order). The
+``raster``; files written before it was recorded were found in raster order), and,
+when known, what decides the token grid and the pixels: ``input_size`` (``"224x224"``,
+height x width in px), ``patch_size`` (``"14"``) and ``preprocess`` (how images were
+brought to that size, :func:`dymu.data.describe_preprocess`: ``"squash 224x224 bicubic"``).
+The encoder identity of a DINOv2 (``dinov2-small``) does not fix its input size, so the
+grid must be checked on its own: a checkpoint whose grid differs from the input's is refused
+(:meth:`ThresholdCheckpoint.check`, and the patched encoder at its first block). Files written
+before the grid was recorded read it from their file name when that is a DINOv2 DyMU name
+(``dinov2-small-224-tome-64out``: 224 px, patch 14); otherwise it stays unknown and only the
+encoder identity and layer count are checked. The
 original DyMU authors' ``.pth`` files (``{"state_dict": {"...blocks.{i}.threshold":
 tensor}}``) are read by :func:`import_authors_pth` and by :func:`load_thresholds`.
 
@@ -158,6 +167,9 @@ class ThresholdCheckpoint:
     merge_counts: list[int] = field(default_factory=list)
     images_seen: int = 0
     token_order: str = "authors"  # order used while finding: "authors" or "raster" (see dymu.merge)
+    input_size: tuple[int, int] | None = None  # (height, width) px of the images found on; None: not recorded
+    patch_size: int | None = None  # px per patch side; None: not recorded
+    preprocess: str | None = None  # how images were brought to input_size (dymu.data.describe_preprocess)
 
     def __post_init__(self) -> None:
         self.thresholds = check_thresholds(self.thresholds, f"thresholds for {self.encoder or 'an unknown encoder'!r}")
@@ -171,14 +183,46 @@ class ThresholdCheckpoint:
     def num_layers(self) -> int:
         return self.thresholds.numel()
 
-    def check(self, *, encoder: str | None = None, num_layers: int | None = None) -> "ThresholdCheckpoint":
-        """Raise if this checkpoint is not for ``encoder`` / a model of ``num_layers`` blocks."""
+    @property
+    def grid_tokens(self) -> int | None:
+        """Patch tokens per image (CLS excluded) of the inputs the thresholds were found on; None if not recorded."""
+        if self.input_size is None or self.patch_size is None:
+            return None
+        return (self.input_size[0] // self.patch_size) * (self.input_size[1] // self.patch_size)
+
+    @property
+    def grid(self) -> str:
+        """The recorded input in words, for messages: ``"224x224 px (16x16 patches of 14 px)"``."""
+        if self.input_size is None:
+            return "an unrecorded input size"
+        h, w = self.input_size
+        if self.patch_size is None:
+            return f"{h}x{w} px"
+        return f"{h}x{w} px ({h // self.patch_size}x{w // self.patch_size} patches of {self.patch_size} px)"
+
+    def check(
+        self,
+        *,
+        encoder: str | None = None,
+        num_layers: int | None = None,
+        input_size: int | tuple[int, int] | None = None,
+    ) -> "ThresholdCheckpoint":
+        """Raise if this checkpoint is not for ``encoder`` / a model of ``num_layers`` blocks / inputs of
+        ``input_size`` px (a side or (height, width); checked only when the checkpoint records its own)."""
         if encoder is not None and encoder != self.encoder:
             raise ValueError(f"thresholds are for encoder {self.encoder!r}, not {encoder!r}")
         if num_layers is not None and num_layers != self.num_layers:
             raise ValueError(
                 f"thresholds for {self.encoder!r} have {self.num_layers} layers but the model has {num_layers}"
             )
+        if input_size is not None and self.input_size is not None:
+            size = (input_size, input_size) if isinstance(input_size, int) else tuple(int(v) for v in input_size)
+            if size != self.input_size:
+                raise ValueError(
+                    f"thresholds for {self.encoder!r} were found on {self.grid} inputs, but this encoder gets "
+                    f"{size[0]}x{size[1]} px: another token grid gives other token counts (find thresholds at "
+                    "this size, or use the checkpoint's)"
+                )
         return self
 
 
@@ -201,6 +245,12 @@ def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
         "images_seen": str(ckpt.images_seen),
         "token_order": ckpt.token_order,
     }
+    if ckpt.input_size is not None:
+        metadata["input_size"] = f"{ckpt.input_size[0]}x{ckpt.input_size[1]}"
+    if ckpt.patch_size is not None:
+        metadata["patch_size"] = str(ckpt.patch_size)
+    if ckpt.preprocess:
+        metadata["preprocess"] = ckpt.preprocess
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # open() honours the umask
         f.write(save(tensors, metadata=metadata))
@@ -211,14 +261,19 @@ def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
 
 
 def load_thresholds(
-    path: str | Path, *, encoder: str | None = None, num_layers: int | None = None
+    path: str | Path,
+    *,
+    encoder: str | None = None,
+    num_layers: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> ThresholdCheckpoint:
-    """Read a dymu safetensors checkpoint or an authors' ``.pth`` file, checking it fits."""
+    """Read a dymu safetensors checkpoint or an authors' ``.pth`` file, checking it fits (see
+    :meth:`ThresholdCheckpoint.check`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"threshold checkpoint not found: {path}")
     if _is_torch_file(path):  # by content, not by name: the authors' .pth (zip or legacy pickle)
-        return import_authors_pth(path).check(encoder=encoder, num_layers=num_layers)
+        return import_authors_pth(path).check(encoder=encoder, num_layers=num_layers, input_size=input_size)
     from safetensors import safe_open
 
     try:
@@ -237,17 +292,51 @@ def load_thresholds(
         merge_counts=tensors["merge_counts"].tolist() if "merge_counts" in tensors else [],
         images_seen=int(meta.get("images_seen", 0)),
         token_order=meta.get("token_order", "raster"),  # before it was recorded, dymu found in raster order
+        preprocess=meta.get("preprocess") or None,
     )
     if int(meta.get("num_layers", ckpt.num_layers)) != ckpt.num_layers:
         raise ValueError(f"{path}: metadata says {meta['num_layers']} layers, tensor has {ckpt.num_layers}")
-    return ckpt.check(encoder=encoder, num_layers=num_layers)
+    try:
+        if "input_size" in meta:
+            h, _, w = meta["input_size"].partition("x")
+            ckpt.input_size = (int(h), int(w))
+        if "patch_size" in meta:
+            ckpt.patch_size = int(meta["patch_size"])
+    except ValueError:
+        raise ValueError(
+            f"{path}: metadata input_size={meta.get('input_size')!r} / patch_size={meta.get('patch_size')!r}; "
+            "expected '<height>x<width>' and an integer"
+        ) from None
+    if ckpt.input_size is None:  # written before the grid was recorded: a DINOv2 name says it
+        ckpt.input_size, ckpt.patch_size = _grid_from_name(path.stem, ckpt.encoder)
+    return ckpt.check(encoder=encoder, num_layers=num_layers, input_size=input_size)
+
+
+def _grid_from_name(stem: str, encoder: str) -> tuple[tuple[int, int] | None, int | None]:
+    """((side, side), patch) from a DINOv2 DyMU file name of ``encoder`` (``dinov2-small-224-tome-64out``), else
+    (None, None). Only DINOv2 names carry a side that the encoder identity does not."""
+    from dymu.encoders.names import is_dymu_name, parse_dymu_name
+
+    if not is_dymu_name(stem):
+        return None, None
+    try:
+        base = parse_dymu_name(stem).base
+    except ValueError:
+        return None, None
+    if base.image_size is None or base.encoder != encoder:
+        return None, None
+    side = base.image_size
+    return (side, side), round((side * side / base.patch_tokens) ** 0.5)
 
 
 def _is_torch_file(path: Path) -> bool:
     import zipfile
 
     with open(path, "rb") as f:
-        head = f.read(2)
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header (its length may start with 0x80)
+    if len(head) == 9 and head[8:] == b"{" and 8 < int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size:
+        return False
     return zipfile.is_zipfile(path) or head[:1] == b"\x80"  # torch.save: zip archive, or a legacy pickle
 
 

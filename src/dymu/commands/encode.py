@@ -66,7 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import torch
 
@@ -74,27 +73,21 @@ def run(args: argparse.Namespace) -> int:
     from dymu.commands._args import checkpoint_model_type
     from dymu.data import load_image
     from dymu.encoders.loading import load_encoder
-    from dymu.encoders.names import is_dymu_name
-    from dymu.encoders.patching import resolve_thresholds_path
 
     if checkpoint_model_type(args.model) == "llava_onevision":
         return run_onevision(args)
     if args.layer is None:
         args.layer = -1
-    # every check that needs no model comes before its load: images, thresholds
+    # every check that needs no model comes before its load: images, thresholds (and the input side a DyMU name
+    # fixes: another grid is refused here)
     pil = [load_image(p) for p in args.images]
-    named = is_dymu_name(args.model) and not Path(args.model).exists()
-    if args.weights is not None and not named:
-        raise ValueError("--weights is only used with a DyMU name as --model")
-    if args.thresholds is not None:
-        resolve_thresholds_path(args.thresholds)
-    elif named:
-        resolve_thresholds_path(args.model)
-    else:
+    thresholds = _checkpoint_for(args)
+    if thresholds is None:
         raise ValueError("give --thresholds (a checkpoint or DyMU name), or use a DyMU name as --model")
     dtype = getattr(torch, args.dtype)
     loaded = load_encoder(args.model, weights=args.weights, device=args.device, dtype=dtype)
-    thresholds = args.thresholds if args.thresholds is not None else loaded.dymu.name
+    thresholds.check(input_size=loaded.image_size)
+    _warn_preprocess(thresholds, loaded.preprocess)
     pixel_values = torch.stack([loaded.preprocess(img) for img in pil]).to(dtype)
     model = loaded.model
     state = dymu.patch(model, thresholds, threshold_offset=args.threshold_offset or 0.0, token_order=args.token_order)
@@ -129,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             f"threshold offset {calibration.offset:+.6f}: {calibration.mean_tokens:.1f} tokens per image on average "
             f"(target {args.token_budget:g}, {calibration.evaluations} passes)"
         )
+        if abs(calibration.mean_tokens - args.token_budget) > 0.5:
+            print(f"note: the target {args.token_budget:g} cannot be reached on these images; the nearest is "
+                  f"{calibration.mean_tokens:.1f} (token counts are whole numbers per image)")
     elif state.threshold_offset:
         print(f"threshold offset {state.threshold_offset:+.6f}")
     width = max(len(p) for p in args.images)
@@ -140,6 +136,37 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"{'mean':<{width}}  {sum(finals) / len(finals):>8.1f}")
     return 0
+
+
+def _checkpoint_for(args: argparse.Namespace):
+    """The threshold checkpoint of ``--thresholds`` (or of the DyMU name in ``--model``), checked against the
+    input side a DINOv2 DyMU name fixes; None when neither names one."""
+    from pathlib import Path
+
+    from dymu.encoders.names import is_dymu_name, parse_dymu_name
+    from dymu.encoders.patching import resolve_thresholds_path
+    from dymu.thresholds import load_thresholds
+
+    name = parse_dymu_name(args.model) if is_dymu_name(args.model) and not Path(args.model).exists() else None
+    if args.weights is not None and name is None:
+        raise ValueError("--weights is only used with a DyMU name as --model")
+    source = args.thresholds or (name.name if name is not None else None)
+    if source is None:
+        return None
+    return load_thresholds(resolve_thresholds_path(source), input_size=name.base.image_size if name else None)
+
+
+def _warn_preprocess(ckpt, transform) -> None:
+    """Warn when the checkpoint records another preprocessing than ``transform`` (both known): the token grid is
+    the same, but other pixels give other counts than the thresholds were found for."""
+    import warnings
+
+    from dymu.data import describe_preprocess
+
+    now = describe_preprocess(transform)
+    if ckpt.preprocess and now and ckpt.preprocess != now:
+        warnings.warn(f"the thresholds were found on images preprocessed as '{ckpt.preprocess}', these are '{now}': "
+                      "token counts will differ from what they were found for", stacklevel=2)
 
 
 def run_onevision(args: argparse.Namespace) -> int:

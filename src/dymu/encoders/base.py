@@ -79,6 +79,7 @@ class DToMeState:
     thresholds: Tensor | None = None  # [L] float32
     merge_counts: list[int] | None = None
     threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
+    threshold_grid: tuple[int, str] | None = None  # (patch tokens, in words) the thresholds were found for, if known
     token_order: TokenOrder = "authors"  # token order after a merge (dymu.merge module doc)
     sync_find: bool = False  # finding: global top-k across torch.distributed processes (dymu.finding)
     record_layers: frozenset[int] = frozenset()  # hidden-state indices (0..L) to keep in run.hidden_states
@@ -124,6 +125,15 @@ class DToMeState:
 
     # -- called by the patched modules, in this order, during a forward pass
     def begin(self, x: Tensor, mask: Tensor | None = None) -> None:
+        if self.mode == "infer" and self.threshold_grid is not None:
+            # DINOv2 takes any input size and its identity does not say which: thresholds fit one token grid only
+            tokens, grid = self.threshold_grid
+            if x.shape[1] - int(self.protect_first) != tokens:
+                raise ValueError(
+                    f"the thresholds of {self.encoder!r} were found on {grid} inputs ({tokens} patch tokens), but "
+                    f"this input has {x.shape[1] - int(self.protect_first)} patch tokens: resize the images to the "
+                    "checkpoint's size or use thresholds found at this size"
+                )
         self.tokens = TokenState.init(x, mask)
         self._merged = mask is not None and not bool(mask.all())
         self._bias = None

@@ -81,6 +81,24 @@ def _state(model: nn.Module) -> DToMeState:
     return state
 
 
+def patch_size(model: nn.Module) -> int | None:
+    """Side in px of ``model``'s patches: the kernel of its patch embedding (its first ``Conv2d``); None if it
+    has none or a non-square one."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.kernel_size[0] if conv is not None and conv.kernel_size[0] == conv.kernel_size[1] else None
+
+
+def input_patch_tokens(model: nn.Module, pixel_values: Tensor) -> int:
+    """Patch tokens (CLS excluded) each image of ``pixel_values`` enters the patched encoder with: its patch grid,
+    not the config's (a DINOv2 takes any input size); the state's count if the patch size is not known."""
+    state = get_state(model)
+    patch = patch_size(state.forward if isinstance(state.forward, nn.Module) else model)
+    if patch is None:
+        return state.input_tokens - int(state.protect_first)
+    h, w = pixel_values.shape[-2:]
+    return (h // patch) * (w // patch)
+
+
 def _resolve_layer(state: DToMeState, layer: int) -> int:
     total = state.num_layers + 1
     if not -total <= layer < total:
@@ -263,9 +281,13 @@ def calibrate_budget(
     if state.mode != "infer" or state.thresholds is None:
         raise ValueError("calibrate_budget needs a model patched with thresholds (inference mode)")
     index = _resolve_layer(state, layer)
-    full = state.input_tokens - int(state.protect_first)
+    full = input_patch_tokens(model, pixel_values)
     if not 0 < target_tokens <= full:
-        raise ValueError(f"target_tokens must be in (0, {full}] for {state.encoder}, got {target_tokens}")
+        h, w = pixel_values.shape[-2:]
+        raise ValueError(
+            f"a token budget of {target_tokens:g} is out of range: {state.encoder} makes {full} patch tokens of a "
+            f"{h}x{w} px image, so the budget must be in (0, {full}]"
+        )
     finite = state.thresholds[torch.isfinite(state.thresholds)]
     t_max = float(finite.max()) if finite.numel() else 0.0
     t_min = float(finite.min()) if finite.numel() else 0.0

@@ -8,8 +8,13 @@
   ``local-dir:/path`` or ``hf-hub:org/repo``; ``PRETRAINED`` a tag or a file); only ``model.visual`` is kept;
 * a DyMU name (``ViT-L-14-336-tome-72out``) — its base encoder from the hub (or from ``weights``), cut to the
   number of blocks the name is for (SigLIP: 26, as in LLaVA-OneVision). A DINOv2 name
-  (``dinov2-small-224-tome-64out``) loads the installed ``dinov2-small`` weights and feeds them images squashed
-  to the name's side (bicubic, the processor's normalisation), as its thresholds were found.
+  (``dinov2-small-224-tome-64out``) loads the installed ``dinov2-small`` weights.
+
+One encoder identity, one preprocessing: a DINOv2 (which takes any input size) always gets its processor
+squashing every image to the input side with no crop (:func:`dymu.data.squash_transform`) — the side of its DyMU
+name, else the processor's crop size (224 for ``dinov2-small``, whose stock processor would resize to 256 and
+centre-crop 224). That is what the small VLM's processor does, so thresholds found with ``--model dinov2-small``
+and with ``--model dinov2-small-224-tome-64out`` are the same and fit the VLM.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class LoadedEncoder:
     preprocess: Callable[[object], Tensor]  # PIL image -> [3, H, W]
     source: str  # what was loaded, for messages and resume checks
     dymu: DyMUName | None = None
+    image_size: int | None = None  # input side the preprocessing makes (square), when known
 
 
 def load_encoder(
@@ -58,12 +64,8 @@ def load_encoder(
         if is_dymu_name(source) and not Path(source).exists():
             raise ValueError(f"weights {source!r} must be a model folder, hub name or open_clip:..., not a DyMU name")
         hint = f"or pass a local copy of {source} with --weights FOLDER (library: load_encoder(name, weights=FOLDER))"
-        loaded = _load(source, num_layers=dymu.base.num_layers, hint=hint)
+        loaded = _load(source, num_layers=dymu.base.num_layers, hint=hint, side=dymu.base.image_size)
         loaded.dymu = dymu
-        if dymu.base.image_size is not None:  # DINOv2: the name fixes the input side
-            from dymu.data import SquashResize
-
-            loaded.preprocess = SquashResize.like(loaded.preprocess, dymu.base.image_size)
     elif spec.endswith("-tome") and not Path(spec).exists() and (bare := bare_encoder_error(spec)) is not None:
         raise bare  # the authors' OneVision spelling of the tower, without the count
     elif weights is not None:
@@ -83,13 +85,15 @@ def load_encoder(
     return loaded
 
 
-def _load(spec: str, *, num_layers: int | None = None, hint: str | None = None) -> LoadedEncoder:
+def _load(
+    spec: str, *, num_layers: int | None = None, hint: str | None = None, side: int | None = None
+) -> LoadedEncoder:
     if spec.startswith("open_clip:"):
         return _load_open_clip(spec.removeprefix("open_clip:"), num_layers)
-    return _load_hf(spec, num_layers, hint or "or pass a local folder of the model (--model FOLDER)")
+    return _load_hf(spec, num_layers, hint or "or pass a local folder of the model (--model FOLDER)", side)
 
 
-def _load_hf(spec: str, num_layers: int | None, hint: str) -> LoadedEncoder:
+def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = None) -> LoadedEncoder:
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
     from dymu import weights as dymu_weights
@@ -132,10 +136,26 @@ def _load_hf(spec: str, num_layers: int | None, hint: str) -> LoadedEncoder:
             if is_hub_name(spec):
                 raise
             raise FileNotFoundError(f"cannot load {spec}: {err}") from err
-    from dymu.data import hf_transform
+    from dymu.data import hf_transform, squash_transform
 
     # a folder is recorded by its absolute path, so a resumed run may name it differently
-    return LoadedEncoder(model, hf_transform(processor), str(local.resolve()) if local.is_dir() else spec)
+    source = str(local.resolve()) if local.is_dir() else spec
+    if kind == "dinov2":  # any input size: one preprocessing per side (module doc)
+        side = side or _crop_side(processor)
+        return LoadedEncoder(model, squash_transform(processor, side), source, image_size=side)
+    size = getattr(getattr(model.config, "vision_config", model.config), "image_size", None)
+    return LoadedEncoder(model, hf_transform(processor), source, image_size=size)
+
+
+def _crop_side(processor) -> int:
+    """The side a DINOv2 processor's stock pipeline ends at (its crop size; 224 for dinov2-small)."""
+    from dymu.data import _get
+
+    for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
+        side = _get(size, "height") if size is not None else None
+        if side:
+            return side
+    raise ValueError(f"cannot tell the input side from {type(processor).__name__}; use a DyMU name with the side")
 
 
 def _load_open_clip(spec: str, num_layers: int | None) -> LoadedEncoder:

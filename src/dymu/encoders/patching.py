@@ -118,6 +118,9 @@ def configure(
                 stacklevel=2,
             )
         thresholds = ckpt.thresholds
+        state.threshold_grid = (ckpt.grid_tokens, ckpt.grid) if ckpt.grid_tokens is not None else None
+    elif thresholds is not None:  # plain values: nothing recorded to check the input against
+        state.threshold_grid = None
     state.configure(
         thresholds=torch.as_tensor(thresholds) if thresholds is not None else None,
         merge_counts=list(merge_counts) if merge_counts is not None else None,

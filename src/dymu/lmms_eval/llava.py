@@ -513,7 +513,7 @@ class DyMULlava(lmms):
         """The stock model's visual tokens per image (the same for every LLaVA-1.5 image)."""
         from dymu.vlm.llava import full_image_tokens
 
-        return full_image_tokens(self._model) if hasattr(self, "_model") else None
+        return full_image_tokens(self._model, processor=self.processor) if hasattr(self, "_model") else None
 
     def _record_of(self, records: dict[str, dict[tuple[str, Any], list[int]]]) -> dict[str, Any]:
         tasks, everything = {}, []

@@ -86,12 +86,21 @@ class PreparedInputs:
     groups: list[Tensor] = field(default_factory=list)  # per row: virtual position -> merged slot
 
 
-def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None) -> int:
+def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, processor: Any = None) -> int:
     """Placeholder tokens per image in the stock model (576 for CLIP ViT-L/14-336 with 'default'): the patch grid
-    of ``pixel_values`` when given (a DINOv2 tower's config size, 518, says nothing about its input), else of the
-    vision config's image size."""
+    of ``pixel_values``, else of what ``processor`` makes of an image, else of the vision config's image size —
+    which a DINOv2 tower's config does not give (518: it takes any input size), so a DINOv2 needs one of the two."""
     vc = model.config.vision_config
-    h, w = pixel_values.shape[-2:] if pixel_values is not None else (vc.image_size, vc.image_size)
+    if pixel_values is None and processor is not None:
+        from PIL import Image
+
+        pixel_values = processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+    if pixel_values is not None:
+        h, w = pixel_values.shape[-2:]
+    elif vc.model_type == "dinov2":
+        raise ValueError("the full token count of a DINOv2 tower depends on its input size: pass the pixel values or the processor")
+    else:
+        h = w = vc.image_size
     patches = (h // vc.patch_size) * (w // vc.patch_size)
     return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
 
@@ -285,5 +294,5 @@ def answer(
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
-    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model)] * len(pil)
+    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model, inputs["pixel_values"])] * len(pil)
     return [Answer(text.strip(), c) for text, c in zip(decoded, counts)]
