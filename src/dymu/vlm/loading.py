@@ -252,13 +252,38 @@ def load_llava(
     if dymu is False or (settings is None and thresholds is None and dymu is not True):
         return model, processor
     settings = settings or DyMUSettings()
+    chosen = _fits_processor(_chosen_thresholds(path, settings, thresholds), processor)
     enable_dymu(
         model,
-        _chosen_thresholds(path, settings, thresholds),
+        chosen,
         vtu=vtu or settings.vtu,
         threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
     )
     return model, processor
+
+
+def _fits_processor(chosen: Any, processor: Any) -> Any:
+    """The threshold checkpoint ``chosen`` names, checked against what ``processor`` makes of an image: another
+    input size is refused now (not at the first image), another recorded preprocessing gets a warning."""
+    import warnings
+
+    from PIL import Image
+
+    from dymu.data import describe_preprocess
+    from dymu.encoders.patching import resolve_thresholds_path
+    from dymu.thresholds import load_thresholds
+
+    if not isinstance(chosen, (str, Path)):
+        return chosen
+    ckpt = load_thresholds(resolve_thresholds_path(chosen))
+    size = processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"].shape[-2:]
+    ckpt.check(input_size=(int(size[0]), int(size[1])))
+    now = describe_preprocess(processor.image_processor)
+    if ckpt.preprocess and now and now != ckpt.preprocess:
+        warnings.warn(f"{chosen}: the thresholds were found on images preprocessed as '{ckpt.preprocess}', the "
+                      f"model's processor does '{now}': token counts will differ from what they were found for",
+                      stacklevel=3)
+    return chosen
 
 
 def _chosen_thresholds(path: str | Path, settings: DyMUSettings, thresholds: Any) -> Any:
