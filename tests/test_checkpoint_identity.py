@@ -160,3 +160,49 @@ def _found(dino_dir: Path, root: Path, capsys) -> Path:
                            "--batch-size", "3", "--num-workers", "0", "--quiet", "--out-tokens", "16", "--output", out)
         assert code == 0, err
     return out
+
+
+@pytest.fixture(scope="module")
+def dino_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA whose tower is a DINOv2 (config 518 px) and whose processor squashes to 56 px (16 patches)."""
+    from transformers import BitImageProcessor, Dinov2Config, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from dymu.testing import CHAT_TEMPLATE, scale_weights, tiny_llama_config, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=518,
+                          patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=tiny_llama_config(vocab_size=len(tokenizer)),
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=16)
+    model = scale_weights(LlavaForConditionalGeneration(config).eval(), 0.3, 0)
+    squash = BitImageProcessor(size={"height": 56, "width": 56}, do_center_crop=False, resample=3)
+    processor = LlavaProcessor(image_processor=squash, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)
+    directory = tmp_path_factory.mktemp("dino-llava") / "model"
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_vlm_counts_and_checkpoints_follow_its_processor(dino_llava, images, tmp_path, capsys):
+    from dymu.vlm import load_llava
+
+    root, names = images
+    code, out, err = run(capsys, "generate", "--model", dino_llava, "--no-dymu", "--image", root / names[0],
+                         "--prompt", "what", "--max-new-tokens", "1")
+    assert code == 0, err
+    assert "(16 visual tokens)" in out  # the processor's 56 px grid, not the config's 518 px (1369)
+
+    counts = merge_schedule("constant", 8, 2)
+    wrong = save_thresholds(tmp_path / "at84.safetensors", ThresholdCheckpoint(
+        [0.2, 0.2], encoder="dinov2-518px-p14-d32", merge_counts=counts, input_size=(84, 84), patch_size=14))
+    with pytest.raises(ValueError, match=r"found on 84x84 px .* gets 56x56 px"):
+        load_llava(dino_llava, thresholds=wrong)
+    cropped = save_thresholds(tmp_path / "at56.safetensors", ThresholdCheckpoint(
+        [0.2, 0.2], encoder="dinov2-518px-p14-d32", merge_counts=counts, input_size=(56, 56), patch_size=14,
+        preprocess="resize 64, crop 56x56 bicubic"))
+    with pytest.warns(UserWarning, match="preprocessed as 'resize 64, crop 56x56 bicubic'.* 'squash 56x56 bicubic'"):
+        load_llava(dino_llava, thresholds=cropped)

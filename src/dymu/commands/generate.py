@@ -171,6 +171,6 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
 
         stock = stock_visual_tokens(model, inputs["image_sizes"], inputs.get("batch_num_images"))
     else:
-        stock = [full_image_tokens(model, inputs["pixel_values"])] * len(pil)
+        stock = [full_image_tokens(model, inputs["pixel_values"])] * len(pil) if pil else []
     counts = model.dymu_last_counts if dymu_vtu_mode(model) is not None else stock
     return [Answer(text.strip(), c) for text, c in zip(decoded, counts)], stock

@@ -294,5 +294,7 @@ def answer(
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     decoded = processor.batch_decode(new_tokens, skip_special_tokens=True)
-    counts = getattr(model, "dymu_last_counts", None) or [full_image_tokens(model, inputs["pixel_values"])] * len(pil)
-    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)]
+    counts = getattr(model, "dymu_last_counts", None)
+    if counts is None and pil:
+        counts = [full_image_tokens(model, inputs["pixel_values"])] * len(pil)
+    return [Answer(text.strip(), c) for text, c in zip(decoded, counts or [])]
