@@ -75,9 +75,10 @@ def test_dinov2_has_one_preprocessing_and_checkpoints_record_it(dino_dir, images
     assert by_folder.image_size == by_name.image_size == 84
 
     out = tmp_path / "found.safetensors"
-    code, _, err = run(capsys, "thresholds", "--model", dino_dir, "--data", root / "images.json", "--batch-size", "3",
-                       "--num-workers", "0", "--quiet", "--out-tokens", "16", "--output", out)
+    code, printed, err = run(capsys, "thresholds", "--model", dino_dir, "--data", root / "images.json",
+                             "--batch-size", "3", "--num-workers", "0", "--quiet", "--out-tokens", "16", "--output", out)
     assert code == 0, err
+    assert "inputs: 84x84 px (6x6 patches of 14 px), preprocessed as 'squash 84x84 bicubic'" in printed
     ckpt = load_thresholds(out)
     assert (ckpt.input_size, ckpt.patch_size, ckpt.grid_tokens) == ((84, 84), 14, 36)
     assert ckpt.preprocess == "squash 84x84 bicubic"

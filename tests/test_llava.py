@@ -289,7 +289,7 @@ def test_token_budget_and_generate_cli(llava_dir, thresholds_file, tmp_path, cap
         answer(model, processor, paths, ["w1"] * 3, max_new_tokens=1)
         mean = sum(model.dymu_last_counts) / 3
         assert abs(mean - target) <= 1.5, (target, offset, model.dymu_last_counts)
-    with pytest.raises(ValueError, match=r"target_tokens must be in \(0, 16\]"):
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 16\]"):
         calibrate_token_budget(model, processor, paths, 40)
 
     argv = ["generate", "--model", str(llava_dir), "--thresholds", str(thresholds_file), "--prompt", "w1 w2"]

@@ -194,6 +194,8 @@ def _report(
         + (f" on {world} processes" if world > 1 else "")
         + (f" (resumed after batch {result.resumed_from})" if result.resumed_from else ""),
     ]
+    ckpt = result.checkpoint
+    lines.append(f"inputs: {ckpt.grid}" + (f", preprocessed as '{ckpt.preprocess}'" if ckpt.preprocess else ""))
     if without_image:
         lines.append(f"records without an image key (ignored): {without_image}")
     if duplicates:
