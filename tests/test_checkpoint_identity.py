@@ -121,6 +121,12 @@ def test_another_input_size_is_refused(dino_dir, images, tmp_path, capsys):
     assert code == 2 and "were found on 84x84 px" in err
     code, out, err = run(capsys, "encode", "--model", dino_dir, "--thresholds", recorded, root / names[0], "--json")
     assert code == 0, err
+    # same grid, another recorded preprocessing: used, with a warning
+    ckpt.preprocess = "resize 112, crop 84x84 bicubic"
+    cropped = save_thresholds(tmp_path / "cropped.safetensors", ckpt)
+    with pytest.warns(UserWarning, match="preprocessed as 'resize 112, crop 84x84 bicubic', these are 'squash 84x84"):
+        code, out, err = run(capsys, "encode", "--model", dino_dir, "--thresholds", cropped, root / names[0])
+    assert code == 0, err
 
 
 def test_full_counts_and_budgets_come_from_the_pixels(dino_dir, images, capsys):
