@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import dymu
 from dymu.cli import main
@@ -76,7 +75,8 @@ def test_dinov2_has_one_preprocessing_and_checkpoints_record_it(dino_dir, images
 
     out = tmp_path / "found.safetensors"
     code, printed, err = run(capsys, "thresholds", "--model", dino_dir, "--data", root / "images.json",
-                             "--batch-size", "3", "--num-workers", "0", "--quiet", "--out-tokens", "16", "--output", out)
+                             "--batch-size", "3", "--num-workers", "0", "--quiet", "--out-tokens", "16",
+                             "--output", out)
     assert code == 0, err
     assert "inputs: 84x84 px (6x6 patches of 14 px), preprocessed as 'squash 84x84 bicubic'" in printed
     ckpt = load_thresholds(out)

@@ -17,8 +17,8 @@ averaged per-process thresholds of per-process batches; with equal shards this d
 Resuming: after every finished batch, rank 0 atomically writes ``<output>.resume.pt`` with the running
 thresholds, batches done, images seen and the skipped list. A killed run started again with the same settings
 continues from the next batch — nothing lost, nothing counted twice. Different settings (encoder, merge counts,
-batch size, image list, model dtype, device type, preprocessing) are refused. The resume file is removed once the checkpoint is
-written, and when no image at all could be read (nothing to resume: a rerun after fixing the images starts
+batch size, image list, model dtype, device type, preprocessing) are refused. The resume file is removed once the
+checkpoint is written, and when no image at all could be read (nothing to resume: a rerun after fixing the images starts
 over). Images skipped in batches already done stay skipped when resuming; :attr:`FindingResult.readable_now`
 lists those that load now (start over to include them).
 """
@@ -62,7 +62,8 @@ class FindingSettings:
     dtype: str | None = None  # model dtype ("float32"): another precision finds other thresholds
     device: str | None = None  # device type ("cpu", "cuda"), not the index: torchrun ranks differ in it
     token_order: str = "authors"  # raster finds other thresholds than the authors' order
-    preprocess: str | None = None  # how images are resized (dymu.data.describe_preprocess): other pixels, other thresholds
+    preprocess: str | None = None  # how images are resized (dymu.data.describe_preprocess): other pixels, other
+    # thresholds; None: a transform dymu cannot describe (not compared)
 
 
 @dataclass
@@ -207,7 +208,8 @@ def find_thresholds(
                 failed = _gather_failed(batch.failed)
                 if n_global > 0:
                     if n_local > 0:
-                        sizes.add((int(batch.pixel_values.shape[-2]), int(batch.pixel_values.shape[-1])))
+                        if batch.pixel_values.dim() == 4:  # [B, 3, H, W]; packed patches (Qwen) have no size
+                            sizes.add((int(batch.pixel_values.shape[-2]), int(batch.pixel_values.shape[-1])))
                         with torch.no_grad():
                             state.forward(batch.pixel_values.to(device=device, dtype=dtype))
                         found = state.run.found_thresholds

@@ -98,7 +98,9 @@ def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, proc
     if pixel_values is not None:
         h, w = pixel_values.shape[-2:]
     elif vc.model_type == "dinov2":
-        raise ValueError("the full token count of a DINOv2 tower depends on its input size: pass the pixel values or the processor")
+        raise ValueError(
+            "the full token count of a DINOv2 tower depends on its input size: pass the pixel values or the processor"
+        )
     else:
         h = w = vc.image_size
     patches = (h // vc.patch_size) * (w // vc.patch_size)
