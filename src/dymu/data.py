@@ -257,6 +257,22 @@ def squash_transform(processor, side: int) -> Transform:
     return _HFTransform(squashed)
 
 
+class SquashResize:
+    """PIL image -> ``[3, S, S]``: bicubic resize (squash) to S×S of the 8-bit image, scaled to [0, 1] and normalised
+    by ``mean`` / ``std`` (without a transformers processor; :func:`squash_transform` is dymu's DINOv2 path)."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size, self.mean, self.std = int(size), [float(m) for m in mean], [float(s) for s in std]
+
+    def __call__(self, image) -> Tensor:
+        import numpy as np
+        from PIL import Image
+
+        resized = load_image(image).resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
+
+
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -264,6 +280,8 @@ def describe_preprocess(transform: object) -> str | None:
     """What a transform from :func:`hf_transform` (or a transformers image processor) does to an image's size, in
     words recorded in threshold checkpoints: ``"squash 224x224 bicubic"`` or ``"resize 256, crop 224x224
     bicubic"``; None when it is not known (e.g. an open_clip transform)."""
+    if isinstance(transform, SquashResize):
+        return f"squash {transform.size}x{transform.size} bicubic"
     processor = getattr(transform, "processor", transform)
     if not hasattr(processor, "do_resize") or not hasattr(processor, "size"):
         return None
