@@ -25,7 +25,8 @@ layout ``DYMU_HUB_FILES``, default ``{name}.pth,threshold_checkpoints/{name}.pth
 
 DINOv2 takes any input size, so its DyMU names carry the input side the thresholds were found at,
 ``<model identity>-<side>``: ``dinov2-small-224-tome-64out`` (and, for other DINOv2 shapes,
-``dinov2-84px-p14-d64-84-tome-16out``); their checkpoints record the model identity (``dinov2-small``).
+``dinov2-84px-p14-d64-84-tome-16out``); their checkpoints record the model identity (``dinov2-small``) and, apart,
+the input size and patch size (:mod:`dymu.thresholds`), so thresholds are never used on another token grid.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ KNOWN_BASES: dict[str, BaseEncoder] = {
         False,
     ),
     # DINOv2 takes any input size, so its DyMU names carry the resolution the thresholds were found at
-    # ("dinov2-small-224-tome-64out"); their checkpoints record the model identity "dinov2-small".
+    # ("dinov2-small-224-tome-64out"); their checkpoints record the model identity "dinov2-small" and the input size.
     # Weights: dymu.weights.install("dinov2-small").
     # Other sizes work too ("dinov2-small-336"), see base_encoder.
     "dinov2-small-224": BaseEncoder(
