@@ -97,18 +97,15 @@ def _scene_specs(rng: random.Random, n: int, qtype: str, answer: str) -> tuple[l
     else:
         colour, shape = rng.choice(colours), rng.choice(shapes)
         pool = [(s, c) for s in shapes for c in colours if (s, c) != (shape, colour)]
-        others = [rng.choice(pool) for _ in range(n - 1)]
-        if answer == "no":
+        if answer == "no":  # n objects, none of them the pair asked about
+            specs = [rng.choice(pool) for _ in range(n)]
             # hard negatives: the colour and the shape are there, on other objects
             if n >= 2:
-                others[0] = (shape, rng.choice([c for c in colours if c != colour]))
-            if n >= 3:
-                others[1] = (rng.choice([s for s in shapes if s != shape]), colour)
-            if n == 1:
-                others = [rng.choice(pool)]
-            specs = [(s, c) for s, c in others]
+                specs[0] = (shape, rng.choice([c for c in colours if c != colour]))
+                specs[1] = (rng.choice([s for s in shapes if s != shape]), colour)
             rng.shuffle(specs)
             return specs, None, colour, shape
+        others = [rng.choice(pool) for _ in range(n - 1)]
     specs = [(shape, colour), *others]
     order = list(range(n))
     rng.shuffle(order)
@@ -174,9 +171,10 @@ def _draw(draw: ImageDraw.ImageDraw, rng: random.Random, shape: str, colour: str
         core = (x + s // 2, top + h // 2)
     else:  # triangle, one corner pointing up, down, left or right
         d = rng.randrange(4)
-        pts = [(x + s / 2, y), (x + s - 1, y + s - 1), (x, y + s - 1)]
-        c = (x + s / 2, y + s / 2)
-        for _ in range(d):  # rotate by 90 degrees about the square's centre
+        m = (s - 1) / 2
+        pts = [(x + m, y), (x + s - 1, y + s - 1), (x, y + s - 1)]
+        c = (x + m, y + m)
+        for _ in range(d):  # rotate by 90 degrees about the square's centre (the square maps onto itself)
             pts = [(c[0] - (py - c[1]), c[1] + (px - c[0])) for px, py in pts]
         draw.polygon(pts, fill=rgb)
         cx, cy = sum(p[0] for p in pts) / 3, sum(p[1] for p in pts) / 3
@@ -212,13 +210,18 @@ def supported_questions(objects: list[Obj]) -> list[tuple[str, str, str, str, in
 
 
 def _extra_questions(rng: random.Random, objects: list[Obj], first: QA, k: int) -> list[QA]:
-    """Up to ``k`` more questions on the same scene: a random question type, then a random supported question."""
+    """Up to ``k`` more questions on the same scene: a question kind drawn with weights 8 : 3 : 1 : 1 (colour,
+    shape, yes, no: the shares of a uniform answer) among the kinds the scene still supports, then a random
+    question of that kind; at most one "yes" and one "no". (Colour questions need a shape that occurs once: rare
+    in busy scenes.)"""
     pool = [q for q in supported_questions(objects) if (q[2], q[3], q[0]) != (first.colour, first.shape, first.qtype)]
     extra: list[QA] = []
+    weights = {"color": 8, "shape": 3, "yes": 1, "no": 1}
     while pool and len(extra) < k:
-        kind = rng.choice([t for t in ("color", "shape", "yes", "no") if any(_kind(q) == t for q in pool)])
+        kinds = [t for t in weights if any(_kind(q) == t for q in pool)]
+        kind = rng.choices(kinds, [weights[t] for t in kinds])[0]
         pick = rng.choice([q for q in pool if _kind(q) == kind])
-        pool.remove(pick)
+        pool = [q for q in pool if q is not pick and (kind not in ("yes", "no") or _kind(q) != kind)]  # one each
         qtype, answer, colour, shape, target = pick
         extra.append(QA(_question(rng, qtype, colour, shape), answer, qtype, target, colour, shape))
     return extra
@@ -256,7 +259,7 @@ def generate(seed: int, count: int, *, questions_per_image: int = 1, textured: f
         is_textured = rng.random() < textured
         image = _background(rng, is_textured)
         draw = ImageDraw.Draw(image)
-        objects = [_draw(draw, rng, s, c, x, y, size) for (s, c), (x, y, size) in zip(specs, _layout(rng, n))]
+        objects = [_draw(draw, rng, s, c, x, y, size) for (s, c), (x, y, size) in zip(specs, _layout(rng, n), strict=True)]
         first = QA(_question(rng, qtype, colour, shape), answer, qtype, target, colour, shape)
         questions = [first, *_extra_questions(rng, objects, first, questions_per_image - 1)]
         items.append(Item(index, level, "textured" if is_textured else "flat", objects, questions, image))

@@ -9,8 +9,13 @@ optimizer, RNG states, data position) is written every ``--checkpoint-minutes`` 
 same ``--work-dir`` resumes exactly where it stopped (``--restart`` starts over). The result is written to
 ``--out`` as ``projector.safetensors`` (projector + LoRA deltas) and ``train_settings.json``.
 
+``--mix N`` adds N generated complexity-VQA images (:mod:`dymu.complexity_vqa`, seed ``--mix-seed``, up to
+``--mix-questions`` questions each) to the easy-VQA images: one shuffled pool, one conversation per image.
+``--init FILE`` starts from a trained projector (+ LoRA of the same rank) instead of the whitened initialisation.
+
 Example:
   dymu train-projector --images 800 --steps 600 --max-minutes 60 --out checkpoints/small_vlm
+  dymu train-projector --images 2000 --mix 3000 --init default --lora-rank 8 --bf16 --out checkpoints/small_vlm_mix
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ NAME = "train-projector"
 HELP = "train the small real VLM's projector (DINOv2-S + SmolLM2-135M) on easy-VQA, resumable"
 
 IGNORE = -100
+MIX_ID_OFFSET = 10_000_000  # generated images' ids in the training pool (easy-VQA ids are below)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "variation that carries colour is ~0.75 per channel)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the frozen LLM's matmuls "
                         "(weights, optimizer and loss stay fp32; ~2x faster on CPUs with AMX/AVX512-BF16)")
+    parser.add_argument("--mix", type=int, default=0, help="generated complexity-VQA images added to the easy-VQA "
+                        "ones (dymu.complexity_vqa; 0: easy-VQA only)")
+    parser.add_argument("--mix-seed", type=int, default=1000, help="generator seed of the --mix images (keep it "
+                        "away from the seeds test sets are drawn from)")
+    parser.add_argument("--mix-questions", type=int, default=8, help="questions generated per --mix image")
+    parser.add_argument("--init", default=None, help="start from this projector.safetensors (projector + LoRA of "
+                        "the same rank; 'default': checkpoints/small_vlm) instead of the whitened initialisation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,6 +90,26 @@ def easy_vqa_by_image(split: str = "train") -> tuple[dict[int, list[tuple[str, s
     for q, a, i in zip(qs, ans, ids):
         by_image.setdefault(int(i), []).append((q, a))
     return by_image, {int(k): v for k, v in paths.items()}
+
+
+def complexity_vqa_by_image(seed: int, count: int, questions: int, work: Path) -> tuple[
+        dict[int, list[tuple[str, str]]], dict[int, str]]:
+    """Like :func:`easy_vqa_by_image` for ``count`` generated complexity-VQA images (written once under ``work``);
+    ids start at ``MIX_ID_OFFSET``."""
+    from dymu.complexity_vqa import generate, write
+
+    folder = work / f"complexity-vqa-seed{seed}-{count}x{questions}"
+    qfile = folder / "questions.json"
+    if not qfile.exists():
+        write(generate(seed, count, questions_per_image=questions), folder, name="questions.tmp")
+        os.replace(folder / "questions.tmp", qfile)  # complete sets only
+    by_image: dict[int, list[tuple[str, str]]] = {}
+    paths: dict[int, str] = {}
+    for r in json.loads(qfile.read_text()):
+        i = MIX_ID_OFFSET + int(r["item"])
+        by_image.setdefault(i, []).append((r["question"], r["answer"]))
+        paths[i] = str(folder / r["image"])
+    return by_image, paths
 
 
 def image_features(model: Any, pixel_values: Any) -> Any:
@@ -238,7 +271,19 @@ class Trainer:
         self.qa = {i: by_image[i] for i in self.image_ids}
         self.features = cached_features(model, processor, self.image_ids, paths,
                                         self.work / f"features-{args.images}.pt", progress=not args.no_progress)
-        if getattr(args, "whiten", False):
+        if getattr(args, "mix", 0):
+            mix_qa, mix_paths = complexity_vqa_by_image(args.mix_seed, args.mix, args.mix_questions, self.work)
+            mix_ids = sorted(mix_qa)
+            self.features.update(cached_features(
+                model, processor, mix_ids, mix_paths,
+                self.work / f"features-mix-{args.mix_seed}-{args.mix}x{args.mix_questions}.pt",
+                progress=not args.no_progress))
+            self.image_ids += mix_ids
+            self.qa.update(mix_qa)
+        resumable = not args.restart and (self.work / "state.pt").exists()
+        if getattr(args, "init", None) and not resumable:  # a resumed run needs no init file
+            self.init_from(args.init)
+        elif getattr(args, "whiten", False):
             whiten_projector(projector, self.features)
         groups = [{"params": list(projector.parameters()), "lr": args.lr}]
         if self.adapters:
@@ -252,6 +297,23 @@ class Trainer:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.model.train()  # no dropout in either model; train() only matters for hooks
+
+    def init_from(self, path: str) -> None:
+        """Projector and LoRA A/B from a ``projector.safetensors`` (``'default'``: the committed small VLM's)."""
+        from safetensors.torch import load_file
+
+        from dymu.small_vlm import DEFAULT_CHECKPOINT
+
+        file = Path(DEFAULT_CHECKPOINT if path == "default" else path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--init {path}: no such file; expected a projector.safetensors from train-projector")
+        state = load_file(str(file))
+        lora = {k for k in state if k.startswith("lora.") and not k.endswith(".scale")}
+        wanted = {f"lora.{p}.{x}" for p in self.adapters for x in ("A", "B")}
+        if lora != wanted or any(state[k].shape != getattr(self.adapters[k[5:-2]], k[-1]).shape for k in wanted):
+            raise ValueError(f"--init {path}: its LoRA tensors do not match --lora-rank {self.args.lora_rank} / "
+                             f"--lora-targets {self.args.lora_targets}; expected the same LoRA layout")
+        self.load_trainable(state)
 
     # data order: epoch e uses a permutation seeded by (seed, e); position = step_index * batch
     def batch_ids(self, step: int) -> list[tuple[int, int]]:
@@ -413,6 +475,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("bf16", "whiten"):  # only written when on, so earlier runs keep their settings
         if getattr(args, flag, False):
             settings[flag] = True
+    if getattr(args, "mix", 0):
+        settings.update(mix=args.mix, mix_seed=args.mix_seed, mix_questions=args.mix_questions)
+    if getattr(args, "init", None):
+        settings["init"] = args.init
     return settings
 
 

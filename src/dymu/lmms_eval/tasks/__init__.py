@@ -1,5 +1,6 @@
 """dymu's lmms-eval tasks: ``easy_vqa`` (the fixed class-balanced 260-question subset) and ``easy_vqa_full`` (the
-whole easy-VQA test split, 9,673 questions), with data from the ``easy-vqa`` package (no hub, works offline).
+whole easy-VQA test split, 9,673 questions), with data from the ``easy-vqa`` package (no hub, works offline), and
+``dymu_complexity_vqa`` (1,040 generated questions over 4 image-complexity levels, :mod:`dymu.complexity_vqa`).
 
 lmms-eval finds them through ``--include_path``; this folder is the path to give::
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TASKS = ("easy_vqa", "easy_vqa_full")
+TASKS = ("easy_vqa", "easy_vqa_full", "dymu_complexity_vqa")
 
 
 def include_path() -> str:
