@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,28 @@ def test_cli_writes_dymu_eval_format(tmp_path):
     assert rows == cv.records(cv.generate(5, 30))
     scenes = json.loads((out / "scenes.json").read_text())
     assert [len(s["objects"]) for s in scenes] == [r["objects"] for r in rows]
+
+
+def test_training_pool_of_train_projector(tmp_path):
+    """``dymu train-projector --mix``: the generated images join the pool under their own ids, written once; the
+    mix settings are part of the run's settings (a resume with other ones is refused) and absent without --mix."""
+    import argparse
+
+    from dymu.commands import train_projector as tp
+
+    qa, paths = tp.complexity_vqa_by_image(9, 12, 3, tmp_path)
+    items = cv.generate(9, 12, questions_per_image=3)
+    assert sorted(qa) == [tp.MIX_ID_OFFSET + i for i in range(12)]
+    assert [qa[tp.MIX_ID_OFFSET + it.index] for it in items] == [[(q.question, q.answer) for q in it.questions]
+                                                                   for it in items]
+    assert all(Path(p).is_file() for p in paths.values())
+    stamp = (tmp_path / "complexity-vqa-seed9-12x3" / "questions.json").stat().st_mtime_ns
+    assert tp.complexity_vqa_by_image(9, 12, 3, tmp_path) == (qa, paths)
+    assert (tmp_path / "complexity-vqa-seed9-12x3" / "questions.json").stat().st_mtime_ns == stamp  # not rewritten
+    parser = argparse.ArgumentParser()
+    tp.add_arguments(parser)
+    plain = tp.settings_of(parser.parse_args([]))
+    mixed = tp.settings_of(parser.parse_args(["--mix", "12", "--mix-seed", "9", "--init", "x.safetensors"]))
+    assert "mix" not in plain and "init" not in plain
+    assert {k: mixed[k] for k in ("mix", "mix_seed", "mix_questions", "init")} == {
+        "mix": 12, "mix_seed": 9, "mix_questions": 8, "init": "x.safetensors"}

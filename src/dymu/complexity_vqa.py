@@ -116,7 +116,7 @@ def _layout(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
     """``n`` non-overlapping squares (x, y, side) inside the image, 4 px apart; sizes shrink with ``n``."""
     cell = SIZE / math.ceil(math.sqrt(n))
     hi = min(110.0, 0.8 * cell)
-    lo = max(float(MIN_SIZE), min(0.55 * cell, hi))
+    lo = max(float(MIN_SIZE), min(0.55 * cell, 0.6 * hi))
     for _ in range(200):
         boxes: list[tuple[int, int, int]] = []
         for _ in range(n):
