@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "train-projector"
-HELP = "train the small real VLM's projector (DINOv2-S + SmolLM2-135M) on easy-VQA, resumable"
+HELP = "train the small real VLM's projector (DINOv2-S + SmolLM2-135M) on easy-VQA (+ generated scenes: --mix), resumable"
 
 IGNORE = -100
 MIX_ID_OFFSET = 10_000_000  # generated images' ids in the training pool (easy-VQA ids are below)
