@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "away from the seeds test sets are drawn from)")
     parser.add_argument("--mix-questions", type=int, default=8, help="questions generated per --mix image")
     parser.add_argument("--init", default=None, help="start from this projector.safetensors (projector + LoRA of "
-                        "the same rank; 'default': checkpoints/small_vlm) instead of the whitened initialisation")
+                        "the same rank; 'default': the shipped small VLM's) instead of the whitened initialisation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -299,15 +299,12 @@ class Trainer:
         self.model.train()  # no dropout in either model; train() only matters for hooks
 
     def init_from(self, path: str) -> None:
-        """Projector and LoRA A/B from a ``projector.safetensors`` (``'default'``: the committed small VLM's)."""
+        """Projector and LoRA A/B from a ``projector.safetensors`` (``'default'``: the shipped small VLM's)."""
         from safetensors.torch import load_file
 
-        from dymu.small_vlm import DEFAULT_CHECKPOINT
+        from dymu.small_vlm import projector_path
 
-        file = Path(DEFAULT_CHECKPOINT if path == "default" else path)
-        if not file.is_file():
-            raise FileNotFoundError(f"--init {path}: no such file; expected a projector.safetensors from train-projector")
-        state = load_file(str(file))
+        state = load_file(str(projector_path(path)))  # "default": the shipped one; a missing file says so
         lora = {k for k in state if k.startswith("lora.") and not k.endswith(".scale")}
         wanted = {f"lora.{p}.{x}" for p in self.adapters for x in ("A", "B")}
         if lora != wanted or any(state[k].shape != getattr(self.adapters[k[5:-2]], k[-1]).shape for k in wanted):
