@@ -84,6 +84,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dymu.threads import small_ops
+
 Mode = Literal["off", "find", "infer", "fixed"]
 TokenOrder = Literal["authors", "batch", "single", "raster"]
 TOKEN_ORDERS: tuple[str, ...] = ("authors", "batch", "single", "raster")
@@ -375,6 +377,14 @@ def dtome_step(
     path = merge_path(order, mode, state.x.shape[0])
     if mode == "off":
         return state, None
+    with small_ops(state.x.device):  # many small ops: threads would only wait for each other (dymu.threads)
+        return _step(state, metric, mode, protect_first, threshold, r, path, top)
+
+
+def _step(state: TokenState, metric: Tensor, mode: Mode, protect_first: bool, threshold: float | Tensor | None,
+          r: int | None, path: str, top: Callable[[Tensor, int], tuple[Tensor, float]]
+          ) -> tuple[TokenState, float | None]:
+    """:func:`dtome_step` after its checks, on the authors' ``path``."""
     mask = state.mask
     padded = not bool(mask.all())
     scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
