@@ -60,7 +60,7 @@ def _relayout(groups: Groups, feats: list[torch.Tensor], merged: dict[int, int],
 
 
 def reference_batch(images: list[torch.Tensor], proj, protect: bool, *, thresholds=None, rs=None, eps=BATCH_EPS):
-    """The authors' batch path over several layers: per-layer groups of every image, found thresholds, final features."""
+    """The authors' batch path over several layers: per-layer groups of every image, thresholds found, features."""
     groups = [[[p] for p in range(len(x))] for x in images]
     feats = [list(x) for x in images]
     history, found = [], []

@@ -378,48 +378,41 @@ def dtome_step(
     if mode == "off":
         return state, None
     with small_ops(state.x.device):  # many small ops: threads would only wait for each other (dymu.threads)
-        return _step(state, metric, mode, protect_first, threshold, r, path, top)
-
-
-def _step(state: TokenState, metric: Tensor, mode: Mode, protect_first: bool, threshold: float | Tensor | None,
-          r: int | None, path: str, top: Callable[[Tensor, int], tuple[Tensor, float]]
-          ) -> tuple[TokenState, float | None]:
-    """:func:`dtome_step` after its checks, on the authors' ``path``."""
-    mask = state.mask
-    padded = not bool(mask.all())
-    scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
-    if mode in ("find", "fixed"):
-        if r is None:
-            raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
-        merge, found = (top if mode == "find" else select_top_per_row)(scores, r)
-        found = found if mode == "find" else None
-        active = r > 0
-    else:
-        if threshold is None:
-            raise ValueError("mode='infer' needs a threshold")
-        if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
-            t: float | Tensor = threshold
-            active = _as_float32(threshold) < 1.0
+        mask = state.mask
+        padded = not bool(mask.all())
+        scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
+        if mode in ("find", "fixed"):
+            if r is None:
+                raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
+            merge, found = (top if mode == "find" else select_top_per_row)(scores, r)
+            found = found if mode == "find" else None
+            active = r > 0
         else:
-            t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-            t = t[:, None] if t.dim() == 1 else t
-            active = bool((t < 1.0).any())
-        # the single-image path merges at most half of the unprotected tokens; with a protected first token an
-        # image has at most that many A candidates, so the cap can only bind without one
-        cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
-        merge, found = select_above(scores, t, cap), None
-    if path == "batch":  # every image is re-laid at a merging layer, merged or not
-        if not active:
+            if threshold is None:
+                raise ValueError("mode='infer' needs a threshold")
+            if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
+                t: float | Tensor = threshold
+                active = _as_float32(threshold) < 1.0
+            else:
+                t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+                t = t[:, None] if t.dim() == 1 else t
+                active = bool((t < 1.0).any())
+            # the single-image path merges at most half of the unprotected tokens; with a protected first token an
+            # image has at most that many A candidates, so the cap can only bind without one
+            cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
+            merge, found = select_above(scores, t, cap), None
+        if path == "batch":  # every image is re-laid at a merging layer, merged or not
+            if not active:
+                return state, found
+            eps = AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # fixed = ToMe's merge_wavg: an exact mean
+            return merge_tokens(state, merge, dst, layout="index", padded=padded, size_eps=eps), found
+        if not bool(merge.any()):
             return state, found
-        eps = AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # fixed = ToMe's merge_wavg: an exact mean
-        return merge_tokens(state, merge, dst, layout="index", padded=padded, size_eps=eps), found
-    if not bool(merge.any()):
-        return state, found
-    if path == "raster":
-        return merge_tokens(state, merge, dst, layout="raster", padded=padded), found
-    layout: Layout = "index" if protect_first else "score"
-    rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
-    return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded), found
+        if path == "raster":
+            return merge_tokens(state, merge, dst, layout="raster", padded=padded), found
+        layout: Layout = "index" if protect_first else "score"
+        rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
+        return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded), found
 
 
 def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
