@@ -26,13 +26,14 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # name | time limit (s) | command — sized so the whole session stays under 8 minutes on an H100
 STEPS=(
-    "tests|120|$PY -m pytest -q -m gpu tests/test_gpu.py"
-    "encoder|70|$PY -m bench.encoder --device cuda --dtype float16 --full --repeats 5"
+    "tests|100|$PY -m pytest -q -m gpu tests/test_gpu.py"
+    "encoder|60|$PY -m bench.encoder --device cuda --dtype float16 --full --repeats 5"
     "encoder-real|40|$PY -m bench.encoder --device cuda --dtype float16 --real --image-size 448 --repeats 5"
     "vtu_prefill|60|$PY -m bench.vtu_prefill --device cuda --dtype bfloat16 --layers 8 --merged 90 195 394 --repeats 5"
-    "e2e_llava|80|$PY -m bench.e2e_llava --device cuda --dtype float16 --vision-layers 24 --text-layers 8 --new-tokens 32"
+    "e2e_llava|70|$PY -m bench.e2e_llava --device cuda --dtype float16 --vision-layers 24 --text-layers 8 --new-tokens 32"
     "e2e_small_vlm|60|$PY -m bench.e2e_small_vlm --device cuda --questions 32 --batch 8"
     "onevision_crops|40|$PY -m bench.onevision_crops --device cuda --dtype bfloat16 --layers 26 --crops 10 --repeats 5"
+    "qwen_tower|40|$PY -m bench.qwen_tower --device cuda --dtype bfloat16 --layers 32 --image-size 448 --repeats 5"
 )
 
 if [ "$DRY" = 1 ]; then

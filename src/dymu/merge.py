@@ -357,6 +357,7 @@ def dtome_step(
     r: int | None = None,
     order: TokenOrder = "authors",
     top: Callable[[Tensor, int], tuple[Tensor, float]] = select_top,
+    size_eps: float | None = None,
 ) -> tuple[TokenState, float | None]:
     """One DToMe merge for a block.
 
@@ -366,6 +367,9 @@ def dtome_step(
     merges each image's ``r`` best pairs (ToMe). ``order``:
     the token order after the merge (module doc). ``top``: finding's selection
     (:func:`select_top`; threshold finding over processes passes its own).
+    ``size_eps``: the merge divides by ``size + size_eps``; None (default) is the
+    path's own, :data:`AUTHORS_BATCH_EPS` on the authors' batch path with thresholds
+    or finding, else 0 (an adapter of a tower the authors never merged may want 0).
     """
     if metric.shape[:2] != state.x.shape[:2]:
         raise ValueError(
@@ -404,15 +408,17 @@ def dtome_step(
         if path == "batch":  # every image is re-laid at a merging layer, merged or not
             if not active:
                 return state, found
-            eps = AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # fixed = ToMe's merge_wavg: an exact mean
+            eps = size_eps if size_eps is not None else AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # ToMe: exact
             return merge_tokens(state, merge, dst, layout="index", padded=padded, size_eps=eps), found
         if not bool(merge.any()):
             return state, found
+        eps = size_eps or 0.0
         if path == "raster":
-            return merge_tokens(state, merge, dst, layout="raster", padded=padded), found
+            return merge_tokens(state, merge, dst, layout="raster", padded=padded, size_eps=eps), found
         layout: Layout = "index" if protect_first else "score"
         rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
-        return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded), found
+        return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded,
+                            size_eps=eps), found
 
 
 def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
