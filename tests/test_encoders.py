@@ -249,11 +249,14 @@ def test_per_image_batching_equals_the_padded_batch(fam, pics, order):
         dymu.encode(fam.model, x, batching="packed")
 
 
-def test_auto_batching_runs_image_by_image_only_where_only_time_changes(fam, pics, monkeypatch):
-    """batching="auto" (the default) takes the per-image path for several images on CPU when the forward stops
-    before the last block (no model output to lose); a full forward, one image or finding stay padded."""
+def test_auto_batching_runs_image_by_image_only_where_only_time_changes(fam, pics, monkeypatch, request):
+    """batching="auto" (the default) takes the per-image path for several images on CPU on one torch thread when
+    the forward stops before the last block (no model output to lose); a full forward, one image, finding or
+    several threads (each per-image op would wait for all of them) stay padded."""
     from dymu.encoders import encoding
 
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
     calls = []
     per_image_run = encoding._run_per_image
     monkeypatch.setattr(encoding, "_run_per_image", lambda *a, **k: calls.append(len(a[1])) or per_image_run(*a, **k))
@@ -270,6 +273,10 @@ def test_auto_batching_runs_image_by_image_only_where_only_time_changes(fam, pic
     full = dymu.encode(fam.model, x, layer=-1)  # the whole tower runs: its output is kept, padded
     alone = dymu.encode(fam.model, x[:1], layer=-2)
     assert calls == [len(x)] and full.output is not None and alone.num_tokens
+    torch.set_num_threads(2)
+    two = dymu.encode(fam.model, x, layer=-2)  # several threads: one padded call
+    assert calls == [len(x)] and two.num_tokens == padded.num_tokens
+    torch.set_num_threads(1)
     dymu.configure(fam.model, merge_counts=merge_schedule("constant", R_TOTAL, encoder_zoo.LAYERS))  # finding
     dymu.encode(fam.model, x, layer=-2)
     assert calls == [len(x)]

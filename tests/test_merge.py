@@ -9,7 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dymu.merge import TokenState, bipartite_scores, dtome_step, merge_tokens, select_top, size_bias
+from dymu.merge import (
+    AUTHORS_BATCH_EPS,
+    TokenState,
+    bipartite_scores,
+    dtome_step,
+    merge_tokens,
+    select_top,
+    size_bias,
+)
 
 
 # ---------------------------------------------------------------- naive reference (plain Python loops)
@@ -63,8 +71,11 @@ def run_infer(x, metrics_fn, thresholds, protect_first, mask=None, order="raster
     return state, metrics
 
 
-def check_mass(state: TokenState, x0: torch.Tensor, n0: torch.Tensor) -> None:
-    """Sizes sum to N, each original position covered exactly once, x = mean of its members."""
+def check_mass(state: TokenState, x0: torch.Tensor, n0: torch.Tensor, batch_layers: int = 0) -> None:
+    """Sizes sum to N, each original position covered exactly once, x = mean of its members — up to the authors'
+    ``size + 1e-4`` divisor after ``batch_layers`` merging layers on their batch path (each member's weight shrinks
+    by at most 1e-4 per layer)."""
+    atol = 1e-5 + batch_layers * AUTHORS_BATCH_EPS * float(x0.abs().max())
     for b in range(x0.shape[0]):
         n = int(state.num_tokens[b])
         sm = state.source_map[b, : int(n0[b])]
@@ -74,7 +85,7 @@ def check_mass(state: TokenState, x0: torch.Tensor, n0: torch.Tensor) -> None:
         assert torch.equal(counts.float(), state.sizes[b, :n])
         for i in range(n):
             expected = x0[b, : int(n0[b])][sm == i].mean(0)
-            torch.testing.assert_close(state.x[b, i], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(state.x[b, i], expected, atol=atol, rtol=1e-5)
         assert bool((state.sizes[b, n:] == 0).all()) and bool((state.x[b, n:] == 0).all())
 
 
@@ -269,7 +280,7 @@ def test_property_infer_invariants(lengths, channels, thresholds, protect_first,
     x = torch.randn(len(lengths), N, channels, generator=g) * mask[..., None]
     proj = torch.randn(channels, channels, generator=g)
     state, _ = run_infer(x, lambda s: s.x @ proj, thresholds, protect_first, mask, order)
-    check_mass(state, x, torch.tensor(lengths))
+    check_mass(state, x, torch.tensor(lengths), sum(t < 1 for t in thresholds) if order == "batch" else 0)
     for b, n in enumerate(lengths):
         alone, _ = run_infer(x[b : b + 1, :n], lambda s: s.x @ proj, thresholds, protect_first, order=order)
         assert torch.equal(alone.source_map[0], state.source_map[b, :n])
@@ -297,7 +308,7 @@ def test_property_find_counts(batch, n, r, seed):
     out, thr = dtome_step(state, metric, mode="find", protect_first=True, r=r)
     assert int(out.num_tokens.sum()) == batch * (n - r)
     assert thr >= 0
-    check_mass(out, x, torch.full((batch,), n))
+    check_mass(out, x, torch.full((batch,), n), int(r > 0))  # finding takes the authors' batch path
 
 
 def test_merge_tokens_keeps_dtype():

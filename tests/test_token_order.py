@@ -10,8 +10,9 @@ issue 15), not from dymu's code:
   index order when the first token is protected, else in descending order of their best score; at most
   ``(n - protected) // 2`` merges.
 
-Groups are lists of original positions; a token's metric is the mean of its members' ``x0 @ proj`` (the merge is a
-size-weighted mean, so this equals the metric of the merged hidden state).
+Groups are lists of original positions; every token carries its feature, merged as their code merges it: the batch
+path (``batch_level_merge_wavg``) divides every token's size-weighted sum by ``size + 1e-4`` (their constant), the
+single path (ToMe's ``merge_wavg``) by ``size``. A token's metric is its feature ``@ proj``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import torch
 from dymu.merge import TokenState, dtome_step
 
 Groups = list[list[int]]
+BATCH_EPS = 1e-4  # the authors' batch path: x / (size + 1e-4)
 
 
-def _best_partners(x0: torch.Tensor, proj: torch.Tensor, groups: Groups, protect: bool):
+def _best_partners(feats: list[torch.Tensor], proj: torch.Tensor, protect: bool):
     unit = []
-    for g in groups:
-        m = x0[g].mean(0) @ proj
+    for f in feats:
+        m = f @ proj.to(f.dtype)
         unit.append(m / m.norm())
     best = {}
-    for i in range(0, len(groups), 2):
+    for i in range(0, len(feats), 2):
         if protect and i == 0:
             continue
         score, partner = -math.inf, None
-        for j in range(1, len(groups), 2):
+        for j in range(1, len(feats), 2):
             s = float(unit[i] @ unit[j])
             if s > score:
                 score, partner = s, j
@@ -45,20 +47,25 @@ def _best_partners(x0: torch.Tensor, proj: torch.Tensor, groups: Groups, protect
     return best
 
 
-def _relayout(groups: Groups, merged: dict[int, int], a_order: list[int]) -> Groups:
-    """``[unmerged A in a_order] + [B in index order, with their merged members]``."""
-    out_b = {j: list(groups[j]) for j in range(1, len(groups), 2)}
+def _relayout(groups: Groups, feats: list[torch.Tensor], merged: dict[int, int], a_order: list[int], eps: float):
+    """``[unmerged A in a_order] + [B in index order, with their merged members]``; each token's feature is the sum of
+    its members' ``size * feature`` over ``size + eps``, unmerged tokens included."""
+    members = {j: [j] for j in range(1, len(groups), 2)}
     for i, j in merged.items():
-        out_b[j] += groups[i]
-    return [sorted(groups[i]) for i in a_order if i not in merged] + [sorted(out_b[j]) for j in sorted(out_b)]
+        members[j].append(i)
+    keep = [[i] for i in a_order if i not in merged] + [members[j] for j in sorted(members)]
+    new_groups = [sorted(p for k in ks for p in groups[k]) for ks in keep]
+    new_feats = [sum(len(groups[k]) * feats[k] for k in ks) / (sum(len(groups[k]) for k in ks) + eps) for ks in keep]
+    return new_groups, new_feats
 
 
-def reference_batch(images: list[torch.Tensor], proj, protect: bool, *, thresholds=None, rs=None):
-    """The authors' batch path over several layers; returns per-layer groups of every image and found thresholds."""
+def reference_batch(images: list[torch.Tensor], proj, protect: bool, *, thresholds=None, rs=None, eps=BATCH_EPS):
+    """The authors' batch path over several layers: per-layer groups of every image, thresholds found, features."""
     groups = [[[p] for p in range(len(x))] for x in images]
+    feats = [list(x) for x in images]
     history, found = [], []
     for layer in range(len(thresholds if thresholds is not None else rs)):
-        best = [_best_partners(x, proj, g, protect) for x, g in zip(images, groups)]
+        best = [_best_partners(f, proj, protect) for f in feats]
         if rs is not None:
             r = rs[layer]
             edges = [(-s, b, i) for b, bb in enumerate(best) for i, (s, _) in bb.items()]
@@ -70,29 +77,30 @@ def reference_batch(images: list[torch.Tensor], proj, protect: bool, *, threshol
         else:
             chosen = {(b, i) for b, bb in enumerate(best) for i, (s, _) in bb.items() if s > thresholds[layer]}
             active = thresholds[layer] < 1
-        if active:
+        if active:  # every image is re-laid (and divided by size + eps), merged or not
             for b, bb in enumerate(best):
                 merged = {i: bb[i][1] for i in bb if (b, i) in chosen}
-                groups[b] = _relayout(groups[b], merged, list(range(0, len(groups[b]), 2)))
+                groups[b], feats[b] = _relayout(groups[b], feats[b], merged, list(range(0, len(groups[b]), 2)), eps)
         history.append([list(map(list, g)) for g in groups])
-    return history, found
+    return history, found, feats
 
 
-def reference_single(x0: torch.Tensor, proj, protect: bool, thresholds) -> list[Groups]:
-    """The authors' single-image path over several layers; returns the groups after each layer."""
+def reference_single(x0: torch.Tensor, proj, protect: bool, thresholds) -> tuple[list[Groups], list[torch.Tensor]]:
+    """The authors' single-image path over several layers: the groups after each layer, the final features."""
     groups: Groups = [[p] for p in range(len(x0))]
+    feats = list(x0)
     history = []
     for thr in thresholds:
-        best = _best_partners(x0, proj, groups, protect)
+        best = _best_partners(feats, proj, protect)
         above = sorted((i for i, (s, _) in best.items() if s > thr), key=lambda i: -best[i][0])
         merged = {i: best[i][1] for i in above[: (len(groups) - int(protect)) // 2]}
         if merged:
             a = list(range(0, len(groups), 2))
             if not protect:  # ToMe's order: A tokens by descending best score
                 a.sort(key=lambda i: -best.get(i, (-math.inf,))[0])
-            groups = _relayout(groups, merged, a)
+            groups, feats = _relayout(groups, feats, merged, a, 0.0)
         history.append([list(g) for g in groups])
-    return history
+    return history, feats
 
 
 def groups_of(state: TokenState, b: int) -> Groups:
@@ -103,7 +111,7 @@ def groups_of(state: TokenState, b: int) -> Groups:
 
 def padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(len(x) for x in images)
-    x = torch.zeros(len(images), n, images[0].shape[1])
+    x = torch.zeros(len(images), n, images[0].shape[1], dtype=images[0].dtype)
     mask = torch.zeros(len(images), n, dtype=torch.bool)
     for b, xb in enumerate(images):
         x[b, : len(xb)], mask[b, : len(xb)] = xb, True
@@ -115,7 +123,7 @@ def run_dymu(images, proj, protect, order, *, thresholds=None, rs=None):
     state = TokenState.init(x, mask if not bool(mask.all()) else None)
     history, found = [], []
     for layer in range(len(thresholds if thresholds is not None else rs)):
-        metric = state.x @ proj
+        metric = state.x @ proj.to(state.x.dtype)
         if rs is not None:
             state, t = dtome_step(state, metric, mode="find", protect_first=protect, r=rs[layer], order=order)
             found.append(t)
@@ -127,9 +135,17 @@ def run_dymu(images, proj, protect, order, *, thresholds=None, rs=None):
     return history, found, state
 
 
-def make_images(lengths, channels=6, seed=0):
+def make_images(lengths, channels=6, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, channels, generator=g) for n in lengths], torch.randn(channels, 4, generator=g)
+    images = [torch.randn(n, channels, generator=g).to(dtype) for n in lengths]
+    return images, torch.randn(channels, 4, generator=g)
+
+
+def assert_features(state: TokenState, want: list[list[torch.Tensor]]) -> None:
+    """dymu's merged hidden states (float64) equal the reference's features, token by token."""
+    for b, feats in enumerate(want):
+        n = int(state.num_tokens[b])
+        torch.testing.assert_close(state.x[b, :n], torch.stack(feats), rtol=0, atol=1e-12)
 
 
 THRESHOLDS = [0.55, 0.4, 0.6, 0.3, 0.5, 0.2]
@@ -138,23 +154,25 @@ THRESHOLDS = [0.55, 0.4, 0.6, 0.3, 0.5, 0.2]
 @pytest.mark.parametrize("protect", [True, False])
 @pytest.mark.parametrize("order", ["authors", "batch", "single"])
 def test_finding_equals_authors_batch_path(protect, order):
-    images, proj = make_images([21] * 4, seed=1)
+    images, proj = make_images([21] * 4, seed=1, dtype=torch.float64)
     rs = [3, 2, 2, 0, 2, 1]
-    ref_groups, ref_found = reference_batch(images, proj, protect, rs=rs)
-    groups, found, _ = run_dymu(images, proj, protect, order, rs=rs)
+    ref_groups, ref_found, ref_feats = reference_batch(images, proj, protect, rs=rs)
+    groups, found, state = run_dymu(images, proj, protect, order, rs=rs)
     for layer, (want, got) in enumerate(zip(ref_groups, groups)):
         assert got == want, f"layer {layer}"
     assert found == pytest.approx(ref_found, abs=1e-6)
     assert found[3] == 1.0  # r = 0: nothing merges, the authors' untouched 1.0
+    assert_features(state, ref_feats)  # their x / (size + 1e-4), finding included
 
 
 @pytest.mark.parametrize("protect", [True, False])
 @pytest.mark.parametrize("seed", [2, 3])
 def test_lone_image_equals_authors_single_path(protect, seed):
-    images, proj = make_images([25], seed=seed)
-    want = reference_single(images[0], proj, protect, THRESHOLDS)
-    got, _, _ = run_dymu(images, proj, protect, "authors", thresholds=THRESHOLDS)
+    images, proj = make_images([25], seed=seed, dtype=torch.float64)
+    want, want_feats = reference_single(images[0], proj, protect, THRESHOLDS)
+    got, _, state = run_dymu(images, proj, protect, "authors", thresholds=THRESHOLDS)
     assert [layer[0] for layer in got] == want
+    assert_features(state, [want_feats])  # the lone-image path divides by size exactly
     # "single" applies that path to every image; on one image it is "authors"
     single, _, _ = run_dymu(images, proj, protect, "single", thresholds=THRESHOLDS)
     assert single == got
@@ -162,23 +180,44 @@ def test_lone_image_equals_authors_single_path(protect, seed):
 
 @pytest.mark.parametrize("protect", [True, False])
 def test_padded_batch_equals_authors_batch_path(protect):
-    images, proj = make_images([23, 14, 19], seed=4)
-    want, _ = reference_batch(images, proj, protect, thresholds=THRESHOLDS)
+    images, proj = make_images([23, 14, 19], seed=4, dtype=torch.float64)
+    want, _, want_feats = reference_batch(images, proj, protect, thresholds=THRESHOLDS)
     got, _, state = run_dymu(images, proj, protect, "authors", thresholds=THRESHOLDS)
     assert got == want
+    assert_features(state, want_feats)
     assert bool((state.source_map[1, 14:] == -1).all())  # padding positions stay unmapped
+    assert bool((state.x[1, int(state.num_tokens[1]):] == 0).all())  # and padded slots hold zeros
     # "batch" is that path at every batch size: a lone image too
     for b, x in enumerate(images):
-        alone, _, _ = run_dymu([x], proj, protect, "batch", thresholds=THRESHOLDS)
+        alone, _, alone_state = run_dymu([x], proj, protect, "batch", thresholds=THRESHOLDS)
         assert alone[-1][0] == want[-1][b]
+        assert_features(alone_state, [want_feats[b]])
+
+
+def test_the_batch_path_divides_by_size_plus_their_epsilon():
+    """The 1e-4 is visible: without it the reference's features differ from dymu's by far more than the tolerance
+    (so the feature checks above can fail), while the groups on this data stay the same."""
+    images, proj = make_images([23, 14, 19], seed=4, dtype=torch.float64)
+    groups, _, state = run_dymu(images, proj, True, "authors", thresholds=THRESHOLDS)
+    exact_groups, _, exact_feats = reference_batch(images, proj, True, thresholds=THRESHOLDS, eps=0.0)
+    assert groups == exact_groups
+    n = int(state.num_tokens[0])
+    gap = (state.x[0, :n] - torch.stack(exact_feats[0])).abs().max()
+    assert gap > 1e-6
+    # the fixed-count ToMe baseline is ToMe's merge_wavg: an exact mean, no 1e-4
+    x = images[0][None]
+    fixed, _ = dtome_step(TokenState.init(x), x @ proj.double(), mode="fixed", protect_first=True, r=5)
+    assert fixed.x[0, 0].tolist() == x[0, 0].tolist()  # CLS, unmerged: unchanged (the batch path would shrink it)
 
 
 @pytest.mark.parametrize("protect", [True, False])
 def test_single_order_on_a_padded_batch_is_each_image_alone(protect):
-    images, proj = make_images([23, 14, 19], seed=5)
-    got, _, _ = run_dymu(images, proj, protect, "single", thresholds=THRESHOLDS)
+    images, proj = make_images([23, 14, 19], seed=5, dtype=torch.float64)
+    got, _, state = run_dymu(images, proj, protect, "single", thresholds=THRESHOLDS)
     for b, x in enumerate(images):
-        assert [layer[b] for layer in got] == reference_single(x, proj, protect, THRESHOLDS)
+        want, feats = reference_single(x, proj, protect, THRESHOLDS)
+        assert [layer[b] for layer in got] == want
+        assert_features(TokenState(state.x[b:b + 1], state.sizes[b:b + 1], state.source_map[b:b + 1]), [feats])
 
 
 def test_the_reference_is_sensitive_to_the_order():

@@ -26,15 +26,23 @@ The order decides the next layer's even/odd split, so it is part of the
 algorithm. The original DyMU code has two paths, and ``order`` (see
 :data:`TOKEN_ORDERS`) picks how to follow them:
 
-* their *batch path* (finding, and inference of several images): at every layer
-  that merges (r > 0, threshold < 1) every image is re-laid as ToMe's
+* their *batch path* (``batch_level_bipartite_soft_matching`` +
+  ``batch_level_merge_wavg``: finding, and inference of several images): at every
+  layer that merges (r > 0, threshold < 1) every image is re-laid as ToMe's
   ``cat([unmerged A, B])`` — the unmerged A tokens, then every B token, each in
   index order (a protected CLS, A token 0, stays first), padding last — even an
-  image in which nothing merged;
-* their *single-image path* (inference of a lone image): only when something
-  merged, the unmerged A tokens then B; the A tokens in index order when a token
-  is protected (CLIP), else (SigLIP) in descending order of their best score; at
-  most ``(n - protected) // 2`` merges.
+  image in which nothing merged. Its average divides by ``size + 1e-4``, not by
+  ``size`` (:data:`AUTHORS_BATCH_EPS`, their constant, kept so counts and
+  thresholds match theirs): every token of every image, merged or not, CLS
+  included, shrinks by that factor at each merging layer. Their padding re-sort is
+  an unstable ``argsort`` of the 0/1 padding mask, whose order is the device's (on
+  CPU not index order from 129 tokens up); dymu sorts stably (index order), the
+  one deterministic reading of it;
+* their *single-image path* (``bipartite_soft_matching`` + ToMe's ``merge_wavg``:
+  inference of a lone image): only when something merged, the unmerged A tokens
+  then B; the A tokens in index order when a token is protected (CLIP), else
+  (SigLIP) in descending order of their best score; at most
+  ``(n - protected) // 2`` merges; the average divides by ``size`` exactly.
 
 ``"authors"`` (default) does exactly what their code does for the batch given: the
 single-image path for a lone image at inference, the batch path otherwise — so an
@@ -43,6 +51,12 @@ image alone and inside a batch can keep different counts, as there.
 always takes the batch path), so results do not depend on the batch.
 ``"raster"`` (dymu 0.1) puts a merged token at its earliest member's place: the
 tokens stay in the raster order of their first original patch.
+Every step that takes the batch path with thresholds or finding (``"authors"`` on
+several images, ``"batch"``, finding, OneVision's crops in ``"batch"`` order)
+divides by ``size + 1e-4``; the single path, ``"raster"`` and the fixed-count ToMe
+baseline (ToMe's ``merge_wavg``) divide by ``size``. dymu accumulates the sums in
+float32 (float64 for float64 inputs) where their code computes in the input's
+dtype, so half-precision runs agree with theirs up to rounding only.
 Thresholds found in ``"authors"``, ``"batch"`` and ``"single"`` order are identical.
 
 Matching (ToMe's bipartite soft matching, made dynamic)
@@ -70,11 +84,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dymu.threads import small_ops
+
 Mode = Literal["off", "find", "infer", "fixed"]
 TokenOrder = Literal["authors", "batch", "single", "raster"]
 TOKEN_ORDERS: tuple[str, ...] = ("authors", "batch", "single", "raster")
 # how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score
 Layout = Literal["index", "score", "raster"]
+#: the authors' batch path divides a merged sum by ``size + AUTHORS_BATCH_EPS`` (``batch_level_merge_wavg``)
+AUTHORS_BATCH_EPS = 1e-4
 
 
 @dataclass
@@ -251,6 +269,7 @@ def merge_tokens(
     scores: Tensor | None = None,
     rows: Tensor | None = None,
     padded: bool | None = None,
+    size_eps: float = 0.0,
 ) -> TokenState:
     """Size-weighted average of each merged A token into its B partner.
 
@@ -260,7 +279,9 @@ def merge_tokens(
     (unmerged A by descending ``scores``, then B by index) or ``"raster"`` (each
     token at its earliest member's place). Padding goes last. ``rows [B]`` (bool):
     only these images are re-laid, the others keep their order. ``padded``: whether
-    any slot is padding, if the caller knows (saves a check).
+    any slot is padding, if the caller knows (saves a check). ``size_eps``: every
+    token's sum is divided by ``size + size_eps`` (the authors' batch path:
+    :data:`AUTHORS_BATCH_EPS`; 0 = the exact size-weighted mean).
     """
     x, sizes = state.x, state.sizes
     B, N, C = x.shape
@@ -293,16 +314,18 @@ def merge_tokens(
     new_index = new_pos.gather(1, target)
     if padded:
         new_index.masked_fill_(~mask, n_out)  # padding goes to a dump slot
-    weighted = x.float() * sizes[..., None]  # accumulate in fp32 even for half-precision x
+    acc = torch.promote_types(x.dtype, torch.float32)  # accumulate in fp32 even for half precision (fp64 stays)
+    weighted = x.to(acc) * sizes.to(acc)[..., None]
     # index_add_ over whole rows of the flattened batch: the same sums, in the same order, as a scatter_add_ along
     # dim 1, several times faster on CPU (one vectorised row add per token instead of per element)
     flat_index = new_index.flatten() if B == 1 else (new_index + (n_out + 1) * torch.arange(B, device=device)[:, None]
                                                      ).flatten()
-    total = x.new_zeros(B * (n_out + 1), C, dtype=torch.float32).index_add_(0, flat_index, weighted.flatten(0, 1))
+    total = x.new_zeros(B * (n_out + 1), C, dtype=acc).index_add_(0, flat_index, weighted.flatten(0, 1))
     new_sizes = sizes.new_zeros(B * (n_out + 1)).index_add_(0, flat_index, sizes.flatten()).view(B, n_out + 1)
     new_sizes = new_sizes[:, :n_out]
     # an empty slot (a row shorter than n_out) has total 0 and size 0: 0 / tiny = 0, padding stays 0
-    new_x = (total.view(B, n_out + 1, C)[:, :n_out] / new_sizes.clamp_min(1e-12)[..., None]).to(x.dtype)
+    denominator = new_sizes.to(acc) + size_eps if size_eps else new_sizes.to(acc).clamp_min(1e-12)
+    new_x = (total.view(B, n_out + 1, C)[:, :n_out] / denominator[..., None]).to(x.dtype)
     sm = state.source_map
     if bool((sm < 0).any()):  # original positions that were padding stay uncovered (-1)
         new_map = torch.where(sm >= 0, new_index.gather(1, sm.clamp_min(0)), -1)
@@ -334,6 +357,7 @@ def dtome_step(
     r: int | None = None,
     order: TokenOrder = "authors",
     top: Callable[[Tensor, int], tuple[Tensor, float]] = select_top,
+    size_eps: float | None = None,
 ) -> tuple[TokenState, float | None]:
     """One DToMe merge for a block.
 
@@ -343,6 +367,9 @@ def dtome_step(
     merges each image's ``r`` best pairs (ToMe). ``order``:
     the token order after the merge (module doc). ``top``: finding's selection
     (:func:`select_top`; threshold finding over processes passes its own).
+    ``size_eps``: the merge divides by ``size + size_eps``; None (default) is the
+    path's own, :data:`AUTHORS_BATCH_EPS` on the authors' batch path with thresholds
+    or finding, else 0 (an adapter of a tower the authors never merged may want 0).
     """
     if metric.shape[:2] != state.x.shape[:2]:
         raise ValueError(
@@ -354,40 +381,44 @@ def dtome_step(
     path = merge_path(order, mode, state.x.shape[0])
     if mode == "off":
         return state, None
-    mask = state.mask
-    padded = not bool(mask.all())
-    scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
-    if mode in ("find", "fixed"):
-        if r is None:
-            raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
-        merge, found = (top if mode == "find" else select_top_per_row)(scores, r)
-        found = found if mode == "find" else None
-        active = r > 0
-    else:
-        if threshold is None:
-            raise ValueError("mode='infer' needs a threshold")
-        if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
-            t: float | Tensor = threshold
-            active = _as_float32(threshold) < 1.0
+    with small_ops(state.x.device):  # many small ops: threads would only wait for each other (dymu.threads)
+        mask = state.mask
+        padded = not bool(mask.all())
+        scores, dst = bipartite_scores(metric, mask, protect_first, padded=padded)
+        if mode in ("find", "fixed"):
+            if r is None:
+                raise ValueError(f"mode={mode!r} needs r (tokens to merge per image at this layer)")
+            merge, found = (top if mode == "find" else select_top_per_row)(scores, r)
+            found = found if mode == "find" else None
+            active = r > 0
         else:
-            t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-            t = t[:, None] if t.dim() == 1 else t
-            active = bool((t < 1.0).any())
-        # the single-image path merges at most half of the unprotected tokens; with a protected first token an
-        # image has at most that many A candidates, so the cap can only bind without one
-        cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
-        merge, found = select_above(scores, t, cap), None
-    if path == "batch":  # every image is re-laid at a merging layer, merged or not
-        if not active:
+            if threshold is None:
+                raise ValueError("mode='infer' needs a threshold")
+            if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
+                t: float | Tensor = threshold
+                active = _as_float32(threshold) < 1.0
+            else:
+                t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+                t = t[:, None] if t.dim() == 1 else t
+                active = bool((t < 1.0).any())
+            # the single-image path merges at most half of the unprotected tokens; with a protected first token an
+            # image has at most that many A candidates, so the cap can only bind without one
+            cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
+            merge, found = select_above(scores, t, cap), None
+        if path == "batch":  # every image is re-laid at a merging layer, merged or not
+            if not active:
+                return state, found
+            eps = size_eps if size_eps is not None else AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # ToMe: exact
+            return merge_tokens(state, merge, dst, layout="index", padded=padded, size_eps=eps), found
+        if not bool(merge.any()):
             return state, found
-        return merge_tokens(state, merge, dst, layout="index", padded=padded), found
-    if not bool(merge.any()):
-        return state, found
-    if path == "raster":
-        return merge_tokens(state, merge, dst, layout="raster", padded=padded), found
-    layout: Layout = "index" if protect_first else "score"
-    rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
-    return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded), found
+        eps = size_eps or 0.0
+        if path == "raster":
+            return merge_tokens(state, merge, dst, layout="raster", padded=padded, size_eps=eps), found
+        layout: Layout = "index" if protect_first else "score"
+        rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
+        return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded,
+                            size_eps=eps), found
 
 
 def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:

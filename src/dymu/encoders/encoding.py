@@ -189,9 +189,11 @@ def encode(
     * ``batching`` — ``"padded"`` (one forward, images padded to the longest) or ``"per_image"`` (one forward per
       image, no padding: the cost follows each image's kept tokens; same result, ``output`` is None). Per-image
       pays when counts differ a lot (a flat crop next to a busy one, ``bench/onevision_crops.py``); on CPU it is
-      1.2–1.6× faster than padded for 8 mixed images (``bench/encoder.py``, ``--real``). ``"auto"`` (default) takes
-      per-image where it changes nothing but time: a CPU model, several images, merging by thresholds or fixed
-      counts, and a forward that stops before the last block (so there is no model output to lose); else padded.
+      1.2–1.6× faster than padded for 8 mixed images on one thread (``bench/encoder.py``, ``--real``), but it runs
+      the tower's ops once per image: with several threads each op waits for all of them, which on a busy machine
+      costs more than the padding saves. ``"auto"`` (default) takes per-image where it changes nothing but time
+      and pays: a CPU model on one torch thread, several images, merging by thresholds or fixed counts, and a
+      forward that stops before the last block (so there is no model output to lose); else padded.
 
     Runs under ``torch.no_grad()``.
     """
@@ -203,7 +205,8 @@ def encode(
     if batching == "auto":
         device = next((p.device for p in _params(state.forward)), pixel_values.device)
         stops = stop_early and max({index} | keep) < state.num_layers
-        per_image = device.type == "cpu" and len(pixel_values) > 1 and state.mode in ("infer", "fixed") and stops
+        per_image = (device.type == "cpu" and torch.get_num_threads() == 1 and len(pixel_values) > 1
+                     and state.mode in ("infer", "fixed") and stops)
         batching = "per_image" if per_image else "padded"
     if drop_cls and not state.protect_first:
         raise ValueError(f"{state.encoder} has no CLS token to drop")

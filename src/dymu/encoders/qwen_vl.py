@@ -32,6 +32,9 @@ from dymu.finding import select_top_across_processes
 from dymu.merge import TokenState, dtome_step, select_top, spatial_order
 
 PositionRule = Literal["centroid", "first"]
+#: merges average units exactly: the authors' batch path divides by size + 1e-4 (dymu.merge), but they never merged
+#: a Qwen tower, so there is nothing of theirs to reproduce here
+EXACT_MEAN = 0.0
 Rotary = Callable[[Tensor], tuple[Tensor, Tensor]]  # positions [T, 2] (float) -> cos, sin [T, head_dim]
 
 
@@ -159,14 +162,15 @@ class UnitPass:
                 return merge.view_as(scores), min(found, 1.0)
 
             new, found = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
-                                    order=order, top=top)
+                                    order=order, top=top, size_eps=EXACT_MEAN)
             state.run.found_thresholds.append(float(found))
         elif state.mode == "fixed":  # ToMe: each frame's r best pairs over its segments (the batch path, as "find")
             new, _ = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
-                                order=order, top=self._per_frame_top(state.merge_counts[layer]))
+                                order=order, top=self._per_frame_top(state.merge_counts[layer]), size_eps=EXACT_MEAN)
         elif state.mode == "infer":
             threshold = float(state.thresholds[layer]) + state.threshold_offset
-            new, _ = dtome_step(tokens, metric, mode="infer", protect_first=False, threshold=threshold, order=order)
+            new, _ = dtome_step(tokens, metric, mode="infer", protect_first=False, threshold=threshold, order=order,
+                                size_eps=EXACT_MEAN)
         else:
             new = tokens
         state.tokens = new

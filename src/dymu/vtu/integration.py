@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dymu.threads import small_ops
 from dymu.vtu.batch import VTUBatch
 from dymu.vtu.decoders import find_decoder
 from dymu.vtu.exact import vtu_attention_exact
@@ -209,7 +210,8 @@ def _attention_function(mode: VTUMode) -> Callable[..., tuple[Tensor, None]]:
             scaling = query.shape[-1] ** -0.5
         phase: Phase = "decode" if lay.identity_q else "prefill"  # decode: the new tokens are groups of one
         kernel = KERNELS[select_kernel(mode, phase, query.device.type, query.dtype, dropout)]
-        with torch.profiler.record_function(PROFILER_LABEL):  # so profiles can tell its ops from the model's
+        # a profiler range, so profiles can tell its ops from the model's; many small ops: few threads (dymu.threads)
+        with torch.profiler.record_function(PROFILER_LABEL), small_ops(query.device):
             return kernel(query, key, value, lay, rope.inv_freq, scaling, dropout), None
 
     attention.__name__ = attention.__qualname__ = ATTN_IMPLEMENTATIONS[mode]
