@@ -166,3 +166,19 @@ def test_import_authors_pth(tmp_path):
         import_authors_pth(tmp_path / "none.pth")
     with pytest.raises(ValueError, match="4 layers but the model has 24"):
         load_thresholds(path, num_layers=24)
+
+
+def test_found_threshold_rounded_just_above_one_is_accepted():
+    """Finding on identical tokens records their cosine, which float32 rounding can put just above 1."""
+    from dymu.merge import select_top
+    from dymu.thresholds import check_thresholds
+
+    scores = torch.full((2, 5), 1.0 + 2 ** -23)  # the float32 just above 1, as a normalised dot product can give
+    scores[:, 0] = 0.5
+    _, found = select_top(scores, 2)  # 2 per image of 4 rounded ones: the highest unmerged is rounded too
+    assert float(found) > 1.0
+    assert float(check_thresholds(torch.tensor([float(found), 0.9]))[0]) == float(found)
+    with pytest.raises(ValueError, match="layer 1"):
+        check_thresholds(torch.tensor([0.5, 1.01]))
+    with pytest.raises(ValueError, match="layer 0"):
+        check_thresholds(torch.tensor([-1.01, 0.5]))

@@ -92,11 +92,16 @@ def _proportional_ramp(r_total: int, num_layers: int) -> list[int]:
     return counts
 
 
+ROUNDING = 1e-5
+"""How far past ±1 a recorded cosine may lie (float32 rounding of a normalised dot product)."""
+
+
 def check_thresholds(values: Tensor, where: str = "thresholds") -> Tensor:
     """``values`` as float32 ``[L]``; ValueError naming the layer if one is NaN, -inf or outside [-1, 1] (+inf is
-    allowed: never merge)."""
+    allowed: never merge). Up to :data:`ROUNDING` past ±1 is accepted: finding on identical tokens records their
+    cosine, which float rounding can put just above 1 (a threshold >= 1 merges nothing either way)."""
     values = torch.as_tensor(values, dtype=torch.float32).flatten()
-    bad = torch.isnan(values) | (values < -1) | ((values > 1) & ~torch.isposinf(values))
+    bad = torch.isnan(values) | (values < -1 - ROUNDING) | ((values > 1 + ROUNDING) & ~torch.isposinf(values))
     if bool(bad.any()):
         layer = int(torch.nonzero(bad)[0])
         value = float(values[layer])
