@@ -1,7 +1,7 @@
-"""DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision
-(:mod:`dymu.vlm.onevision`)."""
+"""DyMU for whole VLMs on transformers' own classes: one path (:mod:`dymu.vlm.base`) and one adapter per family,
+LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision (:mod:`dymu.vlm.onevision`)."""
 
-from dymu.vlm.base import dymu_vtu_mode
+from dymu.vlm.base import VisualTokens, dymu_vtu_mode, generate_with_counts, vlm_state
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
 from dymu.vlm.loading import convert_original_llava, load, load_llava, load_onevision
 from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
@@ -18,4 +18,7 @@ __all__ = [
     "enable_dymu_onevision",
     "disable_dymu_onevision",
     "dymu_vtu_mode",
+    "vlm_state",
+    "generate_with_counts",
+    "VisualTokens",
 ]
