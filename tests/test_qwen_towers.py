@@ -200,3 +200,50 @@ def test_bad_input_is_refused_before_work(tower):
             dymu.get_state(tower).forward(torch.zeros(1, 3, 30, 30))
     finally:
         dymu.unpatch(tower)
+
+
+def test_block_after_a_merge_is_proportional_attention_at_the_centroids(tower):
+    """Merging only at the second-to-last block, the last block equals the definition: plain attention over each
+    image's merged units (full attention on every family's last block here), keys biased by log(size), each token at
+    the centroid of the (h, w) positions it covers (recomputed from the source map), stock rotary and weights."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_position_ids
+
+    depth = len(tower.blocks)
+    thresholds = [1.0] * depth
+    thresholds[-2] = found_thresholds(tower, keep=0.5)[-2]
+    x, grid = inputs(tower, MIXED, seed=5)
+    _, images = run(tower, x, grid, thresholds)
+    seen = {}
+    hook = tower.blocks[-2].register_forward_pre_hook(lambda _m, a, k: seen.update(hidden=a[0], **k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            tower(x, grid_thw=grid)
+    finally:
+        hook.remove()
+    blk, last = tower.blocks[-2], tower.blocks[-1]
+    order, _ = packed_cells(tower, grid)
+    positions = get_vision_position_ids(grid, 2).reshape(-1, 8).float()  # per cell, 4 tokens x (h, w)
+    with torch.no_grad():
+        h = seen["hidden"] + blk.attn(blk.norm1(seen["hidden"]), cu_seqlens=seen["cu_seqlens"],
+                                      position_embeddings=seen["position_embeddings"])
+        C = h.shape[1]
+        by_cell = torch.empty(len(order), 4 * C).index_copy_(0, order, h.reshape(-1, 4 * C))
+        start, merged_somewhere = 0, False
+        for image, n in zip(images, (grid.prod(-1) // 4).tolist()):
+            sm, k = image.source_map, len(image.features)
+            merged_somewhere |= k < n
+            g = group_mean(by_cell[start:start + n], sm, k).reshape(-1, C)
+            g = g + blk.mlp(blk.norm2(g))
+            pos = group_mean(positions[start:start + n], sm, k).reshape(-1, 2)
+            cos, sin = tower.rotary_pos_emb(g, pos)
+            q, key, v = last.attn.qkv(last.norm1(g)).reshape(4 * k, 3, 2, -1).unbind(1)
+            q, key = apply_rotary_pos_emb_vision(q, key, cos, sin)
+            logits = torch.einsum("ihd,jhd->hij", q, key) * last.attn.scaling
+            logits = logits + torch.log(image.sizes).repeat_interleave(4)[None, None, :]
+            a = torch.einsum("hij,jhd->ihd", logits.softmax(-1), v).reshape(4 * k, C)
+            y = g + last.attn.proj(a)
+            y = y + last.mlp(last.norm2(y))
+            assert torch.allclose(image.features, tower.merger(y), atol=1e-4, rtol=1e-4)
+            start += n
+    assert merged_somewhere
