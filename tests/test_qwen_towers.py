@@ -247,3 +247,34 @@ def test_block_after_a_merge_is_proportional_attention_at_the_centroids(tower):
             assert torch.allclose(image.features, tower.merger(y), atol=1e-4, rtol=1e-4)
             start += n
     assert merged_somewhere
+
+
+def test_thresholds_found_on_an_image_list_reach_about_the_target(tmp_path):
+    """The library's finding API (``dymu thresholds``' engine) on an image list, ``-tome-50pct`` naming: per frame
+    50% of the cells at the finding size; on other images of that size the kept share comes out near it."""
+    import json
+
+    from dymu.data import SquashResize, read_image_list
+    from dymu.finding import find_thresholds
+
+    tower = tiny_qwen_vision_tower("qwen2_5_vl")
+    names = []
+    for i, kind in enumerate(["textured", "stripes", "gradient", "textured", "flat", "stripes"] * 2):
+        make_image(kind, 64, seed=i).save(tmp_path / f"{i}.png")
+        names.append({"image": f"{i}.png"})
+    (tmp_path / "list.json").write_text(json.dumps(names))
+    side = 8 * tower.config.patch_size  # 8x8 patches = 16 cells
+    counts = keep_fraction_merge_counts(16, 0.5, len(tower.blocks))
+    result = find_thresholds(tower, read_image_list(tmp_path / "list.json", tmp_path), SquashResize(side, (0.5,) * 3,
+                             (0.25,) * 3), merge_counts=counts, batch_size=4, progress=False,
+                             output=tmp_path / "qwen2_5_vl-p14-d32-l4-tome-50pct.safetensors")
+    assert result.finished and result.checkpoint.encoder == "qwen2_5_vl-p14-d32-l4" and sum(counts) == 8
+    dymu.patch(tower, thresholds=tmp_path / "qwen2_5_vl-p14-d32-l4-tome-50pct.safetensors")
+    try:
+        x, grid = inputs(tower, [(8, 8)] * 6, kinds=["textured", "stripes", "gradient"] * 2, seed=50)
+        with torch.no_grad():
+            tower(x, grid_thw=grid)
+        kept = sum(len(m.features) for m in dymu.get_state(tower).images) / (6 * 16)
+    finally:
+        dymu.unpatch(tower)
+    assert 0.25 < kept < 0.8
