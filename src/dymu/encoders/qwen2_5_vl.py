@@ -26,7 +26,11 @@ def make_tower(parent: type) -> type:
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
             from transformers.modeling_outputs import BaseModelOutputWithPooling
-            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+            from transformers.vision_utils import (
+                get_vision_cu_seqlens,
+                get_vision_position_ids,
+                get_vision_window_index,
+            )
 
             check_call(grid_thw, self.spatial_merge_size, kwargs)
             unit = self.spatial_merge_unit

@@ -146,6 +146,11 @@ class UnitPass:
             total = self.num_frames * state.merge_counts[layer]  # per frame: images of any size count alike
 
             def top(scores: Tensor, _r: int) -> tuple[Tensor, float]:
+                candidates = int(torch.isfinite(scores).sum())
+                if total > candidates:  # bipartite matching merges at most half of a segment's units per block
+                    raise ValueError(f"block {layer}: cannot merge {state.merge_counts[layer]} units per frame "
+                                     f"({total} in the batch), only {candidates} can still merge; keep a larger "
+                                     "share or spread the merges over more blocks")
                 merge, found = select(scores.reshape(1, -1), total)
                 return merge.view_as(scores), found
 
@@ -303,4 +308,11 @@ def keep_fraction_merge_counts(cells: int, keep: float, num_layers: int, schedul
 
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
-    return merge_schedule(schedule, cells - max(1, round(keep * cells)), num_layers)
+    counts = merge_schedule(schedule, cells - max(1, round(keep * cells)), num_layers)
+    left = cells
+    for layer, r in enumerate(counts):  # bipartite matching: at most half of the units merge in a block
+        if r > left // 2:
+            raise ValueError(f"keeping {keep:.0%} of {cells} cells over {num_layers} blocks ({schedule}) merges {r} "
+                             f"of {left} units in block {layer}, more than half: use more blocks or a larger share")
+        left -= r
+    return counts
