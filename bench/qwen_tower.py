@@ -7,9 +7,10 @@ first blocks (CPU default 4; the 7B tower has 32, full attention at 7, 15, 23, 3
 full attention). Images of graded complexity (``dymu.samples``, flat to busy) at ``--image-size`` px.
 Thresholds for each ``--keep`` share (``-tome-<P>pct``: that share of the merged-grid cells kept per frame on the
 finding images) are found on other images of the same kinds (constant schedule), then every row is timed in
-interleaved rounds. Per row: median time, speed-up vs stock, cells kept per image (mean; stock: h·w/4), and
-``rel_dev`` = ‖merged output expanded to its cells − stock output‖ / ‖stock output‖ with each merged token at the
-centroid of its cells (the default) and at its first unit's position — on random weights a rough proxy only.
+interleaved rounds (on CPU: this process's CPU time, steadier on a shared machine). Per row: median time,
+speed-up vs stock, cells kept per image (mean; stock: h·w/4), and ``rel_dev`` = ‖merged output expanded to its
+cells − stock output‖ / ‖stock output‖ with each merged token at the centroid of its cells (the default) and at
+its first unit's position — on random weights a rough proxy only.
 
 Examples:
   python -m bench.qwen_tower --threads 2              # 4 blocks, 224 px, 4 images
@@ -19,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -123,7 +125,9 @@ def run(args) -> dict[str, Any]:
     configs = {"stock": (lambda: None, lambda: model(x, grid_thw=grid))}
     configs.update({keep: (lambda: None, patched(keep)) for keep in args.keep})
     with torch.no_grad():
-        times, _ = _common.interleaved(configs, args.repeats, args.warmup, device)
+        # CPU time of this process on CPU (steadier on a shared machine), wall time on a GPU
+        clock = time.process_time if device.type == "cpu" else time.perf_counter
+        times, _ = _common.interleaved(configs, args.repeats, args.warmup, device, clock=clock)
     rows = [("no merging", times["stock"], 1.0, float(cells), "-", "-")]
     rows += [(f"DToMe -tome-{round(100 * k)}pct", times[k], times["stock"] / times[k], kept[k],
               f"{dev[k, 'centroid']:.4f}", f"{dev[k, 'first']:.4f}") for k in args.keep]
@@ -136,7 +140,8 @@ def format_results(res: dict[str, Any]) -> str:
     lines = [
         f"Qwen2.5-VL-7B-shaped vision tower: {a.layers} block(s), {a.images} images of {a.image_size} px "
         f"({res['cells']} cells each) flat to busy; {res['env']}",
-        f"median of {a.repeats} interleaved round(s) after {a.warmup} warm-up round(s)",
+        f"median of {a.repeats} interleaved round(s) after {a.warmup} warm-up round(s)"
+        f"{' (process CPU time)' if a.device == 'cpu' else ''}",
         "",
         format_table(["config", "median_s", "speed-up", "cells/img", "rel_dev centroid", "rel_dev first"],
                      [(n, f"{t:.4f}", f"{s:.2f}x", f"{c:.1f}", d1, d2) for n, t, s, c, d1, d2 in res["rows"]]),
