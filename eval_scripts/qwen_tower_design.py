@@ -5,7 +5,8 @@ constant schedule) at each ``--keep`` share on images of one seed, then measured
 kinds flat to busy, at mixed sizes. Per family and share: cells kept per kind, and ``rel_dev`` = ‖merged output
 expanded to its cells − stock output‖ / ‖stock output‖ for each position rule (centroid of the covered tokens'
 (h, w), or the first unit's). Also: the largest |difference| to the stock tower with merging off, and between the
-batch and each image alone (merging on).
+batch and each image alone (merging on); and the share kept when the thresholds found at 8x8 patches meet
+larger images (the 64 px samples upsampled: smoother as they grow).
 
 Example:
   python eval_scripts/qwen_tower_design.py --keep 0.5 0.4
@@ -78,6 +79,13 @@ def main() -> None:
             kept = ", ".join(f"{k} {len(m.features)}/{n}" for k, m, n in zip(KINDS, runs["centroid"], cells))
             print(f"  keep {keep:.0%}: cells kept {kept}; rel_dev centroid {row['centroid']:.4f}, first "
                   f"{row['first']:.4f}; batch vs alone max |diff| {diff:.1e}")
+            if keep == args.keep[0]:  # thresholds found at 8x8 patches, used at larger sizes
+                shares = []
+                for side in (8, 16, 24):
+                    xs, gs = batch(tower, ["textured", "stripes"], [(side, side)] * 2, seed=300)
+                    ks = [len(m.features) / (side * side // 4) for m in merged(tower, xs, gs, thresholds)]
+                    shares.append(f"{side}x{side}: textured {ks[0]:.0%}, stripes {ks[1]:.0%}")
+                print(f"  keep {keep:.0%} found at 8x8, share kept at other sizes: {'; '.join(shares)}")
 
 
 if __name__ == "__main__":
