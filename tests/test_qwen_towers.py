@@ -278,3 +278,17 @@ def test_thresholds_found_on_an_image_list_reach_about_the_target(tmp_path):
     finally:
         dymu.unpatch(tower)
     assert 0.25 < kept < 0.8
+
+
+def test_fixed_count_tome_merges_r_units_per_frame(tower):
+    """The fixed-count baseline (``mode="fixed"``): every image loses exactly sum(r) cells, whatever its content and
+    size (on Qwen2.5-VL a frame's r best over its windows, some of which hold one unit)."""
+    x, grid = inputs(tower, [(4, 6), (8, 8), (12, 4)], kinds=["flat", "textured", "stripes"])
+    dymu.patch(tower, merge_counts=[1, 2, 0, 1], mode="fixed")
+    try:
+        with torch.no_grad():
+            tower(x, grid_thw=grid)
+        kept = [len(m.features) for m in dymu.get_state(tower).images]
+    finally:
+        dymu.unpatch(tower)
+    assert kept == [6 - 4, 16 - 4, 12 - 4]

@@ -50,7 +50,8 @@ class QwenDToMeState(DToMeState):
     """:class:`DToMeState` plus the unit pass in flight and the last forward's per-image results.
 
     ``merge_counts`` (finding, fixed) count units per frame (a still image is one frame) at each block; finding
-    merges the batch's ``frames * r`` best unit pairs over all segments, fixed mode ``r`` per segment.
+    merges the batch's ``frames * r`` best unit pairs over all segments, fixed mode (ToMe) each frame's ``r`` best
+    over its segments (windows).
     """
 
     position_rule: PositionRule = "centroid"
@@ -152,14 +153,15 @@ class UnitPass:
                                      f"({total} in the batch), only {candidates} can still merge; keep a larger "
                                      "share or spread the merges over more blocks")
                 merge, found = select(scores.reshape(1, -1), total)
-                return merge.view_as(scores), found
+                # identical units score 1 + rounding; a threshold of 1 already merges nothing at inference
+                return merge.view_as(scores), min(found, 1.0)
 
             new, found = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
                                     order=order, top=top)
             state.run.found_thresholds.append(float(found))
-        elif state.mode == "fixed":
-            new, _ = dtome_step(tokens, metric, mode="fixed", protect_first=False, r=state.merge_counts[layer],
-                                order=order)
+        elif state.mode == "fixed":  # ToMe: each frame's r best pairs over its segments (the batch path, as "find")
+            new, _ = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
+                                order=order, top=self._per_frame_top(state.merge_counts[layer]))
         elif state.mode == "infer":
             threshold = float(state.thresholds[layer]) + state.threshold_offset
             new, _ = dtome_step(tokens, metric, mode="infer", protect_first=False, threshold=threshold, order=order)
@@ -176,6 +178,16 @@ class UnitPass:
             self.bias = torch.log(new.sizes[self.mask]).repeat_interleave(self.unit)
         self.position_embeddings = self.rotary(self._positions(new))
         return self.pack(new.x)
+
+    def _per_frame_top(self, r: int) -> Callable[[Tensor, int], tuple[Tensor, float]]:
+        def top(scores: Tensor, _r: int) -> tuple[Tensor, float]:
+            merge = torch.zeros_like(scores, dtype=torch.bool)
+            for frame in range(self.num_frames):
+                rows = (self.frames == frame).nonzero()[:, 0]
+                merge[rows] = select_top(scores[rows].reshape(1, -1), r)[0].view(len(rows), -1)
+            return merge, 1.0
+
+        return top
 
     def _positions(self, tokens: TokenState) -> Tensor:
         """[T, 2] RoPE positions of the current tokens: centroids (or the earliest unit's) of what they cover."""
