@@ -292,3 +292,17 @@ def test_fixed_count_tome_merges_r_units_per_frame(tower):
     finally:
         dymu.unpatch(tower)
     assert kept == [6 - 4, 16 - 4, 12 - 4]
+
+
+def test_thresholds_found_on_flat_images_are_usable(tower):
+    """Identical units score 1 + rounding; a found threshold stays <= 1 so the checkpoint loads."""
+    x, grid = inputs(tower, [(8, 8)] * 4, kinds=["flat", "textured"] * 2)
+    dymu.patch(tower, merge_counts=keep_fraction_merge_counts(16, 0.5, len(tower.blocks)))
+    try:
+        with torch.no_grad():
+            tower(x, grid_thw=grid)
+        found = dymu.get_state(tower).run.found_thresholds
+        assert all(0 <= t <= 1 for t in found)
+        dymu.configure(tower, thresholds=found)
+    finally:
+        dymu.unpatch(tower)
