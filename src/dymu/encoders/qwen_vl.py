@@ -124,8 +124,10 @@ class UnitPass:
             return attn(x, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        # the same function in all three families' modeling files
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         bounds = cu_seqlens.tolist()
         out = []
         for start, end in zip(bounds[:-1], bounds[1:]):
@@ -248,15 +250,6 @@ class UnitPass:
             images.append(MergedImage(features[keep], source_map, sizes[keep], [d[keep] for d in deepstack]))
             start += n
         return images
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``apply_rotary_pos_emb_vision`` for one tensor ``[T, H, D]`` (fp32 math, as stock)."""
-    dtype, x = x.dtype, x.float()
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
 
 
 # ---------------------------------------------------------------- tower-level helpers for the adapters
