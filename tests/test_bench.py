@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import e2e_llava, encoder, onevision_crops, vtu_prefill  # noqa: E402
+from bench import e2e_llava, encoder, onevision_crops, qwen_tower, vtu_prefill  # noqa: E402
 
 
 def positive(x) -> bool:
@@ -188,12 +188,20 @@ def test_onevision_crops_tiny():
     assert out.count("[PASS]") + out.count("[MISS]") == 2
 
 
+def test_qwen_tower_tiny():
+    """Stock and merged rows are timed; the merged row keeps fewer cells than the stock h*w/4."""
+    res = qwen_tower.run(qwen_tower.parse_args(["--tiny"]))
+    (_, t_stock, _, cells_stock, _, _), (_, t_merged, _, cells_merged, dev, _) = res["rows"]
+    assert t_stock > 0 and t_merged > 0 and cells_stock == 16 and cells_merged < 16 and float(dev) > 0
+    assert "-tome-50pct" in qwen_tower.format_results(res)
+
+
 def test_bench_command_lists_and_runs(capsys):
     from dymu.cli import main
 
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("encoder", "vtu_prefill", "e2e_llava", "onevision_crops"):
+    for name in ("encoder", "vtu_prefill", "e2e_llava", "onevision_crops", "qwen_tower"):
         assert name in out
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err

@@ -237,3 +237,34 @@ def tiny_onevision(
         chat_template=tok.chat_template,
     )
     return model, processor
+
+
+def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3, seed: int = 0) -> nn.Module:
+    """A tiny random Qwen vision tower: ``"qwen2_vl"``, ``"qwen2_5_vl"`` (windows of 2×2 units, full attention in
+    blocks 1 and 3) or ``"qwen3_vl"`` (DeepStack after blocks 0 and 2); width 32, 2 heads, output width 48."""
+    torch.manual_seed(seed)
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel as Tower,
+            Qwen2VLVisionConfig as Config,
+        )
+
+        config = Config(depth=depth, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as Tower,
+            Qwen2_5_VLVisionConfig as Config,
+        )
+
+        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                        window_size=56, fullatt_block_indexes=[i for i in range(depth) if i % 2 == 1])
+    elif family == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig as Config
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
+
+        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                        num_position_embeddings=16, deepstack_visual_indexes=list(range(0, depth - 1, 2)))
+    else:
+        raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
+    tower = Tower._from_config(config, attn_implementation="sdpa").eval()
+    return scale_weights(tower, std, seed) if std is not None else tower

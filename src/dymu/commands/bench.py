@@ -14,6 +14,7 @@ Examples:
   dymu bench e2e_llava --new-tokens 32
   dymu bench e2e_llava --tiny
   dymu bench onevision_crops --layers 4 --crops 6   # OneVision crops: padded vs one call per crop
+  dymu bench qwen_tower --layers 8                  # Qwen2.5-VL-7B-shaped vision tower, kept shares vs stock
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 NAME = "bench"
-HELP = "run a benchmark from bench/ (encoder, vtu_prefill, e2e_llava, onevision_crops)"
+HELP = "run a benchmark from bench/ (encoder, vtu_prefill, e2e_llava, onevision_crops, qwen_tower)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,14 +13,17 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders import hf, hf_dinov2, timm_vit
+from dymu.encoders import hf, hf_dinov2, qwen2_5_vl, qwen2_vl, qwen3_vl, timm_vit
 from dymu.encoders import open_clip as open_clip_adapter
 from dymu.encoders.base import DToMeRun, DToMeState, patched_modules, restore_class
 from dymu.encoders.names import canonical_identity, is_dymu_name, parse_dymu_name, thresholds_not_found
 from dymu.merge import Mode, TokenOrder
 from dymu.thresholds import ThresholdCheckpoint, finding_order, load_thresholds
 
-ADAPTERS = [hf.patch_model, open_clip_adapter.patch_model, timm_vit.patch_model, hf_dinov2.patch_model]
+ADAPTERS = [
+    hf.patch_model, open_clip_adapter.patch_model, timm_vit.patch_model, hf_dinov2.patch_model,
+    qwen2_vl.patch_model, qwen2_5_vl.patch_model, qwen3_vl.patch_model,
+]
 
 ThresholdsLike = ThresholdCheckpoint | Tensor | Sequence[float] | str | Path
 
@@ -57,7 +60,7 @@ def patch(
         raise ValueError(
             f"no DToMe adapter for {type(model).__name__}: expected a transformers CLIP/SigLIP vision model "
             "(or a model containing one, e.g. LLaVA), an open_clip VisionTransformer or a timm ViT "
-            "(open_clip SigLIP)"
+            "(open_clip SigLIP), a DINOv2 or a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower"
         )
     model._dymu_state = state
     try:
