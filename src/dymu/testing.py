@@ -268,3 +268,30 @@ def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3,
         raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
     tower = Tower._from_config(config, attn_implementation="sdpa").eval()
     return scale_weights(tower, std, seed) if std is not None else tower
+
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 96, 95, 94  # token ids of the tiny Qwen VLMs (vocabulary 97)
+
+
+def tiny_qwen_vlm(family: str, seed: int = 0, std: float | None = 0.3) -> nn.Module:
+    """A tiny random Qwen VLM: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"`` with the tower of
+    :func:`tiny_qwen_vision_tower` (depth 2) and a 2-layer M-RoPE text model (hidden 64, 4 heads / 2 KV heads);
+    image / video / vision-start tokens 96 / 95 / 94; weights std ``std``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    tower = tiny_qwen_vision_tower(family, depth=2, std=None, seed=seed).config.to_dict()
+    tower["out_hidden_size" if family != "qwen2_vl" else "hidden_size"] = 64
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                num_key_value_heads=2, vocab_size=97, max_position_embeddings=512, rope_parameters=rope,
+                pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    config = AutoConfig.for_model(family, text_config=text, vision_config=tower, image_token_id=QWEN_IMAGE,
+                                  video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    if std is not None:
+        scale_weights(model, std, seed)
+    model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable token by token
+    return model

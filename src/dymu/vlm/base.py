@@ -218,6 +218,8 @@ def prepare_inputs(
         if kwargs.get(name) is not None:
             kwargs[name] = batch.pad([kwargs[name][b][k] for b, k in enumerate(kept)], value=0)
     prepared = Prepared(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), groups, kept, None, enc)
+    if state.vtu == "off" and hasattr(state.family, "off_positions"):  # M-RoPE: each token at its stock (t, h, w)
+        prepared.position_ids = state.family.off_positions(model, prepared).to(ids.device)
     if state.vtu != "off":
         prepared.vtu_batch = batch
         prepared.position_ids = state.family.virtual_positions(model, prepared).to(ids.device)
@@ -266,7 +268,7 @@ def make_dymu_class(parent: type, family: Family, log: logging.Logger = logger) 
             log_counts(prep.encoded.counts, log)
             if prep.vtu_batch is not None or kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = prep.position_ids
-            kwargs.update(feature_kwargs(prep.encoded))
+            kwargs.update(getattr(family, "feature_kwargs", feature_kwargs)(prep.encoded))
             with vtu_lib.vtu_context(prep.vtu_batch):
                 out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
             return prep, out
@@ -312,19 +314,28 @@ def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) 
     return out.sequences, VisualTokens(list(counts), getattr(out, "crop_token_counts", None))
 
 
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The VLM's vision tower (``model.model.vision_tower``; Qwen-VL: ``model.model.visual``)."""
+    inner = model.model
+    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+
+
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
     from dymu.vlm.llava import LLAVA
     from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
+    from dymu.vlm.qwen_vl import family_for
 
     state = vlm_state(model)
     if state is not None:
         return state.family
+    if family_for(model) is not None:
+        return family_for(model)
     names = {c.__name__ for c in type(model).__mro__}
     for family in (ONEVISION, LLAVA):
         if family.model_class in names:
             return family
-    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5 or LLaVA-OneVision")
+    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5, LLaVA-OneVision or Qwen2-VL / Qwen2.5-VL / Qwen3-VL")
 
 
 def enable(
@@ -351,7 +362,7 @@ def enable(
     check_vtu_mode(vtu, "vtu")
     if vlm_state(model) is not None:
         raise ValueError(f"DyMU is already enabled on this model; call {undo_hint} first")
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     merges = method in ("dymu", "tome")
     if merges:
         dymu.patch(tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
@@ -378,7 +389,7 @@ def disable(model: nn.Module) -> nn.Module:
     if state.vtu != "off":
         vtu_lib.disable_vtu(model)
     if state.method in ("dymu", "tome"):
-        dymu.unpatch(model.model.vision_tower)
+        dymu.unpatch(vision_tower(model))
     model.__class__ = state.parent
     return model
 
@@ -390,7 +401,7 @@ def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], 
     import dymu
 
     state = vlm_state(model)
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     if state is None or state.method != "dymu" or dymu.get_state(tower).mode != "infer":
         raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
     param = next(tower.parameters())
