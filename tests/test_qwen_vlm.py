@@ -184,3 +184,50 @@ def test_bad_input(model, dymu_on):
         model(**{k: v for k, v in x.items() if k != "image_grid_thw"})
     with pytest.raises(ValueError, match="pixel_values_videos"):
         model(**x, pixel_values_videos=x["pixel_values"])
+
+
+def _merged_count_positions(self, model, prepared):
+    """Wrong: every virtual token at its merged slot's index (positions from the merged count)."""
+    return [torch.arange(int(g.max()) + 1)[g].expand(3, -1) for g in prepared.groups]
+
+
+def _text_shifted(right):
+    def positions(self, model, prepared):
+        """Wrong: the text after an image shifted back by what merging removed (start + merged count)."""
+        out = []
+        for g, p in zip(prepared.groups, right(self, model, prepared)):
+            row = prepared.input_ids[len(out)][prepared.attention_mask[len(out)].bool()][g]
+            after = torch.arange(g.numel()) > int((row == QWEN_IMAGE).nonzero().max())
+            out.append(p - after.long() * (g.numel() - int(g.max()) - 1))
+        return out
+    return positions
+
+
+def _deepstack_regrouped(right):
+    def feature_kwargs(self, enc):
+        """Wrong: DeepStack features not in the merged tokens' slots (reversed)."""
+        enc = base.EncodedImages(enc.features, enc.groups,
+                                 extras={"deepstack": [d.flip(1) for d in enc.extras["deepstack"]]})
+        return right(self, enc)
+    return feature_kwargs
+
+
+@pytest.mark.parametrize("variant", ["merged_count", "text_shifted", "deepstack"])
+def test_comparison_catches_wrong_variants(model, dymu_on, variant, monkeypatch):
+    from dymu.vlm.qwen_vl import QwenFamily
+
+    if variant == "deepstack" and model.config.model_type != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    dymu_on()
+    x = inputs(model, MIXED[1:], kinds=["textured", "stripes"], seed=3)
+    want = definition(model, x, prepared(model, x))
+    if variant == "merged_count":
+        monkeypatch.setattr(QwenFamily, "unmerged_positions", _merged_count_positions)
+    elif variant == "text_shifted":
+        monkeypatch.setattr(QwenFamily, "unmerged_positions", _text_shifted(QwenFamily.unmerged_positions))
+    else:
+        monkeypatch.setattr(QwenFamily, "feature_kwargs", _deepstack_regrouped(QwenFamily.feature_kwargs))
+    with torch.no_grad():
+        out = model(**x)
+    err = max(float((out.logits[b][out.merged_attention_mask[b].bool()] - w).abs().max()) for b, w in enumerate(want))
+    assert err > 100 * TOL

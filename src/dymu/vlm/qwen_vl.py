@@ -217,3 +217,4 @@ def enable_dymu_qwen(
 def disable_dymu_qwen(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_dymu_qwen`."""
     return base.disable(model)
+
