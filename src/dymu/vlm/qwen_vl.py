@@ -64,8 +64,8 @@ def stock_image_counts(grid_thw: Tensor, merge_size: int) -> list[int]:
 def select_units(features: list[Tensor], method: str, count: int, seeds: list[int]) -> tuple[list[Tensor], list[Tensor]]:
     """Keep ``count`` merger outputs per image (all when fewer), in raster order: ``"prune"`` those of largest L2
     norm (Qwen's towers have no CLS token to attend from; feature norm is the attention-free saliency the pruning
-    peers fall back to), ``"random"`` a seeded subset. Returns the kept features and the groups (each stock
-    position to the nearest kept token before it, as :func:`dymu.baselines.selection_groups`)."""
+    peers fall back to), ``"random"`` a seeded subset. Returns per image the kept indices and the groups (each
+    stock position to the nearest kept token before it, as :func:`dymu.baselines.selection_groups`)."""
     kept, groups = [], []
     for f, seed in zip(features, seeds):
         n = f.shape[0]
@@ -74,7 +74,7 @@ def select_units(features: list[Tensor], method: str, count: int, seeds: list[in
             keep = f.float().norm(dim=-1).topk(k).indices.sort().values
         else:
             keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-        kept.append(f[keep.to(f.device)])
+        kept.append(keep.to(f.device))
         groups += baselines.selection_groups([keep], n)
     return kept, groups
 
@@ -101,20 +101,35 @@ class QwenFamily:
             raise ValueError(f"pixel_values hold {pixel_values.shape[0]} patches but image_grid_thw "
                              f"{grid.tolist()} needs {int(grid.prod(-1).sum())}")
         if state.method == "tome":
-            configure_tome(tower, cells, state.token_budget)
+            return self._encode_tome(tower, pixel_values, grid, state.token_budget)
         with torch.no_grad():
             out = tower(pixel_values.to(tower.dtype), grid_thw=grid)
         if state.method in baselines.SELECTIONS:
             seeds = [state.seed + i for i in range(len(cells))] if seeds is None else list(seeds)
             if len(seeds) != len(cells):
                 raise ValueError(f"selection_seeds has {len(seeds)} seeds for {len(cells)} images")
-            feats, groups = select_units(list(out.pooler_output.split(cells)), state.method, state.token_budget, seeds)
+            feats = list(out.pooler_output.split(cells))
+            keep, groups = select_units(feats, state.method, state.token_budget, seeds)
             deep = [list(d.split(cells)) for d in getattr(out, "deepstack_features", None) or []]
             extras = {}
             if deep:  # the kept tokens' DeepStack features, same selection
-                extras["deepstack"] = [torch.stack([d[i][g.unique()] for d in deep]) for i, g in enumerate(groups)]
-            return QwenEncoded(feats, groups, extras=extras, grid_thw=grid)
-        images = dymu.get_state(tower).images
+                extras["deepstack"] = [torch.stack([d[i][k] for d in deep]) for i, k in enumerate(keep)]
+            return QwenEncoded([f[k] for f, k in zip(feats, keep)], groups, extras=extras, grid_thw=grid)
+        return self._merged(dymu.get_state(tower).images, grid)
+
+    def _encode_tome(self, tower: nn.Module, pixel_values: Tensor, grid: Tensor, budget: int) -> QwenEncoded:
+        """Fixed-count ToMe: one tower call per image, each merging ``cells - budget`` units over the blocks (the
+        tower's fixed mode counts per frame, and images of a call differ in size)."""
+        images = []
+        for patches, g in zip(pixel_values.split(grid.prod(-1).tolist()), grid.split(1)):
+            cells = stock_image_counts(g, tower.spatial_merge_size)[0]
+            baselines.configure_tome(tower, cells, min(budget, cells))
+            with torch.no_grad():
+                tower(patches.to(tower.dtype), grid_thw=g)
+            images += dymu.get_state(tower).images
+        return self._merged(images, grid)
+
+    def _merged(self, images: list, grid: Tensor) -> QwenEncoded:
         extras = {}
         if images and images[0].deepstack:
             extras["deepstack"] = [torch.stack(m.deepstack) for m in images]  # [layers, k, D] per image
@@ -171,15 +186,6 @@ class QwenFamily:
     def refuse(self, kwargs: dict) -> None:
         if kwargs.get("pixel_values_videos") is not None:
             raise ValueError("DyMU on Qwen-VL models takes images only: pixel_values_videos is not supported")
-
-
-def configure_tome(tower: nn.Module, cells: list[int], token_budget: int) -> None:
-    """Fixed-count ToMe: every frame merges ``cells - token_budget`` units over the blocks (constant schedule); the
-    images of a call must then have the same cell count (a fixed count per frame is the tower's fixed mode)."""
-    if len(set(cells)) != 1:
-        raise ValueError(f"method='tome' merges the same count in every image; this call's images have "
-                         f"{sorted(set(cells))} cells: call it once per image size")
-    baselines.configure_tome(tower, cells[0], token_budget)
 
 
 FAMILIES = {name: QwenFamily(name) for name in MODEL_CLASSES}
