@@ -231,3 +231,15 @@ def test_comparison_catches_wrong_variants(model, dymu_on, variant, monkeypatch)
         out = model(**x)
     err = max(float((out.logits[b][out.merged_attention_mask[b].bool()] - w).abs().max()) for b, w in enumerate(want))
     assert err > 100 * TOL
+
+
+def test_mm_token_type_ids_collapse_with_the_ids(model, dymu_on):
+    """The stock call gets ``mm_token_type_ids`` on the merged layout (what generate extends and the stock
+    position code reads when no positions are given)."""
+    dymu_on()
+    x = inputs(model, MIXED, kinds=["flat", "textured", "stripes"])
+    kwargs = {"mm_token_type_ids": x["mm_token_type_ids"], "image_grid_thw": x["image_grid_thw"]}
+    with torch.no_grad():
+        prep = base.prepare_inputs(model, x["input_ids"], x["attention_mask"], x["pixel_values"], kwargs)
+    assert prep.input_ids.shape[1] < x["input_ids"].shape[1]
+    assert torch.equal(kwargs["mm_token_type_ids"], (prep.input_ids == QWEN_IMAGE).long() * prep.attention_mask)
