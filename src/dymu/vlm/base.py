@@ -28,13 +28,9 @@ left-padded row the same way, checked on the tiny Llama, but an explicit rule do
 layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carries the same counts on its output.
 :func:`generate_with_counts` does that for callers that want the sequences and a :class:`VisualTokens` record.
 
-**How Qwen2-VL / Qwen2.5-VL / Qwen3-VL plug in** (one adapter, nothing else changes): ``encode`` runs the patched
-tower on the packed patches and ``image_grid_thw`` and returns groups over the processor's placeholders (the count
-is fixed by the grid before the encoder runs, ``t·h·w / merge²``; merging maps several of them to one slot);
-DeepStack features go in ``EncodedImages.extras`` (per image, same slots: they are merged with the same groups) and
-``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
-collapses that tensor with the ids; ``virtual_positions`` returns ``[3, B, V]`` (M-RoPE rows from the stock
-``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch) instead of ``[B, V]``.
+**Optional family hooks** (Qwen-VL, :mod:`dymu.vlm.qwen_vl`): ``feature_kwargs(enc)`` (DeepStack features next to
+the final ones), ``off_positions(model, prepared)`` (M-RoPE positions with VTU off); ``EncodedImages.extras`` carry
+per-image tensors with the same slots.
 """
 
 from __future__ import annotations
@@ -317,26 +313,23 @@ def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) 
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The VLM's vision tower (``model.model.vision_tower``; Qwen-VL: ``model.model.visual``)."""
-    inner = model.model
-    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+    return model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
 
 
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
     from dymu.vlm.llava import LLAVA
     from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
-    from dymu.vlm.qwen_vl import family_for
+    from dymu.vlm.qwen_vl import FAMILIES as QWEN
 
     state = vlm_state(model)
     if state is not None:
         return state.family
-    if family_for(model) is not None:
-        return family_for(model)
     names = {c.__name__ for c in type(model).__mro__}
-    for family in (ONEVISION, LLAVA):
+    for family in (ONEVISION, LLAVA, *QWEN.values()):
         if family.model_class in names:
             return family
-    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5, LLaVA-OneVision or Qwen2-VL / Qwen2.5-VL / Qwen3-VL")
+    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5, LLaVA-OneVision or Qwen-VL")
 
 
 def enable(
