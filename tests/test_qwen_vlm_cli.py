@@ -153,3 +153,19 @@ def test_lmms_eval_cli(checkpoints, tmp_path):
         counts[name] = [s["visual_tokens"] for s in record["tasks"]["dymu_tiny_qwen_vqa"]["samples"]]
     assert counts["tome"] == [[2]] * 4
     assert len({c[0] for c in counts["dymu"]}) > 1  # content-dependent
+
+
+def test_dymu_eval_cli(checkpoints, tmp_path, capsys):
+    """``dymu eval`` on a Qwen-VL checkpoint: its dymu block turns DyMU on; per-question counts follow content."""
+    from dymu.cli import main
+
+    for i, img in enumerate(images()):
+        img.save(tmp_path / f"{i}.png")
+    (tmp_path / "q.json").write_text(json.dumps([{"image": f"{i}.png", "question": "w1", "answer": "w2"}
+                                                 for i in range(2)]))
+    out = tmp_path / "out.jsonl"
+    assert main(["eval", "--model", str(checkpoints["qwen3_vl"]), "--data", str(tmp_path / "q.json"),
+                 "--output", str(out), "--max-new-tokens", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    counts = [r["visual_tokens"] for r in rows]
+    assert counts[0] < counts[1], rows

@@ -28,9 +28,8 @@ left-padded row the same way, checked on the tiny Llama, but an explicit rule do
 layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carries the same counts on its output.
 :func:`generate_with_counts` does that for callers that want the sequences and a :class:`VisualTokens` record.
 
-**Optional family hooks** (Qwen-VL, :mod:`dymu.vlm.qwen_vl`): ``feature_kwargs(enc)`` (DeepStack features next to
-the final ones), ``off_positions(model, prepared)`` (M-RoPE positions with VTU off); ``EncodedImages.extras`` carry
-per-image tensors with the same slots.
+**Optional family hooks** (Qwen-VL): ``feature_kwargs(enc)`` (DeepStack features, ``EncodedImages.extras``, next to
+the final ones) and ``off_positions(model, prepared)`` (M-RoPE positions with VTU off).
 """
 
 from __future__ import annotations
@@ -311,8 +310,7 @@ def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) 
     return out.sequences, VisualTokens(list(counts), getattr(out, "crop_token_counts", None))
 
 
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The VLM's vision tower (``model.model.vision_tower``; Qwen-VL: ``model.model.visual``)."""
+def vision_tower(model: nn.Module) -> nn.Module:  # Qwen-VL calls it ``visual``
     return model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
 
 
