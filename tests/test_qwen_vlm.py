@@ -245,3 +245,14 @@ def test_mm_token_type_ids_collapse_with_the_ids(model, dymu_on):
         prep = base.prepare_inputs(model, x["input_ids"], x["attention_mask"], x["pixel_values"], kwargs)
     assert prep.input_ids.shape[1] < x["input_ids"].shape[1]
     assert torch.equal(kwargs["mm_token_type_ids"], (prep.input_ids == QWEN_IMAGE).long() * prep.attention_mask)
+
+
+def test_vtu_off_keeps_each_token_at_its_stock_position(model, dymu_on):
+    """VTU off: each merged token at its representative's stock (t, h, w); with merging off that is the stock
+    model (1-D positions counted over the merged sequence would not be)."""
+    x = inputs(model, MIXED)
+    ref, ref_steps = generate(model, x)
+    dymu_on(1.0, vtu="off")
+    out, steps = generate(model, x)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.allclose(steps, ref_steps, atol=TOL, rtol=0)
