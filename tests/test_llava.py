@@ -16,7 +16,7 @@ from dymu.testing import find_and_save_thresholds
 from dymu.testing import save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 from dymu.vlm import answer, disable_dymu, dymu_vtu_mode, enable_dymu, load_llava
-from dymu.vlm.llava import collapse_placeholders
+from dymu.vlm.base import collapse_placeholders
 
 IMAGES = [make_image("flat", 64, 0), make_image("textured", 64, 1), make_image("stripes", 64, 2)]
 TEXTS = ["USER: <image> w1 w2 ASSISTANT:", "USER: <image> w3 ASSISTANT:", "USER: w5 <image> w6 w7 w8 ASSISTANT:"]
@@ -44,6 +44,12 @@ def model_and_inputs(llava_dir):
     _, processor = load_llava(llava_dir, dymu=False)
     inputs = processor(images=IMAGES, text=TEXTS, return_tensors="pt", padding=True)
     return model, processor, inputs
+
+
+def visual_counts(model, inputs):
+    """The per-image visual token counts a forward call reports with its output."""
+    with torch.no_grad():
+        return model(**inputs).visual_token_counts
 
 
 def last_logits(model, inputs):
@@ -82,8 +88,8 @@ def test_merging_on_fast_equals_exact_and_reports_counts(model_and_inputs, thres
         enable_dymu(model, thresholds_file, vtu=vtu)
         with caplog.at_level("INFO", logger="dymu.vlm.llava"):
             logits = last_logits(model, inputs)
-            gen = model.generate(**inputs, **GEN)
-        results[vtu] = (logits, gen, list(model.dymu_last_counts))
+            gen = model.generate(**inputs, **GEN, return_dict_in_generate=True)
+        results[vtu] = (logits, gen.sequences, list(gen.visual_token_counts))
         disable_dymu(model)
     hook.remove()
     counts = results["fast"][2]
@@ -107,13 +113,13 @@ def test_batch_equals_one_by_one(model_and_inputs, thresholds_file):
     # single-image path and may keep other counts than inside a batch (tests/test_token_order.py)
     enable_dymu(model, thresholds_file, vtu="fast", token_order="batch")
     batch_logits = last_logits(model, inputs)
-    batch_counts = list(model.dymu_last_counts)
+    batch_counts = visual_counts(model, inputs)
     with torch.no_grad():
         batch_gen = model.generate(**inputs, **GEN)[:, -GEN["max_new_tokens"] :]
     for i in range(3):
         one = processor(images=[IMAGES[i]], text=[TEXTS[i]], return_tensors="pt")
         logits = last_logits(model, one)
-        assert model.dymu_last_counts == [batch_counts[i]]
+        assert visual_counts(model, one) == [batch_counts[i]]
         torch.testing.assert_close(logits[0], batch_logits[i], atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             gen = model.generate(**one, **GEN)[:, -GEN["max_new_tokens"] :]
@@ -132,7 +138,8 @@ def test_dymu_block_in_config_json(llava_dir, thresholds_file, tmp_path):
     model, processor = load_llava(target)
     assert dymu.get_state(model.model.vision_tower).mode == "infer"
     results = answer(model, processor, IMAGES[:2], ["w1 w2", "w3"], max_new_tokens=4)
-    assert [r.visual_tokens for r in results] == model.dymu_last_counts
+    inputs = processor(images=IMAGES[:2], text=[TEXTS[0], TEXTS[1]], return_tensors="pt", padding=True)
+    assert [r.visual_tokens for r in results] == visual_counts(model, inputs)
     assert all(isinstance(r.text, str) and r.text for r in results)
     plain, _ = load_llava(target, dymu=False)
     assert dymu_vtu_mode(plain) is None and dymu_vtu_mode(model) == "exact"
@@ -225,8 +232,7 @@ def test_original_checkpoint_dymu_tower_name_switches_dymu_on(original_checkpoin
     model, processor = load_llava(edited, vision_tower=tower_dir)
     assert dymu.get_state(model.model.vision_tower).mode == "infer"
     inputs = processor(images=IMAGES, text=TEXTS, return_tensors="pt", padding=True)
-    last_logits(model, inputs)
-    assert sum(model.dymu_last_counts) < 3 * 16
+    assert sum(visual_counts(model, inputs)) < 3 * 16
 
 
 # ---------------------------------------------------------------- bad input
@@ -266,13 +272,13 @@ def test_collapse_placeholders_layout():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
     maps = [torch.tensor([0, 0, 1, 0]), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 0, 0])]
     # row 1 holds one expanded image (4 placeholders) and one unexpanded <image>
-    rows, groups = collapse_placeholders(ids, mask, 4, 4, maps)
+    rows, groups, _ = collapse_placeholders(ids, mask, 4, maps)  # each map: the image's 4 stock positions
     assert rows[0].tolist() == [5, 4, 4, 8]
     assert groups[0].tolist() == [0, 1, 1, 2, 1, 3]
     assert rows[1].tolist() == [5, 4, 4, 4, 4, 9, 4, 4, 6]
     assert groups[1].tolist() == [0, 1, 2, 3, 4, 5, 7, 7, 6, 6, 8]
     with pytest.raises(ValueError, match="run of 3 image tokens"):
-        collapse_placeholders(torch.tensor([[5, 4, 4, 4, 8]]), None, 4, 4, maps[:1])
+        collapse_placeholders(torch.tensor([[5, 4, 4, 4, 8]]), None, 4, maps[:1])
 
 
 def test_token_budget_and_generate_cli(llava_dir, thresholds_file, tmp_path, capsys):
@@ -286,9 +292,9 @@ def test_token_budget_and_generate_cli(llava_dir, thresholds_file, tmp_path, cap
         img.save(paths[-1])
     for target in (4.0, 10.0):
         offset = calibrate_token_budget(model, processor, paths, target)
-        answer(model, processor, paths, ["w1"] * 3, max_new_tokens=1)
-        mean = sum(model.dymu_last_counts) / 3
-        assert abs(mean - target) <= 1.5, (target, offset, model.dymu_last_counts)
+        counts = [r.visual_tokens for r in answer(model, processor, paths, ["w1"] * 3, max_new_tokens=1)]
+        mean = sum(counts) / 3
+        assert abs(mean - target) <= 1.5, (target, offset, counts)
     with pytest.raises(ValueError, match=r"target_tokens must be in \(0, 16\]"):
         calibrate_token_budget(model, processor, paths, 40)
 
@@ -359,7 +365,7 @@ def llava_decode_errors(model, inputs, steps, monkeypatch):
 
     from test_vtu import reference_step_logits
 
-    import dymu.vlm.llava as llava_lib
+    import dymu.vlm.base as llava_lib  # the one prepare_inputs of every family
 
     preps, seen = [], []
     prepare = llava_lib.prepare_inputs

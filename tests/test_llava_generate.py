@@ -55,7 +55,7 @@ def test_generate_keeps_last_logits_and_matches_forward(model_and_inputs, vtu):
         head.remove()
         assert len(calls) == 3 and calls[0].get("logits_to_keep") == 1, [c.get("logits_to_keep") for c in calls]
         assert head_rows == [1, 1, 1]  # the prefill's LM head ran on the last position only
-        assert sum(model.dymu_last_counts) < 3 * 16  # merged
+        assert sum(out.visual_token_counts) < 3 * 16  # merged, reported with generate's output
         extra = {}
         if vtu == "off":  # generate built positions from the merged layout's attention mask
             assert calls[0]["position_ids"] is not None

@@ -21,10 +21,10 @@ from dymu.samples import make_image
 from dymu.testing import plain_attention
 from dymu.thresholds import ThresholdCheckpoint
 from dymu.vlm import dymu_vtu_mode, onevision as ov
+from dymu.testing import tiny_onevision
 from dymu.vlm.onevision import (
     disable_dymu_onevision,
     enable_dymu_onevision,
-    tiny_onevision,
 )
 
 THRESHOLDS = [0.6, 0.6, 0.6]  # tiny SigLIP has 3 blocks; merges a lot, differently per crop
@@ -174,15 +174,14 @@ def test_merging_off_equals_stock_logits_and_generation(tiny, model, vtu):
             assert float((out.logits - logits).abs().max()) <= 1e-6
             assert torch.equal(model.generate(**inp, max_new_tokens=4, do_sample=False), new)
             stock_counts = (inp["input_ids"] == model.config.image_token_id).sum().item()
-            assert sum(model.dymu_last_counts) == stock_counts
+            assert sum(out.visual_token_counts) == stock_counts
 
 
 def test_multi_crop_image_keeps_different_counts_per_crop(tiny, model):
     _, processor = tiny
     enable_dymu_onevision(model, THRESHOLDS)
     with torch.no_grad():
-        model(**inputs(processor))
-    crop_counts = model.dymu_last_crop_counts
+        crop_counts = model(**inputs(processor)).crop_token_counts
     assert len(crop_counts[0]) == 7  # base + 2×3 tiles
     assert len(set(crop_counts[0])) > 1
     full = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -199,7 +198,7 @@ def test_equals_vtu_definition(tiny, model):
         inputs(processor, [[images()[1], images()[3]]], ["w1 <image> w2 <image>"]),
     ):
         out = model(**inp)
-        got = unpad(out.logits, model.dymu_last_inputs.attention_mask)
+        got = unpad(out.logits, out.merged_attention_mask)
         ref = [reference_logits(model, e, g) for e, g in reference_rows(model, inp)]
         assert [r.shape for r in ref] == [g.shape for g in got]
         assert maxdiff(got, ref) <= 1e-4
@@ -222,7 +221,7 @@ def test_wrong_position_map_fails_the_definition(tiny, model, monkeypatch):
     ref = [reference_logits(model, e, g) for e, g in reference_rows(model, inp)]
     monkeypatch.setattr(ov, "stock_layout", shifted)
     out = model(**inp)
-    got = unpad(out.logits, model.dymu_last_inputs.attention_mask)
+    got = unpad(out.logits, out.merged_attention_mask)
     assert got[0].shape != ref[0].shape or maxdiff(got, ref) > 0.1  # measured 12.4
 
 
@@ -232,7 +231,8 @@ def test_definition_comparison_is_sensitive(tiny, model):
     _, processor = tiny
     enable_dymu_onevision(model, THRESHOLDS, vtu="off")
     inp = inputs(processor, [images()[0]], ["w1 <image> w2"])
-    got = unpad(model(**inp).logits, model.dymu_last_inputs.attention_mask)
+    out = model(**inp)
+    got = unpad(out.logits, out.merged_attention_mask)
     ref = [reference_logits(model, e, g) for e, g in reference_rows(model, inp)]
     assert maxdiff(got, ref) > 0.1  # measured ~9.7
 
@@ -280,14 +280,15 @@ def test_batch_equals_one_by_one(tiny, model):
     enable_dymu_onevision(model, THRESHOLDS, vtu="fast")
     imgs, texts = images()[:3], ["w1 <image> w2", "w3 <image> w4 w5 w6", "<image> w7"]
     batch = inputs(processor, imgs, texts)
-    logits = unpad(model(**batch).logits, model.dymu_last_inputs.attention_mask)
-    counts = model.dymu_last_crop_counts
+    out = model(**batch)
+    logits, counts = unpad(out.logits, out.merged_attention_mask), out.crop_token_counts
     kw = {"max_new_tokens": 4, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
     gen = model.generate(**batch, **kw)
     for b in range(3):
         one = inputs(processor, [imgs[b]], [texts[b]])
-        alone = model(**one).logits[0]
-        assert model.dymu_last_crop_counts == [counts[b]]
+        out_one = model(**one)
+        alone = out_one.logits[0]
+        assert out_one.crop_token_counts == [counts[b]]
         assert float((alone - logits[b]).abs().max()) <= 1e-4
         g1 = model.generate(**one, **kw)
         new = g1.sequences[0, one["input_ids"].shape[1] :]  # may stop early at EOS
@@ -304,7 +305,8 @@ def test_per_crop_batching_equals_the_padded_crop_batch(tiny, model):
     results = {}
     for batching in ("padded", "per_image"):
         enable_dymu_onevision(model, THRESHOLDS, vtu="fast", crop_batching=batching)
-        results[batching] = (model(**inp).logits, model.dymu_last_crop_counts)
+        out = model(**inp)
+        results[batching] = (out.logits, out.crop_token_counts)
         disable_dymu_onevision(model)
     (padded, counts), (per_crop, counts_pc) = results["padded"], results["per_image"]
     assert counts_pc == counts and len({c for image in counts for c in image}) > 2
@@ -328,8 +330,9 @@ def test_downsampled_layout(tiny, model):
         ov.stock_layout(model, 17, inp["image_sizes"][0], downsample="error")
     enable_dymu_onevision(model, THRESHOLDS, downsample="nearest")
     with torch.no_grad():
-        model.generate(**inp, max_new_tokens=2, do_sample=False)
-    assert model.dymu_last_inputs.encoded.downsampled == [True]
+        out = model.generate(**inp, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    # downsampled: fewer stock positions than the 17 crops' unlimited layout (same count as the processor's)
+    assert out.visual_token_counts[0] <= n_stock < ov._pack_codes(model, 17, inp["image_sizes"][0], ov._NO_LIMIT).numel()
     disable_dymu_onevision(model)
     enable_dymu_onevision(model, THRESHOLDS, downsample="error")
     with pytest.raises(ValueError, match="downsamples this image"):

@@ -22,9 +22,10 @@ from dymu.samples import make_image
 from dymu.testing import LMMS_TASK_UTILS, find_and_save_thresholds, save_tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 from dymu.vlm import dymu_vtu_mode, load, load_llava, load_onevision
-from dymu.vlm.base import enabled
-from dymu.vlm.llava import DyMUSettings
-from dymu.vlm.onevision import enable_dymu_onevision, image_crops, stock_visual_tokens, tiny_onevision
+from dymu.vlm.base import vlm_state
+from dymu.vlm.settings import ConfigBlock
+from dymu.testing import tiny_onevision
+from dymu.vlm.onevision import enable_dymu_onevision, image_crops, stock_visual_tokens
 
 R_TOTAL = 9  # tiny SigLIP: 3 blocks, 16 patches per crop -> 3 merges per block when finding
 
@@ -87,18 +88,22 @@ def logits(model, inputs):
 def test_dymu_block_equals_enable_on_the_stock_model(work):
     inputs = batch(work["processor"])
     reference = enable_dymu_onevision(stock_model(work), work["thresholds"], vtu="exact", downsample="error")
-    want = logits(reference, inputs)
+    with torch.no_grad():
+        ref_out = reference(**inputs)
+    want = ref_out.logits
     for loader in (load, load_onevision):
         model, processor = loader(work["dymu"])
         assert type(processor).__name__ == "LlavaOnevisionProcessor"
-        assert dymu_vtu_mode(model) == "exact" and enabled(model).options["downsample"] == "error"
-        assert torch.equal(logits(model, inputs), want)
-        assert model.dymu_last_counts == reference.dymu_last_counts
-        assert model.dymu_last_crop_counts == reference.dymu_last_crop_counts
-    assert sum(reference.dymu_last_counts) < int((inputs["input_ids"] == reference.config.image_token_id).sum())
+        assert dymu_vtu_mode(model) == "exact" and vlm_state(model).options["downsample"] == "error"
+        with torch.no_grad():
+            out = model(**inputs)
+        assert torch.equal(out.logits, want)
+        assert out.visual_token_counts == ref_out.visual_token_counts
+        assert out.crop_token_counts == ref_out.crop_token_counts
+    assert sum(ref_out.visual_token_counts) < int((inputs["input_ids"] == reference.config.image_token_id).sum())
     # keyword arguments override the block
     model, _ = load(work["dymu"], vtu="fast", downsample="nearest", threshold_offset=-0.2)
-    assert dymu_vtu_mode(model) == "fast" and enabled(model).options["downsample"] == "nearest"
+    assert dymu_vtu_mode(model) == "fast" and vlm_state(model).options["downsample"] == "nearest"
     assert model.model.vision_tower._dymu_state.threshold_offset == -0.2
 
 
@@ -137,7 +142,7 @@ def test_bad_blocks_are_refused_clearly(work, tmp_path):
         load(bad)
     # LLaVA-1.5's block keeps its own keys (no downsample)
     with pytest.raises(ValueError, match=r"\['downsample'\]; expected encoder, thresholds, vtu, threshold_offset$"):
-        DyMUSettings.from_dict({"downsample": "nearest"})
+        ConfigBlock.from_dict({"downsample": "nearest"})
 
 
 def test_each_loader_refuses_the_other_family(work, tmp_path):
@@ -174,9 +179,10 @@ def expected_counts(work, paths):
     processor.tokenizer.padding_side = "left"
     pil = [load_image(p) for p in paths]
     inputs = processor(images=pil, text=["<image> w1"] * len(pil), return_tensors="pt", padding=True)
-    logits(model, inputs)
+    with torch.no_grad():
+        out = model(**inputs)
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-    return model.dymu_last_counts, placeholders, model.dymu_last_crop_counts
+    return out.visual_token_counts, placeholders, out.crop_token_counts
 
 
 def test_generate_cli(work, capsys):
@@ -231,7 +237,7 @@ def test_convert_onevision_writes_a_block_that_loads(work, tmp_path, capsys):
     inputs = batch(work["processor"])
     reference = enable_dymu_onevision(stock_model(work), work["thresholds"], downsample="error")
     model, _ = load(out)
-    assert enabled(model).options["downsample"] == "error"
+    assert vlm_state(model).options["downsample"] == "error"
     assert torch.equal(logits(model, inputs), logits(reference, inputs))
     # in place: the output is the source
     assert main(["convert-onevision", str(out), str(out), "--thresholds", str(out / "tiny-ov.safetensors"),

@@ -36,7 +36,7 @@ def choose_prompt_suffix(model: Any, given: str | None, fallback: str) -> str:
     """The text appended to each question: ``given`` when set (a flag or model_arg wins), else the one the
     checkpoint records (:func:`dymu.vlm.prompt_suffix`: the small VLM's is ""), else ``fallback`` (``dymu eval``:
     LLaVA-1.5's :data:`SHORT_ANSWER`; lmms-eval: "", its tasks add their own instruction)."""
-    from dymu.vlm.base import prompt_suffix
+    from dymu.vlm.settings import prompt_suffix
 
     if given is not None:
         return given
@@ -114,20 +114,18 @@ def _encode_batch(model: nn.Module, processor: Any, texts: list[str], prompts: S
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    if _dymu_on(model):
-        model.dymu_last_counts = None  # never read a previous call's counts
     return inputs
 
 
-def _row_counts(model: nn.Module, prompts: Sequence[Prompt], inputs: Any) -> list[list[int]]:
-    """Per prompt, the visual tokens each of its images kept in the last call (stock model: the full count at the
-    batch's pixel grid)."""
-    from dymu.vlm.llava import full_image_tokens
+def _row_counts(model: nn.Module, prompts: Sequence[Prompt], inputs: Any, out: Any) -> list[list[int]]:
+    """Per prompt, the visual tokens each of its images kept in the call that gave ``out`` (its
+    ``visual_token_counts``; a stock model: the family's placeholder counts)."""
+    from dymu.vlm.base import family_of
 
     n_images = sum(len(p.images) for p in prompts)
-    counts = getattr(model, "dymu_last_counts", None) if _dymu_on(model) else None
+    counts = getattr(out, "visual_token_counts", None)
     if n_images and counts is None:
-        counts = [full_image_tokens(model, inputs.get("pixel_values"))] * n_images
+        counts = family_of(model).stock_counts(model, inputs)
     counts = list(counts or [])
     if len(counts) != n_images:
         raise RuntimeError(f"{n_images} images in the batch but {len(counts)} visual token counts were reported")
@@ -154,7 +152,10 @@ def set_token_order(model: nn.Module, token_order: str | None = None) -> str | N
     lmms-eval setting) and a resumed run equals an uninterrupted one. ``"authors"`` keeps their code's batch
     dependence; ``"batch"`` / ``"raster"`` as in :mod:`dymu.merge`.
     """
-    if not _dymu_on(model):
+    from dymu.vlm.base import vlm_state
+
+    state = vlm_state(model)
+    if state is None or state.method not in ("dymu", "tome"):  # no DToMe tower
         return None
     import dymu
 
@@ -217,10 +218,10 @@ def generate(
         kwargs["top_p"] = top_p
     else:  # greedy: keep the checkpoint's sampling defaults from raising warnings
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**inputs, **kwargs)
-    rows = _row_counts(model, prompts, inputs)
+    out = model.generate(**inputs, **kwargs, return_dict_in_generate=True)  # the counts come back with it
+    rows = _row_counts(model, prompts, inputs, out)
     n_in = _llm_input_tokens(model, inputs, rows)
-    new = out[:, inputs["input_ids"].shape[1] :]
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
     results = []
     for b in range(len(prompts)):
         ids = new[b].tolist()
@@ -269,8 +270,9 @@ def loglikelihood(
     inputs = _encode_batch(model, processor, full_texts, prompts)
     check_context(model, inputs, new_tokens=0)
     keep = max(lengths) + 1
-    logits = model(**inputs, logits_to_keep=keep).logits[:, -keep:].float()
-    rows = _row_counts(model, prompts, inputs)
+    out = model(**inputs, logits_to_keep=keep)
+    logits = out.logits[:, -keep:].float()
+    rows = _row_counts(model, prompts, inputs, out)
     logprobs = torch.log_softmax(logits, dim=-1)
     results = []
     for b, n in enumerate(lengths):

@@ -214,3 +214,57 @@ def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3,
         raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
     tower = Tower._from_config(config, attn_implementation="sdpa").eval()
     return scale_weights(tower, std, seed) if std is not None else tower
+
+
+def tiny_onevision(
+    crop: int = 28, patch: int = 7, max_tiles: int = 4, seed: int = 0, std: float | None = 0.3,
+    vision_layers: int = 3, text_layers: int = 2, vision_aspect_ratio: str = "anyres_max_9",
+):
+    """A tiny random ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) and its processor.
+
+    Crops of ``crop`` px (``(crop/patch)²`` patches each); grid pinpoints up to ``max_tiles × max_tiles`` crops.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    pins = [[crop * a, crop * b] for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1)]
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+        image_size=crop, patch_size=patch,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+        max_position_embeddings=8192,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        video_token_id=tok.convert_tokens_to_ids("USER:"),  # unused id (video is refused)
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pins,
+        vision_aspect_ratio=vision_aspect_ratio,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    if std is not None:
+        scale_weights(model, std, seed)
+        with torch.no_grad():
+            model.model.image_newline.normal_(0, std, generator=torch.Generator().manual_seed(seed + 1))
+    size = {"height": crop, "width": crop}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pins, crop_size=size),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tok,
+        num_image_tokens=(crop // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        chat_template=tok.chat_template,
+    )
+    return model, processor

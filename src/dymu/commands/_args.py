@@ -81,6 +81,30 @@ def add_token_order_argument(parser: argparse.ArgumentParser, *, default: str | 
     )
 
 
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    """``--method``: DyMU or one of the baselines of :mod:`dymu.baselines` (with ``--token-budget`` K)."""
+    from dymu.baselines import METHODS
+
+    parser.add_argument(
+        "--method", choices=METHODS, default="dymu",
+        help="dymu (default), or a baseline keeping --token-budget tokens per image: tome (fixed-count ToMe), "
+        "prune (CLS-attention pruning), random (random dropping)",
+    )
+
+
+def method_settings(args: argparse.Namespace) -> dict:
+    """``method``/``token_budget`` for the loaders: a baseline's budget is a whole number of tokens per image."""
+    method = getattr(args, "method", "dymu")
+    if method == "dymu":
+        return {}
+    budget = getattr(args, "token_budget", None)
+    if budget is None or budget != int(budget) or budget < 1:
+        raise ValueError(f"--method {method} needs --token-budget K, a positive whole number of tokens, got {budget}")
+    if args.thresholds is not None:
+        raise ValueError(f"--method {method} takes no --thresholds (they are DyMU's)")
+    return {"method": method, "token_budget": int(budget)}
+
+
 def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
     """``dymu.vlm.load_llava`` with the options ``generate`` and ``eval`` share (``--thresholds``, ``--vtu``,
     ``--threshold-offset``, ``--vision-tower``, ``--dtype``, ``--no-dymu``), moved to ``--device``."""
@@ -96,6 +120,7 @@ def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
         vision_tower=args.vision_tower,
         torch_dtype=getattr(torch, args.dtype),
         dymu=False if args.no_dymu else None,
+        **method_settings(args),
     )
     return loaded.to(args.device), processor
 
@@ -116,6 +141,7 @@ def load_vlm_from_args(args: argparse.Namespace, model: str | None = None):
         downsample=getattr(args, "downsample", None),
         torch_dtype=getattr(torch, args.dtype),
         dymu=False if args.no_dymu else None,
+        **method_settings(args),
     )
     return loaded.to(args.device), processor
 

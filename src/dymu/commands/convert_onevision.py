@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from dymu.encoders import resolve_thresholds_path
     from dymu.encoders.names import is_dymu_name
     from dymu.evaluation import resolve_pretrained
-    from dymu.vlm.llava import DyMUSettings
+    from dymu.vlm.settings import ConfigBlock
     from dymu.vlm.loading import is_onevision, read_config
 
     thresholds = resolve_thresholds_path(args.thresholds)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     block.update(thresholds=thresholds.name, vtu=args.vtu, threshold_offset=args.threshold_offset)
     if args.downsample is not None:
         block["downsample"] = args.downsample
-    DyMUSettings.from_dict(block, family="onevision")  # what loading will check
+    ConfigBlock.from_dict(block, family="onevision")  # what loading will check
     config["dymu"] = block
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {out} with DyMU settings {block}")

@@ -152,7 +152,8 @@ def run_onevision(args: argparse.Namespace) -> int:
     from dymu.data import load_image
     from dymu.encoders.patching import resolve_thresholds_path
     from dymu.vlm import load_onevision
-    from dymu.vlm.base import enabled, settings_block
+    from dymu.vlm.base import vlm_state
+    from dymu.vlm.settings import settings_block
     from dymu.vlm.loading import read_config
     from dymu.vlm.onevision import calibrate_token_budget, encode_images, stock_visual_tokens
 
@@ -180,7 +181,7 @@ def run_onevision(args: argparse.Namespace) -> int:
     if args.token_budget is not None:
         calibration = calibrate_token_budget(model, processor, pil, args.token_budget)
     layer = model.config.vision_feature_layer if args.layer is None else args.layer
-    downsample = enabled(model).options["downsample"]
+    downsample = vlm_state(model).options["downsample"]
     per_crop, visual, stock = [], [], []
     for start in range(0, len(pil), args.batch_size):
         chunk = processor.image_processor(pil[start : start + args.batch_size], return_tensors="pt")

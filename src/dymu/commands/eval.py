@@ -27,7 +27,7 @@ HELP = "score LLaVA-1.5 + DyMU on a local JSON of image questions (exact / norma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import int_at_least, positive_float
+    from dymu.commands._args import add_method_argument, int_at_least, positive_float
 
     parser.add_argument(
         "--model", required=True,
@@ -41,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-offset", type=float, help="added to every threshold: > 0 keeps more visual tokens")
     parser.add_argument(
         "--token-budget", type=positive_float,
-        help="target mean visual tokens per image, calibrated on the first --calibration-images readable images",
+        help="target mean visual tokens per image, calibrated on the first --calibration-images readable images "
+        "(--method tome/prune/random: exactly K tokens per image)",
     )
+    add_method_argument(parser)
     parser.add_argument("--calibration-images", type=int_at_least(1), default=32, help="images for --token-budget")
     parser.add_argument(
         "--token-order", choices=["single", "authors", "batch", "raster"],
@@ -97,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
         "vtu": dymu_vtu_mode(model),
         "threshold_offset": args.threshold_offset,
         "token_budget": args.token_budget,
+        "method": args.method,
         "token_order": token_order,
         "dtype": args.dtype,
         "dymu": not args.no_dymu,
     }
-    if args.token_budget is not None:
-        from dymu.vlm.llava import calibrate_token_budget
+    if args.token_budget is not None and args.method == "dymu":
+        from dymu.vlm.base import calibrate_token_budget
 
         images = []
         for q in questions:  # the first readable images, in list order: the same on every (re)run

@@ -33,7 +33,7 @@ HELP = "answer a question about an image with LLaVA-1.5 or LLaVA-OneVision + DyM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import int_at_least, positive_float
+    from dymu.commands._args import add_method_argument, int_at_least, positive_float
 
     parser.add_argument(
         "--model", required=True,
@@ -51,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token-budget", type=positive_float,
-        help="target mean visual tokens per image (OneVision: per crop), calibrated on the given images; needs thresholds",
+        help="target mean visual tokens per image (OneVision: per crop), calibrated on the given images; needs thresholds "
+        "(--method tome/prune/random: exactly K tokens per image)",
     )
+    add_method_argument(parser)
     parser.add_argument("--no-dymu", action="store_true", help="run the stock model (for comparison)")
     parser.add_argument(
         "--vision-tower", help="where to load an original checkpoint's CLIP tower from, a folder or hub name (overrides mm_vision_tower)"
@@ -107,11 +109,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_thresholds_path(args.thresholds)
     model, processor = load_vlm_from_args(args)
     onevision = _is_onevision(model)
-    if args.token_budget is not None:
-        if onevision:
-            from dymu.vlm.onevision import calibrate_token_budget
-        else:
-            from dymu.vlm.llava import calibrate_token_budget
+    if args.token_budget is not None and args.method == "dymu":
+        from dymu.vlm.base import calibrate_token_budget
 
         state = getattr(model.model.vision_tower, "_dymu_state", None)
         if state is None or state.mode != "infer":
@@ -122,15 +121,16 @@ def run(args: argparse.Namespace) -> int:
         offset = calibrate_token_budget(model, processor, pil, args.token_budget)
         unit = "per crop" if onevision else "per image"
         print(f"threshold offset for {args.token_budget:g} visual tokens {unit}: {offset:+.4f}")
-    results, stock = _answer_placed(model, processor, pil, prompts, placed, max_new_tokens=args.max_new_tokens)
+    results, stock, crop_counts = _answer_placed(model, processor, pil, prompts, placed,
+                                                 max_new_tokens=args.max_new_tokens)
     for image, result, full in zip(images, results, stock):
         of = f" of {full}" if onevision else ""
         print(f"[{image}] ({result.visual_tokens}{of} visual tokens) {result.text}")
     counts = [r.visual_tokens for r in results]
     std = statistics.stdev(counts) if len(counts) > 1 else 0.0
     print(f"visual tokens per image: {statistics.mean(counts):.1f} ± {std:.1f}")
-    if onevision and getattr(model, "dymu_last_crop_counts", None) is not None:
-        for image, crops in zip(images, model.dymu_last_crop_counts):
+    if crop_counts is not None:
+        for image, crops in zip(images, crop_counts):
             print(f"[{image}] tokens per crop (base, then tiles): {' '.join(map(str, crops))}")
     return 0
 
@@ -143,13 +143,13 @@ def _is_onevision(model) -> bool:
 
 def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens: int):
     """:func:`dymu.vlm.answer`, except that a prompt holding <image> is the whole user message (its <image> is
-    where the image goes) instead of being put after an image part. Returns the answers and, per image, the
-    visual tokens the stock model would give the LLM."""
+    where the image goes) instead of being put after an image part. Returns the answers, per image the visual
+    tokens the stock model would give the LLM, and per image its tokens per crop (None: one crop per image)."""
     import torch
 
     from dymu.prompt_length import check_context
-    from dymu.vlm.base import dymu_vtu_mode
-    from dymu.vlm.llava import Answer, full_image_tokens
+    from dymu.vlm.base import family_of, generate_with_counts
+    from dymu.vlm.llava import Answer
 
     pil = list(images)  # PIL images, read before the model load
     texts = []
@@ -164,13 +164,7 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     check_context(model, inputs)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out, tokens = generate_with_counts(model, inputs, max_new_tokens=max_new_tokens, do_sample=False)
     decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    if _is_onevision(model):
-        from dymu.vlm.onevision import stock_visual_tokens
-
-        stock = stock_visual_tokens(model, inputs["image_sizes"], inputs.get("batch_num_images"))
-    else:
-        stock = [full_image_tokens(model)] * len(pil)
-    counts = model.dymu_last_counts if dymu_vtu_mode(model) is not None else stock
-    return [Answer(text.strip(), c) for text, c in zip(decoded, counts)], stock
+    stock = family_of(model).stock_counts(model, inputs)
+    return [Answer(text.strip(), c) for text, c in zip(decoded, tokens.counts)], stock, tokens.crop_counts

@@ -8,9 +8,13 @@
                        ``[t0,t1,...]`` (one per tower block); default: the checkpoint's ``dymu`` config block
 ``vtu``                ``fast`` (default) / ``exact`` / ``off``
 ``threshold_offset``   added to every threshold (> 0 keeps more tokens)
+``method``             ``dymu`` (default), or a baseline of :mod:`dymu.baselines` keeping exactly ``token_budget``
+                       tokens per image: ``tome`` (fixed-count ToMe), ``prune`` (CLS-attention pruning),
+                       ``random`` (random dropping)
 ``token_budget``       target mean visual tokens per image; the offset is calibrated once on
                        ``calibration_images`` (default 32) images: those of ``budget_images`` (a JSON image list,
                        dymu's threshold-finding format) or else the first documents of the first task evaluated
+                       (a baseline ``method``: its fixed count, no calibration)
 ``token_order``        DToMe token order: ``single`` (default: each image merged as the authors' code merges a
                        lone image, so any batch size gives the batch-size-1 results), ``authors`` (their code's
                        batch-dependent behaviour), ``batch``, ``raster``
@@ -176,8 +180,8 @@ class DyMULlava(lmms):
     is_simple = True
     backend_name = NAME  # the --model name, in messages and the token record
     accepted_args = (
-        "pretrained, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
-        "dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
+        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, "
+        "token_order, dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
         "prompt_suffix"
     )
     budget_unit = "per image"  # what token_budget counts
@@ -186,6 +190,7 @@ class DyMULlava(lmms):
     def __init__(
         self,
         pretrained: str | None = None,
+        method: str = "dymu",
         thresholds: Any = None,
         vtu: str | None = None,
         threshold_offset: float | None = None,
@@ -214,6 +219,17 @@ class DyMULlava(lmms):
             raise ValueError(f"{self.backend_name}: vtu={vtu!r}; expected fast, exact or off")
         if loglikelihood_output not in ("logprob", "loss"):
             raise ValueError(f"{self.backend_name}: loglikelihood_output={loglikelihood_output!r}; expected logprob or loss")
+        from dymu.baselines import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"{self.backend_name}: method={method!r}; expected {', '.join(METHODS)}")
+        baseline = {}
+        if method != "dymu":
+            if token_budget is None or float(token_budget) != int(token_budget) or int(token_budget) < 1:
+                raise ValueError(f"{self.backend_name}: method={method} needs token_budget=K, a positive whole "
+                                 f"number of tokens, got {token_budget!r}")
+            token_budget = int(token_budget)
+            baseline = {"method": method, "token_budget": token_budget}
         if token_budget is not None and threshold_offset is not None:
             raise ValueError(f"{self.backend_name}: give token_budget or threshold_offset, not both (the budget sets the offset)")
         if isinstance(prompt_suffix, bool):  # lmms-eval reads "true"/"false" as booleans
@@ -253,6 +269,7 @@ class DyMULlava(lmms):
             "vtu": vtu,
             "threshold_offset": threshold_offset,
             "token_budget": token_budget,
+            "method": method,
             "dymu": dymu,
             "dtype": str(dtype or torch_dtype).replace("torch.", ""),
             "batch_size": self.batch_size_per_gpu,
@@ -266,6 +283,7 @@ class DyMULlava(lmms):
                 vision_tower=vision_tower,
                 torch_dtype=torch_dtype,
                 dymu=dymu,
+                **baseline,
             )
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise ValueError(f"{self.backend_name}: cannot load {pretrained} with thresholds={thresholds}: {err}") from err
@@ -288,8 +306,8 @@ class DyMULlava(lmms):
         self.settings["merging"] = self.merging
         self._token_budget = token_budget
         self._calibration_images = int(calibration_images)
-        self._budget_done = token_budget is None
-        if token_budget is not None and budget_images:
+        self._budget_done = token_budget is None or method != "dymu"
+        if not self._budget_done and budget_images:
             from dymu.data import read_image_list
 
             images = read_image_list(budget_images, max_images=self._calibration_images)
@@ -337,12 +355,15 @@ class DyMULlava(lmms):
 
     def _merging_on(self) -> bool:
         import dymu
+        from dymu.vlm.base import vlm_state
 
+        if vlm_state(self._model).method != "dymu":  # a baseline always reduces the tokens
+            return True
         return dymu.get_state(self._model.model.vision_tower).mode == "infer"
 
     # ------------------------------------------------------------------------------------------ helpers
     def _calibrate_offset(self, images: list[Any], target: float) -> float:
-        from dymu.vlm.llava import calibrate_token_budget
+        from dymu.vlm.base import calibrate_token_budget
 
         return calibrate_token_budget(self._model, self.processor, images, target)
 

@@ -10,7 +10,8 @@ The ``dymu_llava`` backend (:class:`dymu.lmms_eval.llava.DyMULlava`) with OneVis
                        ``llava-hf/llava-onevision-qwen2-7b-si-hf``
 ``token_order``        default ``batch`` (the authors' OneVision code merges the crops of a call as one batch;
                        counts do not depend on the batch)
-``token_budget``       target mean tokens *per crop* (the ``K`` of ``siglip-so400m-patch14-384-<K>out``)
+``token_budget``       target mean tokens *per crop* (the ``K`` of ``siglip-so400m-patch14-384-<K>out``);
+                       ``method=tome``: exactly that many per crop (``prune``/``random``: LLaVA-1.5 only)
 ``downsample``         ``nearest`` (default) / ``error``: images the stock model downsamples past ``anyres_max_N``
 ``vision_tower``       not accepted (OneVision checkpoints hold their tower)
 =====================  ======================================================================================
@@ -23,14 +24,10 @@ Video is refused.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dymu import evaluation
-from dymu.evaluation import Prompt
 from dymu.lmms_eval.llava import DyMULlava, loud_failure
-from dymu.vlm.base import dymu_vtu_mode
 from dymu.vlm.onevision import VIDEO_MESSAGE
 
 NAME = "dymu_llava_onevision"
@@ -38,12 +35,10 @@ NAME = "dymu_llava_onevision"
 
 class PerPromptImages:
     """A OneVision processor that takes the flat image list of a batch (dymu's evaluation code calls processors as
-    LLaVA-1.5's) and hands it over as one list per prompt, by the image tokens in each prompt's text. It keeps the
-    last call's output (``last_inputs``); everything else is the wrapped processor's."""
+    LLaVA-1.5's) and hands it over as one list per prompt, by the image tokens in each prompt's text; everything else is the wrapped processor's."""
 
     def __init__(self, processor: Any) -> None:
         self.__dict__["processor"] = processor
-        self.__dict__["last_inputs"] = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["processor"], name)
@@ -63,9 +58,7 @@ class PerPromptImages:
                 nested.append(images[start : start + n])
                 start += n
             images = nested if any(nested) else None
-        out = processor(images=images, text=text, **kwargs)
-        self.__dict__["last_inputs"] = out
-        return out
+        return processor(images=images, text=text, **kwargs)
 
 
 class DyMULlavaOneVision(DyMULlava):
@@ -73,8 +66,8 @@ class DyMULlavaOneVision(DyMULlava):
 
     backend_name = NAME
     accepted_args = (
-        "pretrained, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
-        "dymu, downsample, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
+        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, "
+        "token_order, dymu, downsample, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
         "prompt_suffix"
     )
     budget_unit = "per crop"
@@ -87,9 +80,9 @@ class DyMULlavaOneVision(DyMULlava):
             raise ValueError(f"{NAME}: vision_tower is for original LLaVA-1.5 checkpoints; OneVision holds its tower")
         self._downsample = downsample or None
         super().__init__(token_order=token_order, **kwargs)
-        from dymu.vlm.base import enabled
+        from dymu.vlm.base import vlm_state
 
-        on = enabled(self._model)
+        on = vlm_state(self._model)
         self.settings["downsample"] = on.options["downsample"] if on is not None else None  # the block's, or given
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -105,11 +98,6 @@ class DyMULlavaOneVision(DyMULlava):
             )
         model, processor = load_onevision(path, downsample=self._downsample, **kwargs)
         return model, PerPromptImages(processor)
-
-    def _calibrate_offset(self, images: list[Any], target: float) -> float:
-        from dymu.vlm.onevision import calibrate_token_budget
-
-        return calibrate_token_budget(self._model, self.processor, images, target)
 
     def _full_tokens_per_image(self) -> int | None:
         return None  # the stock count depends on each image's size (anyres)
@@ -128,36 +116,3 @@ class DyMULlavaOneVision(DyMULlava):
                     f"{NAME} evaluates images only: {VIDEO_MESSAGE}"
                 )
         return visuals
-
-    def _stock_rows(self, rows: list[list[int]]) -> list[list[int]]:
-        """The stock model's per-image counts of the last processor call, laid out like ``rows``."""
-        from dymu.vlm.onevision import stock_visual_tokens
-
-        last = self.processor.last_inputs
-        if not any(rows) or last is None or "image_sizes" not in last:
-            return rows
-        flat = stock_visual_tokens(self._model, last["image_sizes"], last.get("batch_num_images"))
-        out, start = [], 0
-        for r in rows:
-            out.append(flat[start : start + len(r)])
-            start += len(r)
-        return out
-
-    def _stock_counts(self, results: list[Any]) -> list[Any]:
-        """``evaluation`` counts a stock model's images as LLaVA-1.5's fixed count; give OneVision's instead."""
-        if dymu_vtu_mode(self._model) is not None:
-            return results
-        rows = self._stock_rows([r.visual_tokens for r in results])
-        fixed = []
-        for r, counts in zip(results, rows):
-            change = {"visual_tokens": counts}
-            if hasattr(r, "input_tokens"):
-                change["input_tokens"] = r.input_tokens - sum(r.visual_tokens) + sum(counts)
-            fixed.append(replace(r, **change))
-        return fixed
-
-    def _generate(self, prompts: list[Prompt], settings: dict[str, Any]) -> list[evaluation.Generation]:
-        return self._stock_counts(super()._generate(prompts, settings))
-
-    def _loglikelihoods(self, prompts: list[Prompt], continuations: list[str]) -> list[evaluation.LogLikelihood]:
-        return self._stock_counts(super()._loglikelihoods(prompts, continuations))

@@ -1,10 +1,11 @@
-"""DyMU for whole VLMs on transformers' own classes: LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision
-(:mod:`dymu.vlm.onevision`)."""
+"""DyMU for whole VLMs on transformers' own classes: one path (:mod:`dymu.vlm.base`) and one adapter per family,
+LLaVA-1.5 (:mod:`dymu.vlm.llava`) and LLaVA-OneVision (:mod:`dymu.vlm.onevision`)."""
 
-from dymu.vlm.base import dymu_vtu_mode, prompt_suffix
+from dymu.vlm.base import VisualTokens, dymu_vtu_mode, generate_with_counts, vlm_state
 from dymu.vlm.llava import Answer, answer, disable_dymu, enable_dymu
 from dymu.vlm.loading import convert_original_llava, load, load_llava, load_onevision
 from dymu.vlm.onevision import disable_dymu_onevision, enable_dymu_onevision
+from dymu.vlm.settings import prompt_suffix
 
 __all__ = [
     "Answer",
@@ -19,4 +20,7 @@ __all__ = [
     "disable_dymu_onevision",
     "dymu_vtu_mode",
     "prompt_suffix",
+    "vlm_state",
+    "generate_with_counts",
+    "VisualTokens",
 ]

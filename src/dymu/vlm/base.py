@@ -1,17 +1,45 @@
-"""What every DyMU VLM adapter shares: the thin subclass swapped onto a stock model instance.
+"""The one VLM path: a family adapter says how its images become merged visual tokens; everything else is here.
 
-A family (LLaVA-1.5, LLaVA-OneVision) supplies one ``prepare(model, input_ids, attention_mask, pixel_values,
-kwargs)`` that encodes the images with DToMe, collapses each image's placeholders to its merged count and returns
-a :class:`Prepared` (it pops the keyword arguments it consumed). :func:`make_dymu_class` turns that into a subclass
-of the stock class whose ``forward``/``generate`` run ``prepare`` first and then the *stock* method on the merged
-layout, with the merged features passed through ``mm_encoder_outputs`` and VTU's batch set for the call.
+A family (LLaVA-1.5 in :mod:`dymu.vlm.llava`, LLaVA-OneVision in :mod:`dymu.vlm.onevision`) is a :class:`Family`:
+
+* ``encode(model, pixel_values, kwargs, state)`` → :class:`EncodedImages`: per image its projected merged features
+  (slot order) and its *groups*, ``groups[i][p]`` = the merged slot standing for the image's stock placeholder
+  position ``p``; so ``groups[i].numel()`` is the image's stock placeholder count and ``max + 1`` its merged count
+  (per-crop counts ride along for multi-crop families). It pops the stock keyword arguments it consumed;
+* ``stock_counts(model, inputs)``: the placeholder count per image of the stock model (what a caller compares with);
+* ``virtual_positions(model, prepared)``: the position ids of the merged sequence with VTU on (the default,
+  :func:`rope_positions`, is 1-D RoPE: each slot at the virtual positions its groups give).
+
+Written once, here: collapsing each image's placeholders to its merged count (:func:`collapse_placeholders`),
+the merged-layout inputs and VTU batch (:func:`prepare_inputs`), VTU-off positions, the swapped-in subclass whose
+``forward``/``generate`` run the stock methods on the merged layout (:func:`make_dymu_class`), enable/disable and
+the token-budget calibration (:func:`calibrate_token_budget`). Baselines (:mod:`dymu.baselines`) plug in through
+:class:`VLMState` (``method``/``token_budget``): ToMe is the family's own encoder in fixed-count mode; pruning and
+random dropping are a family's ``select`` hook.
+
+**VTU off** numbers the merged tokens from the attention mask (``cumsum - 1``), in ``forward`` as ``generate``
+does: a left-padded row then sits at the positions it has alone, so forward, generate and batch-of-one agree (the
+stock ``forward`` with ``position_ids=None`` numbers the padding too).
+
+**Counts come back with the call**: ``forward``'s output carries ``visual_token_counts`` (per image),
+``crop_token_counts`` (per image, per crop; ``None`` for single-crop families) and ``merged_attention_mask`` (the
+layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carries the same counts on its output.
+:func:`generate_with_counts` does that for callers that want the sequences and a :class:`VisualTokens` record.
+
+**How Qwen2-VL / Qwen2.5-VL / Qwen3-VL plug in** (one adapter, nothing else changes): ``encode`` runs the patched
+tower on the packed patches and ``image_grid_thw`` and returns groups over the processor's placeholders (the count
+is fixed by the grid before the encoder runs, ``t·h·w / merge²``; merging maps several of them to one slot);
+DeepStack features go in ``EncodedImages.extras`` (per image, same slots: they are merged with the same groups) and
+``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
+collapses that tensor with the ids; ``virtual_positions`` returns ``[3, B, V]`` (M-RoPE rows from the stock
+``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch) instead of ``[B, V]``.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
@@ -19,71 +47,184 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from dymu import vtu as vtu_lib
+from dymu.baselines import Method, check_method
 from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
 
 logger = logging.getLogger(__name__)
 
 
-class Prepared(Protocol):
-    """What ``prepare`` returns: the merged-layout inputs of the stock method."""
+@dataclass
+class EncodedImages:
+    """What a family's ``encode`` returns, per image of the call."""
 
-    input_ids: Tensor  # [B, M] left-padded, placeholders collapsed
-    attention_mask: Tensor
-    position_ids: Tensor | None  # virtual positions (VTU on), None to let the stock code number them
-    image_features: list[Tensor]  # per image [k_i, D_text]
-    vtu_batch: Any  # the VTU batch, None with VTU off
+    features: list[Tensor]  # [k_i, D_text]: the merged visual tokens, in slot order
+    groups: list[Tensor]  # [n_stock_i] long: stock placeholder position -> local slot (0..k_i-1)
+    crop_counts: list[list[int]] | None = None  # tokens kept per crop (multi-crop families)
+    extras: dict[str, list[Tensor]] = field(default_factory=dict)  # per image, same slots (e.g. DeepStack)
 
-
-Prepare = Callable[[nn.Module, Tensor, "Tensor | None", Any, dict], Prepared]
+    @property
+    def counts(self) -> list[int]:
+        return [int(f.shape[0]) for f in self.features]
 
 
 @dataclass
-class Enabled:
-    """Stored on a DyMU model instance (``model._dymu``): how to undo the swap and which VTU mode runs."""
+class VisualTokens:
+    """The visual tokens of one call: per image, and per crop for multi-crop families."""
 
+    counts: list[int]
+    crop_counts: list[list[int]] | None = None
+
+
+@dataclass
+class Prepared:
+    """Merged-layout inputs of the stock method, plus what VTU needs."""
+
+    input_ids: Tensor  # [B, M] left-padded, each image's placeholders collapsed to its merged count
+    attention_mask: Tensor  # [B, M]
+    position_ids: Tensor  # [B, M] (or [R, B, M] for M-RoPE): virtual positions, or cumsum with VTU off
+    groups: list[Tensor]  # per row: virtual position -> merged slot
+    kept: list[Tensor]  # per row: index into the caller's unpadded row of each merged token
+    vtu_batch: vtu_lib.VTUBatch | None
+    encoded: EncodedImages
+
+
+@dataclass
+class VLMState:
+    """Stored on a DyMU VLM instance (``model._dymu_vlm``): the family, how to undo the swap, the settings."""
+
+    family: "Family"
     parent: type
     vtu: VTUMode
-    options: dict[str, Any]
+    method: Method = "dymu"
+    token_budget: int | None = None  # tokens per image (per crop for multi-crop families) of the baselines
+    seed: int = 0  # random dropping
+    options: dict[str, Any] = field(default_factory=dict)  # the family's own settings
 
 
-def enabled(model: nn.Module) -> Enabled | None:
-    """The DyMU settings of ``model``, or ``None`` when DyMU is not enabled on it."""
-    return model.__dict__.get("_dymu")
+class Family(Protocol):
+    """A VLM family adapter (see the module docstring)."""
+
+    name: str
+    model_class: str  # the stock class name, for error messages
+    token_aligned: tuple[str, ...]  # per-token keyword tensors collapsed like input_ids
+    token_order: Any  # default token order of dymu.patch for this family
+
+    def encode(self, model: nn.Module, pixel_values: Any, kwargs: dict, state: VLMState) -> EncodedImages: ...
+
+    def stock_counts(self, model: nn.Module, inputs: Any) -> list[int]: ...
+
+    def virtual_positions(self, model: nn.Module, prepared: Prepared) -> Tensor: ...
+
+    def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor: ...
+
+    def refuse(self, kwargs: dict) -> None: ...
+
+
+def vlm_state(model: nn.Module) -> VLMState | None:
+    """The DyMU state of ``model``, or ``None`` when DyMU is not enabled on it."""
+    return model.__dict__.get("_dymu_vlm")
 
 
 def dymu_vtu_mode(model: nn.Module) -> VTUMode | None:
     """The VTU mode a DyMU VLM was enabled with (``"fast"``/``"exact"``/``"off"``), ``None`` for a stock model."""
-    settings = enabled(model)
-    return None if settings is None else settings.vtu
+    state = vlm_state(model)
+    return None if state is None else state.vtu
 
 
-# keys of a checkpoint's "dymu" config block that describe its prompt format, not DyMU's settings: a block holding
-# only these leaves DyMU off
-PROMPT_FORMAT_KEYS = ("prompt_suffix",)
+def rope_positions(model: nn.Module, prepared: Prepared) -> Tensor:
+    """1-D RoPE: the VTU batch's positions (each slot at the virtual positions of its groups)."""
+    return prepared.vtu_batch.position_ids
 
 
-def settings_block(config: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``config.json``'s ``dymu`` block without its prompt-format keys; None where nothing else is in it."""
-    block = config.get("dymu")
-    if isinstance(block, dict):
-        block = {k: v for k, v in block.items() if k not in PROMPT_FORMAT_KEYS} or None
-    return block
+def collapse_placeholders(
+    input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int, groups: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per row: merged token ids, the row's groups and ``kept`` (index in the unpadded row of each merged token).
+
+    Images take their placeholders in order: image ``i`` consumes ``groups[i].numel()`` placeholder tokens (its stock
+    count) and leaves ``max(groups[i]) + 1``; a lone placeholder stands for a whole image (the original LLaVA's
+    unexpanded ``<image>``). The virtual sequence is the row as the stock model sees it.
+    """
+    stock = [g.numel() for g in groups]
+    merged_counts = [int(g.max()) + 1 for g in groups]
+    rows, row_groups, kept = [], [], []
+    image = 0
+    for b in range(input_ids.shape[0]):
+        real = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if attention_mask is not None:
+            real = real[attention_mask[b].bool()]
+        ids = input_ids[b][real]
+        values, lengths = torch.unique_consecutive(ids == image_token_id, return_counts=True)
+        index, parts, position = [], [], 0
+        for is_image, length in zip(values.tolist(), lengths.tolist()):
+            if not is_image:
+                index.append(torch.arange(position, position + length))
+                parts.append(length)
+            left = length if is_image else 0
+            while left > 0:
+                if image >= len(groups):
+                    raise ValueError(
+                        f"row {b} holds more image placeholders than the {len(groups)} images given "
+                        f"({left} placeholder tokens left over)"
+                    )
+                if left != 1 and stock[image] > left:
+                    raise ValueError(
+                        f"row {b} has a run of {length} image tokens but image {image} needs {stock[image]} "
+                        "placeholder tokens (the processor's expansion of <image>) or a single <image>"
+                    )
+                start = position + length - left
+                index.append(torch.full((merged_counts[image],), start) + torch.arange(merged_counts[image]).clamp(max=left - 1))
+                parts.append(groups[image].cpu())
+                left -= stock[image] if left != 1 else 1
+                image += 1
+            position += length
+        rows_index = torch.cat(index)
+        kept.append(real[rows_index.to(real.device)])
+        rows.append(ids[rows_index.to(ids.device)])
+        row_groups.append(vtu_lib.concat_groups(parts))
+    if image != len(groups):
+        raise ValueError(
+            f"{len(groups)} images were given but the prompts hold placeholders for {image}: "
+            "each image needs an <image> token in its prompt"
+        )
+    return rows, row_groups, kept
 
 
-def prompt_suffix(model: Any) -> str | None:
-    """The text a checkpoint says to append to each question (``"prompt_suffix"`` in its ``dymu`` config block,
-    e.g. written by :func:`dymu.small_vlm.build_small_vlm`); None where it says nothing. ``model``: a model or
-    its config."""
-    block = getattr(getattr(model, "config", model), "dymu", None)
-    suffix = block.get("prompt_suffix") if isinstance(block, dict) else None
-    if suffix is not None and not isinstance(suffix, str):
-        raise ValueError(f"the 'dymu' config block's prompt_suffix must be a string, got {type(suffix).__name__}")
-    return suffix
+def prepare_inputs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Any, kwargs: dict | None = None
+) -> Prepared:
+    """Encode the images with the family's adapter and lay the prompts out on the merged sequence (left-padded).
+
+    ``kwargs``: the call's other keyword arguments; the family pops those it consumed, and the family's
+    ``token_aligned`` tensors are replaced by their collapsed rows.
+    """
+    state = vlm_state(model)
+    if state is None:
+        raise ValueError("DyMU is not enabled on this model: call enable_dymu / dymu.vlm.load first")
+    kwargs = {} if kwargs is None else kwargs
+    config = model.config
+    if not bool((input_ids == config.image_token_id).any()):
+        raise ValueError(
+            f"pixel_values were given but no prompt holds the image token (id {config.image_token_id}); "
+            "put '<image>' in the prompt (the chat template does this for {'type': 'image'} content)"
+        )
+    enc = state.family.encode(model, pixel_values, kwargs, state)
+    rows, groups, kept = collapse_placeholders(input_ids, attention_mask, config.image_token_id, enc.groups)
+    pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in rows])
+    ids = batch.pad(rows, value=pad)
+    mask = batch.attention_mask.to(ids.device)
+    for name in state.family.token_aligned:
+        if kwargs.get(name) is not None:
+            kwargs[name] = batch.pad([kwargs[name][b][k] for b, k in enumerate(kept)], value=0)
+    prepared = Prepared(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), groups, kept, None, enc)
+    if state.vtu != "off":
+        prepared.vtu_batch = batch
+        prepared.position_ids = state.family.virtual_positions(model, prepared).to(ids.device)
+    return prepared
 
 
-def log_counts(model: nn.Module, counts: list[int], log: logging.Logger = logger) -> None:
-    """Keep the call's per-image visual token counts on ``model.dymu_last_counts`` and log them."""
-    model.dymu_last_counts = counts
+def log_counts(counts: list[int], log: logging.Logger = logger) -> None:
     t = torch.tensor(counts, dtype=torch.float32)
     std = float(t.std()) if len(counts) > 1 else 0.0
     log.info("DyMU visual tokens per image: %.1f ± %.1f (%s)", float(t.mean()), std, counts)
@@ -100,16 +241,17 @@ def with_caller_prompt(out: Any, input_ids: Tensor, merged_length: int) -> Any:
     return out
 
 
-def make_dymu_class(
-    parent: type, prepare: Prepare, refuse: Callable[[dict], None] | None = None, log: logging.Logger = logger
-) -> type:
+def feature_kwargs(enc: EncodedImages) -> dict:
+    """The merged features as the stock call takes them (``mm_encoder_outputs``)."""
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=enc.features)}}
+
+
+def make_dymu_class(parent: type, family: Family, log: logging.Logger = logger) -> type:
     """The DyMU subclass of the stock VLM class ``parent``.
 
     ``forward`` carries the stock signature (``__signature__``), so ``generate`` sees what the stock model accepts:
-    it passes ``logits_to_keep=1`` at prefill and numbers positions from the attention mask when ``prepare``
-    gives none. ``refuse(kwargs)`` raises for inputs DyMU does not handle (e.g. video); it runs on every call.
-    Each call's visual token counts are logged to ``log`` (the family's logger).
-    Calls without images, and decode steps, go to the stock method unchanged.
+    it passes ``logits_to_keep=1`` at prefill. ``family.refuse(kwargs)`` raises for inputs the family does not
+    handle (e.g. video). Calls without images, and decode steps, go to the stock method unchanged.
     """
     stock_forward = inspect.signature(parent.forward)
 
@@ -120,75 +262,109 @@ def make_dymu_class(
                 raise ValueError("give pixel_values or mm_encoder_outputs, not both")
             if kwargs.get("inputs_embeds") is not None:
                 raise ValueError("DyMU needs input_ids (to find the image placeholders), not inputs_embeds")
-            prep = prepare(self, input_ids, attention_mask, pixel_values, kwargs)
-            log_counts(self, [int(f.shape[0]) for f in prep.image_features], log)
-            if prep.position_ids is not None:
+            prep = prepare_inputs(self, input_ids, attention_mask, pixel_values, kwargs)
+            log_counts(prep.encoded.counts, log)
+            if prep.vtu_batch is not None or kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = prep.position_ids
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=prep.image_features)}
+            kwargs.update(feature_kwargs(prep.encoded))
             with vtu_lib.vtu_context(prep.vtu_batch):
                 out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
             return prep, out
 
         def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if refuse is not None:
-                refuse(kwargs)
+            family.refuse(kwargs)
             if pixel_values is None or input_ids is None:
                 return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
             cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("pixel_values with a non-empty cache: DyMU encodes images only at prefill")
             prep, out = self._dymu_call(super().forward, input_ids, pixel_values, attention_mask, kwargs)
-            out["visual_token_counts"] = [int(f.shape[0]) for f in prep.image_features]
+            out["visual_token_counts"] = prep.encoded.counts
+            out["crop_token_counts"] = prep.encoded.crop_counts
+            out["merged_attention_mask"] = prep.attention_mask
             return out
 
         forward.__signature__ = stock_forward  # what generate inspects (logits_to_keep, position_ids, ...)
 
         def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-            if refuse is not None:
-                refuse(kwargs)
+            family.refuse(kwargs)
             if pixel_values is None or input_ids is None:
                 return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
             prep, out = self._dymu_call(super().generate, input_ids, pixel_values, attention_mask, kwargs)
-            return with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
+            out = with_caller_prompt(out, input_ids, prep.input_ids.shape[1])
+            if not isinstance(out, Tensor):  # return_dict_in_generate: the counts come back with the output
+                out["visual_token_counts"] = prep.encoded.counts
+                out["crop_token_counts"] = prep.encoded.crop_counts
+            return out
 
     DyMUModel.__qualname__ = DyMUModel.__name__ = f"DyMU{parent.__name__}"
     return DyMUModel
 
 
+def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) -> tuple[Tensor, VisualTokens]:
+    """``model.generate(**inputs, ...)``'s sequences and the call's :class:`VisualTokens` (a stock model: its
+    placeholder counts, from the family that matches it)."""
+    generate_kwargs["return_dict_in_generate"] = True
+    out = model.generate(**inputs, **generate_kwargs)
+    counts = getattr(out, "visual_token_counts", None)
+    if counts is None:
+        counts = family_of(model).stock_counts(model, inputs) if "pixel_values" in inputs else []
+    return out.sequences, VisualTokens(list(counts), getattr(out, "crop_token_counts", None))
+
+
+def family_of(model: nn.Module) -> Family:
+    """The adapter of a (stock or DyMU) VLM, by its stock class."""
+    from dymu.vlm.llava import LLAVA
+    from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
+
+    state = vlm_state(model)
+    if state is not None:
+        return state.family
+    names = {c.__name__ for c in type(model).__mro__}
+    for family in (ONEVISION, LLAVA):
+        if family.model_class in names:
+            return family
+    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5 or LLaVA-OneVision")
+
+
 def enable(
     model: nn.Module,
-    prepare: Prepare,
+    family: Family,
     *,
     thresholds: Any,
-    vtu: VTUMode,
+    vtu: VTUMode | None,
     threshold_offset: float,
     token_order: Any,
-    refuse: Callable[[dict], None] | None = None,
+    method: Method = "dymu",
+    token_budget: int | None = None,
+    seed: int = 0,
     log: logging.Logger = logger,
     undo_hint: str = "disable_dymu",
     **options: Any,
 ) -> nn.Module:
-    """Patch the vision tower with DToMe, turn VTU on in the language model and swap in the DyMU class.
-
-    Either everything is enabled or nothing (a failure leaves the stock model). ``options`` are the family's
-    settings, kept on ``enabled(model).options``.
-    """
+    """Patch the vision tower with DToMe (DyMU, ToMe), turn VTU on in the language model and swap in the DyMU
+    class. ``vtu=None``: ``"fast"`` for the merging methods, ``"off"`` for the selections (a dropped patch has no
+    token standing for it). Either everything is enabled or nothing (a failure leaves the stock model)."""
     import dymu
 
+    vtu = check_method(method, token_budget, thresholds, vtu)
     check_vtu_mode(vtu, "vtu")
-    if enabled(model) is not None:
+    if vlm_state(model) is not None:
         raise ValueError(f"DyMU is already enabled on this model; call {undo_hint} first")
     tower = model.model.vision_tower
-    dymu.patch(tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
+    merges = method in ("dymu", "tome")
+    if merges:
+        dymu.patch(tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
     try:
         if vtu != "off":
             vtu_lib.enable_vtu(model, vtu)
     except Exception:
-        dymu.unpatch(tower)
+        if merges:
+            dymu.unpatch(tower)
         raise
     parent = model.__class__
-    model.__class__ = make_dymu_class(parent, prepare, refuse, log)
-    model._dymu = Enabled(parent, vtu, options)
+    model.__class__ = make_dymu_class(parent, family, log)
+    model._dymu_vlm = VLMState(family, parent, vtu, method, token_budget, seed, options)
     return model
 
 
@@ -196,13 +372,27 @@ def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: stock class, tower and attention implementation (a stock model is returned as is)."""
     import dymu
 
-    settings = model.__dict__.pop("_dymu", None)
-    if settings is None:
+    state = model.__dict__.pop("_dymu_vlm", None)
+    if state is None:
         return model
-    if settings.vtu != "off":
+    if state.vtu != "off":
         vtu_lib.disable_vtu(model)
-    dymu.unpatch(model.model.vision_tower)
-    model.__class__ = settings.parent
-    for name in ("dymu_last_counts", "dymu_last_crop_counts", "dymu_last_inputs"):
-        model.__dict__.pop(name, None)
+    if state.method in ("dymu", "tome"):
+        dymu.unpatch(model.model.vision_tower)
+    model.__class__ = state.parent
     return model
+
+
+@torch.no_grad()
+def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float) -> float:
+    """Set the tower's threshold offset so that ``images`` keep ``target`` visual tokens on average (per crop for
+    multi-crop families, the ``K`` of a ``-<K>out`` name); the offset stays set and is returned."""
+    import dymu
+
+    state = vlm_state(model)
+    tower = model.model.vision_tower
+    if state is None or state.method != "dymu" or dymu.get_state(tower).mode != "infer":
+        raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
+    param = next(tower.parameters())
+    pixels = state.family.calibration_pixels(model, processor, images).to(param.device, param.dtype)
+    return dymu.calibrate_budget(tower, pixels, target, layer=model.config.vision_feature_layer).offset

@@ -9,7 +9,7 @@ LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA
 * llava-hf format: ``config.json`` may hold a block
   ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}`` (OneVision: also
   ``"downsample": "nearest" | "error"``; ``dymu convert-onevision`` writes it). Its ``prompt_suffix`` (the
-  checkpoint's prompt format, :func:`dymu.vlm.base.prompt_suffix`) is not a DyMU setting: a block holding only
+  checkpoint's prompt format, :func:`dymu.vlm.settings.prompt_suffix`) is not a DyMU setting: a block holding only
   that leaves DyMU off.
 * original format: ``mm_vision_tower`` names the CLIP tower; naming a DyMU tower instead
   (``ViT-L-14-336-tome-72out``) turns DyMU on — the habit of the authors' code. transformers ships no
@@ -41,9 +41,10 @@ from transformers import (
 
 from dymu.encoders.names import is_dymu_name, parse_dymu_name
 from dymu.hub import explain, hub_file, is_hub_name
-from dymu.vlm.base import settings_block
-from dymu.vlm.llava import DyMUSettings, enable_dymu
+from dymu.baselines import SELECTIONS, Method
+from dymu.vlm.llava import enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
+from dymu.vlm.settings import ConfigBlock, settings_block
 from dymu.vtu import VTUMode
 
 # transformers' names for the original checkpoint's weights
@@ -144,7 +145,7 @@ def convert_original_llava(
     *,
     vision_tower: str | Path | None = None,
     torch_dtype: torch.dtype | None = None,
-) -> tuple[nn.Module, Any, DyMUSettings]:
+) -> tuple[nn.Module, Any, ConfigBlock]:
     """Build a llava-hf ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from an original LLaVA-1.5 folder.
 
     ``vision_tower`` overrides where the CLIP tower's weights are loaded from (a local folder or hub name);
@@ -160,7 +161,7 @@ def convert_original_llava(
         raise ValueError(f"mm_projector_type {projector!r} is not supported; expected 'mlp2x_gelu' (LLaVA-1.5)")
     tower_name = raw["mm_vision_tower"]
     dymu_name = dymu_tower(tower_name)
-    settings = DyMUSettings(encoder=dymu_name.name if dymu_name else None)
+    settings = ConfigBlock(encoder=dymu_name.name if dymu_name else None)
     tower_source = vision_tower or (dymu_name.hf_name if dymu_name else tower_name)
     if tower_source is None:
         raise ValueError(f"mm_vision_tower {tower_name!r} has no known weights: pass vision_tower=<folder or hub name>")
@@ -225,12 +226,16 @@ def load_llava(
     vision_tower: str | Path | None = None,
     torch_dtype: torch.dtype | None = None,
     dymu: bool | None = None,
+    method: Method = "dymu",
+    token_budget: int | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load LLaVA-1.5 (llava-hf or original format) with DyMU as its config asks; returns (model, processor).
 
     DyMU is on when ``config.json`` has a ``dymu`` block, when an original checkpoint's ``mm_vision_tower``
     names a DyMU tower, or when ``thresholds`` is given; ``dymu=False`` forces it off, ``dymu=True`` on
     (merging off without thresholds: stock outputs). Keyword arguments override the config's settings.
+    ``method``/``token_budget``: a baseline of :mod:`dymu.baselines` instead of DyMU (the block's thresholds are then
+    not used).
     """
     raw = read_config(path)
     if is_onevision(raw):
@@ -248,20 +253,22 @@ def load_llava(
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
             processor = AutoProcessor.from_pretrained(path)
         block = settings_block(raw)
-        settings = DyMUSettings.from_dict(block) if block is not None else None
-    if dymu is False or (settings is None and thresholds is None and dymu is not True):
+        settings = ConfigBlock.from_dict(block) if block is not None else None
+    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
         return model, processor
-    settings = settings or DyMUSettings()
+    settings = settings or ConfigBlock()
     enable_dymu(
         model,
-        _chosen_thresholds(path, settings, thresholds),
-        vtu=vtu or settings.vtu,
+        _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
+        vtu=vtu or (None if method in SELECTIONS else settings.vtu),
         threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+        method=method,
+        token_budget=token_budget,
     )
     return model, processor
 
 
-def _chosen_thresholds(path: str | Path, settings: DyMUSettings, thresholds: Any) -> Any:
+def _chosen_thresholds(path: str | Path, settings: ConfigBlock, thresholds: Any) -> Any:
     """``thresholds`` if given, else the block's file (relative to the checkpoint folder) or encoder name's."""
     chosen = thresholds if thresholds is not None else settings.thresholds
     if chosen is None and settings.encoder is not None:
@@ -285,6 +292,8 @@ def load_onevision(
     downsample: Downsample | None = None,
     torch_dtype: torch.dtype | None = None,
     dymu: bool | None = None,
+    method: Method = "dymu",
+    token_budget: int | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a llava-hf LLaVA-OneVision checkpoint with DyMU as its config asks; returns (model, processor).
 
@@ -302,16 +311,18 @@ def load_onevision(
             f"{ONEVISION_MODEL_TYPE!r}): load LLaVA-1.5 with dymu.vlm.load or dymu.vlm.load_llava"
         )
     block = settings_block(raw)
-    settings = DyMUSettings.from_dict(block, family="onevision") if block is not None else None  # before loading
+    settings = ConfigBlock.from_dict(block, family="onevision") if block is not None else None  # before loading
     with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(path)
-    if dymu is False or (settings is None and thresholds is None and dymu is not True):
+    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
         return model, processor
-    settings = settings or DyMUSettings()
+    settings = settings or ConfigBlock()
     enable_dymu_onevision(
         model,
-        _chosen_thresholds(path, settings, thresholds),
+        _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
+        method=method,
+        token_budget=token_budget,
         vtu=vtu or settings.vtu,
         threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
         downsample=downsample or settings.downsample or "nearest",

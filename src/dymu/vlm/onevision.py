@@ -7,7 +7,7 @@
    of crops, each keeping its own number of tokens (``token_order="batch"`` by default: the authors' OneVision
    code flattens the crops into a batch). By default the tower runs one call per crop (``crop_batching=
    "per_image"``: no padding, the cost follows each crop's kept tokens; the same result as one padded call,
-   which ``"padded"`` selects). The features are those of ``vision_feature_layer`` (stock default -1),
+   which ``"padded"`` selects; :func:`encode_images` alone defaults to ``"padded"``). The features are those of ``vision_feature_layer`` (stock default -1),
    selected with ``dymu.encode(..., layer=vision_feature_layer)``.
 2. **One group map per image, on the stock layout.** The stock ``pack_image_features`` lays an image out as the
    base crop's ``h·w`` tokens, then the tiles stitched into one grid (row-major over the whole stitched image),
@@ -38,7 +38,8 @@ then differs from stock even with merging off (nearest instead of bilinear featu
 Video (``pixel_values_videos``) is refused. Inputs are otherwise what the stock model takes (the processor's
 output, any padding side). ``generate`` returns the caller's ``input_ids`` followed by the new tokens;
 ``forward``'s logits are laid out on the merged, left-padded sequence. Per-image visual token counts (merged
-tokens + newlines) are on ``model.dymu_last_counts``, per-crop token counts on ``model.dymu_last_crop_counts``.
+tokens + newlines) and per-crop token counts come back with the call (:mod:`dymu.vlm.base`). This module is the
+OneVision adapter of that one VLM path (:class:`OnevisionFamily`).
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dymu
-from dymu import vtu as vtu_lib
+from dymu import baselines
+from dymu.baselines import Method
 from dymu.encoders.encoding import Batching
 from dymu.merge import TokenOrder
 from dymu.vlm import base
-from dymu.vlm.base import enabled
 from dymu.vtu import VTUMode
 
 logger = logging.getLogger(__name__)
@@ -158,14 +159,6 @@ def stock_layout(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EncodedImages:
-    features: list[Tensor]  # per image [k_i, D_text]: merged tokens and newlines, in slot order
-    groups: list[Tensor]  # per image [n_stock_i]: stock placeholder position -> local slot
-    crop_counts: list[list[int]]  # per image, tokens kept per crop by DToMe
-    downsampled: list[bool]
-
-
 def _flat_crops(pixel_values: Tensor | list[Tensor], crops: list[int]) -> Tensor:
     if isinstance(pixel_values, (list, tuple)):
         pixel_values = [p if p.dim() == 4 else p[None] for p in pixel_values]
@@ -213,7 +206,7 @@ def encode_images(
     vision_feature_layer: int | None = None,
     downsample: Downsample = "nearest",
     crop_batching: Batching = "padded",
-) -> EncodedImages:
+) -> base.EncodedImages:
     """Run every crop through the DToMe tower (one padded batch, or one call per crop with
     ``crop_batching="per_image"``: same result); per image its merged features and group map."""
     inner = _inner(model)
@@ -237,11 +230,7 @@ def encode_images(
     vc = config.vision_config
     if tuple(flat.shape[-2:]) != (vc.image_size, vc.image_size):
         raise ValueError(f"crops of {tuple(flat.shape[-2:])} px, but the tower takes {vc.image_size}×{vc.image_size}")
-    layouts, downsampled = [], []
-    for size, n in zip(image_sizes, crops):
-        layout = stock_layout(model, n, size, downsample=downsample)
-        layouts.append(layout)
-        downsampled.append(bool(n > 1 and layout.numel() != _pack_codes(model, n, size, _NO_LIMIT).numel()))
+    layouts = [stock_layout(model, n, size, downsample=downsample) for size, n in zip(image_sizes, crops)]
     enc = dymu.encode(tower, flat, layer=layer, drop_cls=strategy == "default", batching=crop_batching)
     start = 1 if strategy == "default" else 0
     projected = inner.multi_modal_projector(enc.hidden_states.to(inner.multi_modal_projector.linear_1.weight.dtype))
@@ -263,101 +252,7 @@ def encode_images(
         groups.append(local)
         crop_counts.append(counts[crop0 : crop0 + n])
         crop0 += n
-    return EncodedImages(features, groups, crop_counts, downsampled)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt layout: collapse each image's placeholders to its merged count
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def collapse_placeholders(
-    input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int, groups: list[Tensor]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Per row: merged token ids and the row's groups (virtual sequence = the row as the stock model sees it)."""
-    stock_counts = [g.numel() for g in groups]
-    merged_counts = [int(g.max()) + 1 for g in groups]
-    rows, row_groups = [], []
-    image = 0
-    for b in range(input_ids.shape[0]):
-        ids = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
-        values, lengths = torch.unique_consecutive(ids == image_token_id, return_counts=True)
-        merged, parts, position = [], [], 0
-        for is_image, length in zip(values.tolist(), lengths.tolist()):
-            if not is_image:
-                merged.append(ids[position : position + length])
-                parts.append(length)
-            else:
-                left = length
-                while left > 0:
-                    if image >= len(groups):
-                        raise ValueError(
-                            f"row {b} holds more image placeholders than the {len(groups)} images given "
-                            f"({left} placeholder tokens left over)"
-                        )
-                    if stock_counts[image] > left:
-                        raise ValueError(
-                            f"row {b}: image {image} needs {stock_counts[image]} placeholder tokens (its stock "
-                            f"layout) but the run holds {left}: prompts and images do not match"
-                        )
-                    merged.append(torch.full((merged_counts[image],), image_token_id, dtype=ids.dtype, device=ids.device))
-                    parts.append(groups[image])
-                    left -= stock_counts[image]
-                    image += 1
-            position += length
-        rows.append(torch.cat(merged))
-        row_groups.append(vtu_lib.concat_groups(parts))
-    if image != len(groups):
-        raise ValueError(
-            f"{len(groups)} images were given but the prompts hold placeholders for {image}: "
-            "each image needs an <image> token in its prompt"
-        )
-    return rows, row_groups
-
-
-@dataclass
-class PreparedInputs:
-    input_ids: Tensor  # [B, M] left-padded
-    attention_mask: Tensor
-    position_ids: Tensor  # virtual positions (VTU on); 0..M_b-1 after the padding (VTU off)
-    image_features: list[Tensor]
-    groups: list[Tensor]  # per row: virtual position -> merged slot
-    vtu_batch: Any
-    encoded: EncodedImages
-
-
-def prepare_inputs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    pixel_values: Tensor,
-    image_sizes: Tensor,
-    batch_num_images: Tensor | None = None,
-    vision_feature_layer: int | None = None,
-) -> PreparedInputs:
-    """Encode the images with DToMe and lay the prompts out on the merged sequence."""
-    config = model.config
-    if image_sizes is None:
-        raise ValueError("pixel_values without image_sizes: pass the processor's image_sizes")
-    if not bool((input_ids == config.image_token_id).any()):
-        raise ValueError(
-            f"pixel_values were given but no prompt holds the image token (id {config.image_token_id}); "
-            "put '<image>' in the prompt"
-        )
-    enc = encode_images(
-        model, pixel_values, image_sizes, batch_num_images,
-        vision_feature_layer=vision_feature_layer, downsample=enabled(model).options["downsample"],
-        crop_batching=enabled(model).options.get("crop_batching", "per_image"),
-    )
-    rows, groups = collapse_placeholders(input_ids, attention_mask, config.image_token_id, enc.groups)
-    pad = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
-    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in rows])
-    ids = batch.pad(rows, value=pad)
-    mask = batch.attention_mask.to(ids.device)
-    if enabled(model).vtu == "off":  # merged tokens at consecutive positions, as generate numbers them
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return PreparedInputs(ids, mask, positions, enc.features, groups, None, enc)
-    return PreparedInputs(ids, mask, batch.position_ids.to(ids.device), enc.features, groups, batch, enc)
+    return base.EncodedImages(features, groups, crop_counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,27 +265,49 @@ VIDEO_MESSAGE = (
 )
 
 
-def _refuse_video(kwargs: dict) -> None:
-    if kwargs.get("pixel_values_videos") is not None:
-        raise ValueError(VIDEO_MESSAGE)
+class OnevisionFamily:
+    """The LLaVA-OneVision adapter of :mod:`dymu.vlm.base`: all crops in one DToMe batch, 1-D RoPE (Qwen2)."""
+
+    name = "onevision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    token_aligned: tuple[str, ...] = ()
+    token_order = "batch"
+
+    def encode(self, model: nn.Module, pixel_values: Any, kwargs: dict, state: base.VLMState) -> base.EncodedImages:
+        """:func:`encode_images` with the stock keyword arguments it consumes popped from ``kwargs``."""
+        for name in ("pixel_values_videos", "image_sizes_videos", "vision_aspect_ratio"):
+            kwargs.pop(name, None)
+        strategy = kwargs.pop("vision_feature_select_strategy", None)
+        if strategy is not None and strategy != model.config.vision_feature_select_strategy:
+            raise ValueError("a vision_feature_select_strategy other than the config's is not supported with DyMU")
+        image_sizes = kwargs.pop("image_sizes", None)
+        if image_sizes is None:
+            raise ValueError("pixel_values without image_sizes: pass the processor's image_sizes")
+        if state.method == "tome":
+            vc = model.config.vision_config
+            baselines.configure_tome(_inner(model).vision_tower, (vc.image_size // vc.patch_size) ** 2,
+                                     state.token_budget)
+        return encode_images(
+            model, pixel_values, image_sizes, kwargs.pop("batch_num_images", None),
+            vision_feature_layer=kwargs.pop("vision_feature_layer", None), downsample=state.options["downsample"],
+            crop_batching=state.options.get("crop_batching", "per_image"),
+        )
+
+    def stock_counts(self, model: nn.Module, inputs: Any) -> list[int]:
+        return stock_visual_tokens(model, inputs["image_sizes"], inputs.get("batch_num_images"))
+
+    def virtual_positions(self, model: nn.Module, prepared: base.Prepared) -> Tensor:
+        return base.rope_positions(model, prepared)
+
+    def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
+        return image_crops(model, processor, images)
+
+    def refuse(self, kwargs: dict) -> None:
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError(VIDEO_MESSAGE)
 
 
-def _prepare(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor,
-             kwargs: dict) -> PreparedInputs:
-    """:func:`prepare_inputs` with the stock keyword arguments it consumes popped from ``kwargs``."""
-    kwargs.pop("pixel_values_videos", None)
-    kwargs.pop("image_sizes_videos", None)
-    kwargs.pop("vision_aspect_ratio", None)
-    strategy = kwargs.pop("vision_feature_select_strategy", None)
-    if strategy is not None and strategy != model.config.vision_feature_select_strategy:
-        raise ValueError("a vision_feature_select_strategy other than the config's is not supported with DyMU")
-    prep = prepare_inputs(
-        model, input_ids, attention_mask, pixel_values, kwargs.pop("image_sizes", None),
-        kwargs.pop("batch_num_images", None), kwargs.pop("vision_feature_layer", None),
-    )
-    model.dymu_last_crop_counts = prep.encoded.crop_counts
-    model.dymu_last_inputs = prep
-    return prep
+ONEVISION = OnevisionFamily()
 
 
 def enable_dymu_onevision(
@@ -402,6 +319,8 @@ def enable_dymu_onevision(
     threshold_offset: float = 0.0,
     downsample: Downsample = "nearest",
     crop_batching: Batching = "per_image",
+    method: Method = "dymu",
+    token_budget: int | None = None,
 ) -> nn.Module:
     """Make a stock ``LlavaOnevisionForConditionalGeneration`` run DyMU (in place; returns the model).
 
@@ -410,8 +329,10 @@ def enable_dymu_onevision(
     ``token_order`` goes to :func:`dymu.patch` (default ``"batch"``: the authors' OneVision crop batch; counts do
     not depend on the batch). ``downsample``: ``"nearest"`` or ``"error"`` for images past ``anyres_max_N``.
     ``crop_batching``: ``"per_image"`` (default: one tower call per crop, no padding, so the cost follows each
-    crop's kept tokens — 1.54x faster than no merging where the padded batch was 0.98x, bench/onevision_crops.py)
-    or ``"padded"`` (all crops in one padded tower batch); both give the same outputs.
+    crop's kept tokens, see bench/onevision_crops.py)
+    or ``"padded"`` (all crops in one padded tower batch); both give the same outputs. ``method``: ``"dymu"`` or
+    ``"tome"`` (fixed-count ToMe keeping ``token_budget`` tokens per crop, :mod:`dymu.baselines`); the selections
+    (``"prune"``, ``"random"``) are LLaVA-1.5 only for now.
     """
     from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -428,10 +349,12 @@ def enable_dymu_onevision(
             f"DyMU needs one vision_feature_layer (merged token sets differ between layers), "
             f"got {model.config.vision_feature_layer!r}"
         )
+    if method in baselines.SELECTIONS:
+        raise ValueError(f"method={method!r} is not available for LLaVA-OneVision yet; use 'dymu' or 'tome'")
     return base.enable(
-        model, _prepare, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
-        token_order=token_order, refuse=_refuse_video, log=logger, undo_hint="disable_dymu_onevision",
-        downsample=downsample, crop_batching=crop_batching,
+        model, ONEVISION, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
+        token_order=token_order, method=method, token_budget=token_budget, log=logger,
+        undo_hint="disable_dymu_onevision", downsample=downsample, crop_batching=crop_batching,
     )
 
 
@@ -449,7 +372,7 @@ def stock_visual_tokens(
     model: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | list[int] | None = None
 ) -> list[int]:
     """Per image, the visual tokens the *stock* model gives the LLM (its placeholder count: base crop, unpadded
-    tiles and newlines, after any downsampling): what ``dymu_last_counts`` is compared with."""
+    tiles and newlines, after any downsampling): what a call's ``visual_token_counts`` are compared with."""
     image_sizes = torch.as_tensor(image_sizes).cpu()
     crops = crops_per_image(model, image_sizes, batch_num_images)
     return [int(stock_layout(model, n, size).numel()) for size, n in zip(image_sizes, crops)]
@@ -465,75 +388,4 @@ def image_crops(model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
     return _flat_crops(out["pixel_values"], crops)
 
 
-@torch.no_grad()
-def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float) -> float:
-    """Set the tower's threshold offset so that the crops of ``images`` keep ``target`` tokens per crop on average
-    (the ``K`` of ``siglip-so400m-patch14-384-<K>out``); the offset stays set and is returned."""
-    tower = _inner(model).vision_tower
-    if dymu.get_state(tower).mode != "infer":
-        raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
-    crops = image_crops(model, processor, images)
-    param = next(tower.parameters())
-    layer = _inner(model).config.vision_feature_layer
-    return dymu.calibrate_budget(tower, crops.to(param.device, param.dtype), target, layer=layer).offset
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny random model for tests and docs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def tiny_onevision(
-    crop: int = 28, patch: int = 7, max_tiles: int = 4, seed: int = 0, std: float | None = 0.3,
-    vision_layers: int = 3, text_layers: int = 2, vision_aspect_ratio: str = "anyres_max_9",
-):
-    """A tiny random ``LlavaOnevisionForConditionalGeneration`` (SigLIP + Qwen2) and its processor.
-
-    Crops of ``crop`` px (``(crop/patch)²`` patches each); grid pinpoints up to ``max_tiles × max_tiles`` crops.
-    """
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
-
-    from dymu.testing import scale_weights, word_tokenizer
-
-    torch.manual_seed(seed)
-    tok = word_tokenizer()
-    pins = [[crop * a, crop * b] for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1)]
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
-        image_size=crop, patch_size=patch,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=3, bos_token_id=1, eos_token_id=2,
-        max_position_embeddings=8192,
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        video_token_id=tok.convert_tokens_to_ids("USER:"),  # unused id (video is refused)
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pins,
-        vision_aspect_ratio=vision_aspect_ratio,
-    )
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    if std is not None:
-        scale_weights(model, std, seed)
-        with torch.no_grad():
-            model.model.image_newline.normal_(0, std, generator=torch.Generator().manual_seed(seed + 1))
-    size = {"height": crop, "width": crop}
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pins, crop_size=size),
-        video_processor=LlavaOnevisionVideoProcessor(size=size),
-        tokenizer=tok,
-        num_image_tokens=(crop // patch) ** 2,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio=vision_aspect_ratio,
-        chat_template=tok.chat_template,
-    )
-    return model, processor
+calibrate_token_budget = base.calibrate_token_budget
