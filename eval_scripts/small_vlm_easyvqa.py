@@ -13,12 +13,15 @@ with the one-word ground truth; 95 % Wilson interval. Rows (``--rows``, comma-se
   ``checkpoints/small_vlm/thresholds/dinov2-small-224-tome-<K>out[-raster].safetensors`` (found on easy-VQA train
   images 2000–2511, authors' or raster token order), VTU ``fast``/``exact``/``off``; the authors' order runs its
   per-image path (``token_order="single"``, what their code does at batch size 1);
-* ``tome@<K>-<vtu>`` — fixed-count ToMe (``dymu.configure(mode="fixed")``): every image merges the same number of
+Every row but ``full`` is a ``method`` of ``dymu.vlm.enable_dymu`` (:mod:`dymu.baselines`):
+
+* ``tome@<K>-<vtu>`` — fixed-count ToMe (``method="tome"``): every image merges the same number of
   tokens per layer (constant schedule), so that it keeps DyMU-K's mean count (from this run's ``dymu-<K>-fast``
   row, or the ``--out`` file's);
-* ``prune@<K>`` — keep the patches the CLS token attends to most in the feature layer's block (heads averaged;
+* ``prune@<K>`` — (``method="prune"``) keep the patches the CLS token attends to most in the feature layer's block (heads averaged;
   VisionZip's dominant tokens), same count, kept in raster order at consecutive positions;
-* ``random@<K>`` — keep a random subset of that size (seeded per question), the floor.
+* ``random@<K>`` — (``method="random"``) keep a random subset of that size (seeded per question by its index,
+  ``selection_seeds``), the floor.
 
 Every row also gets a prefill-time ratio: one forward (vision encoder + LLM prefill) of the first ``--batch``
 questions, timed alternately with the full model (median of ``--time-reps``), ``full time / row time``.
@@ -79,57 +82,7 @@ def _inputs(processor, rows: list[dict]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Selection baselines (pruning, random): the stock tower's features, a subset of patches, the stock LLM
-
-
-def cls_attention(model, hidden_states: tuple, index: int):
-    """``[B, N]``: the CLS token's attention over the patches in the block that produces hidden state ``index``
-    (the feature layer), heads averaged — recomputed from that block's input (SDPA returns no weights)."""
-    block = model.model.vision_tower.encoder.layer[index - 1]
-    x = block.norm1(hidden_states[index - 1])
-    attn = block.attention
-    b, n, _ = x.shape
-    heads = attn.num_attention_heads
-    q = attn.q_proj(x[:, :1]).view(b, 1, heads, -1).transpose(1, 2)
-    k = attn.k_proj(x).view(b, n, heads, -1).transpose(1, 2)
-    weights = torch.softmax(q @ k.transpose(-1, -2) * attn.scaling, dim=-1)  # [B, H, 1, N]
-    return weights.mean(1)[:, 0, 1:]
-
-
-def selected_inputs(model, processor, rows: list[dict], how: str, count: int) -> dict:
-    """Stock-model inputs that carry only ``count`` visual tokens per image, chosen by ``how`` ('prune' or
-    'random'), at consecutive positions; the features go in through ``mm_encoder_outputs``."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from dymu import vtu as vtu_lib
-    from dymu.vlm.llava import collapse_placeholders
-
-    inputs = _inputs(processor, rows)
-    tower = model.model.vision_tower
-    out = tower(inputs["pixel_values"], output_hidden_states=True)
-    index = model.config.vision_feature_layer % len(out.hidden_states)
-    feats = out.hidden_states[index][:, 1:]  # 'default' strategy: CLS dropped
-    n = feats.shape[1]
-    if how == "prune":
-        keep = cls_attention(model, out.hidden_states, index).topk(count, dim=-1).indices
-    else:
-        keep = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(r["index"]))[:count]
-                            for r in rows])
-    keep = keep.sort(dim=-1).values  # raster order
-    features = [model.model.multi_modal_projector(feats[b, keep[b]]) for b in range(len(rows))]
-    # every stock position mapped to a kept slot: only the collapsed placeholder count matters here (no VTU)
-    maps = [torch.searchsorted(k, torch.arange(n), right=True).sub(1).clamp(min=0) for k in keep]
-    ids, groups = collapse_placeholders(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id,
-                                        n, maps)
-    batch = vtu_lib.prepare_vtu(groups, padding_side="left", num_merged=[r.shape[0] for r in ids])
-    pad = model.config.text_config.pad_token_id or 0
-    return {"input_ids": batch.pad(ids, value=pad), "attention_mask": batch.attention_mask,
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)},
-            "_counts": [count] * len(rows)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rows
+# Rows: each a method of dymu.baselines (or DyMU, or the stock model) set up through dymu.vlm.enable_dymu
 
 
 class Row:
@@ -156,29 +109,24 @@ class Row:
         self.count = round(means[self.k])
 
     def enable(self, model) -> None:
-        import dymu
         from dymu.vlm import enable_dymu
 
         if self.kind == "dymu":
             enable_dymu(model, thresholds_path(self.k, self.raster), vtu=self.vtu,
                         token_order="raster" if self.raster else "single")
-        elif self.kind == "tome":
-            enable_dymu(model, None, vtu=self.vtu)
-            tower = model.model.vision_tower
-            layers = dymu.get_state(tower).num_layers
-            dymu.configure(tower, merge_counts=dymu.merge_schedule("constant", 256 - self.count, layers),
-                           mode="fixed")
+        elif self.kind != "full":
+            enable_dymu(model, None, vtu=self.vtu, method=self.kind, token_budget=self.count)
 
     def disable(self, model) -> None:
         from dymu.vlm import disable_dymu
 
-        if self.kind in ("dymu", "tome"):
-            disable_dymu(model)
+        disable_dymu(model)
 
-    def inputs(self, model, processor, rows: list[dict]) -> dict:
-        if self.kind in ("prune", "random"):
-            return selected_inputs(model, processor, rows, self.kind, self.count)
-        return dict(_inputs(processor, rows))
+    def inputs(self, processor, rows: list[dict]) -> dict:
+        inputs = dict(_inputs(processor, rows))
+        if self.kind == "random":  # seeded per question: the same subset whatever the batch
+            inputs["selection_seeds"] = [r["index"] for r in rows]
+        return inputs
 
     def info(self) -> dict:
         out = {"kind": self.kind, "vtu": self.vtu}
@@ -194,17 +142,13 @@ class Row:
 @torch.no_grad()
 def answer_batch(model, processor, rows: list[dict], max_new_tokens: int = 6, row: Row | None = None
                  ) -> tuple[list[str], list[int]]:
-    """Greedy answers and visual tokens per question (256 for the stock model)."""
-    from dymu.small_vlm import NUM_IMAGE_TOKENS
+    """Greedy answers and visual tokens per question (as the call reports them; 256 for the stock model)."""
+    from dymu.vlm import generate_with_counts
 
-    inputs = (row or Row("full", {})).inputs(model, processor, rows)
-    counts = inputs.pop("_counts", None)
-    model.__dict__.pop("dymu_last_counts", None)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    decoded = processor.batch_decode(new, skip_special_tokens=True)
-    counts = counts or getattr(model, "dymu_last_counts", None) or [NUM_IMAGE_TOKENS] * len(rows)
-    return [d.strip() for d in decoded], list(counts)
+    inputs = (row or Row("full", {})).inputs(processor, rows)
+    out, tokens = generate_with_counts(model, inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [d.strip() for d in decoded], list(tokens.counts)
 
 
 @torch.no_grad()
@@ -217,12 +161,8 @@ def prefill_ratio(model, processor, rows: list[dict], row: Row, reps: int) -> di
         for name, r in (("full", full), ("row", row)):
             r.enable(model)
             try:
-                selects = r.kind in ("prune", "random")  # selections run the tower in inputs(): time it
-                inputs = None if selects else r.inputs(model, processor, rows)
+                inputs = r.inputs(processor, rows)
                 start = time.perf_counter()
-                if selects:
-                    inputs = r.inputs(model, processor, rows)
-                inputs.pop("_counts", None)
                 model(**inputs, logits_to_keep=1)
                 times[name].append(time.perf_counter() - start)
             finally:

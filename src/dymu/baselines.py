@@ -40,14 +40,16 @@ def check_method(method: str, token_budget: Any, thresholds: Any, vtu: str | Non
     return "fast" if vtu is None else vtu
 
 
-def configure_tome(tower: nn.Module, patches: int, token_budget: int) -> None:
-    """Fixed-count ToMe on a patched tower: ``patches - token_budget`` merges, the same number every layer."""
+def configure_tome(tower: nn.Module, patches: int, token_budget: int, layer: int = -1) -> None:
+    """Fixed-count ToMe on a patched tower: ``patches - token_budget`` merges, the same number in every block up to
+    the one that produces hidden state ``layer`` (the feature layer; later blocks do not reach the LLM)."""
     import dymu
 
     if token_budget > patches:
         raise ValueError(f"token_budget {token_budget} exceeds the {patches} patches per image")
     state = dymu.get_state(tower)
-    schedule = dymu.merge_schedule("constant", patches - token_budget, state.num_layers)
+    used = layer % (state.num_layers + 1)
+    schedule = dymu.merge_schedule("constant", patches - token_budget, used) + [0] * (state.num_layers - used)
     if state.mode != "fixed" or state.merge_counts != schedule:
         dymu.configure(tower, merge_counts=schedule, mode="fixed")
 

@@ -96,7 +96,7 @@ class LlavaFamily:
                 features = [model.model.multi_modal_projector(k) for k in kept]
             return base.EncodedImages(features, groups)
         if state.method == "tome":
-            baselines.configure_tome(model.model.vision_tower, patches, state.token_budget)
+            baselines.configure_tome(model.model.vision_tower, patches, state.token_budget, _feature_layer(model))
         features, patch_maps = encode_images(model, pixel_values)
         return base.EncodedImages(features, patch_maps)
 

@@ -286,7 +286,7 @@ class OnevisionFamily:
         if state.method == "tome":
             vc = model.config.vision_config
             baselines.configure_tome(_inner(model).vision_tower, (vc.image_size // vc.patch_size) ** 2,
-                                     state.token_budget)
+                                     state.token_budget, model.config.vision_feature_layer)
         return encode_images(
             model, pixel_values, image_sizes, kwargs.pop("batch_num_images", None),
             vision_feature_layer=kwargs.pop("vision_feature_layer", None), downsample=state.options["downsample"],
