@@ -417,3 +417,23 @@ def test_plugin_appends_the_checkpoints_prompt_suffix(work, tmp_path, monkeypatc
         lm.loglikelihood([req("loglikelihood", ("w11", " w5", visual, 0, "t", "test"))])
         assert seen == ["w10" + suffix, "w11" + suffix], (path, given)
         assert lm.settings["prompt_suffix"] == suffix and lm.token_record()["overall"]["mean"] == 16.0  # DyMU off
+
+
+@pytest.mark.slow
+def test_cli_method_prune_end_to_end(work):
+    """``--model_args method=prune,token_budget=K`` through the real CLI: every image keeps exactly K patches (CLS
+    attention), the record says so, and the language model read K visual tokens per prompt."""
+    out = work["root"] / "prune"
+    cmd = _cli(work, out, f"pretrained={work['llava']},method=prune,token_budget=5")
+    cmd[cmd.index("--tasks") + 1] = "dymu_tiny_vqa"
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **work["env"]}, cwd=work["root"],
+                         timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    results_file = _one(out / "*" / "*_results.json")
+    record = json.loads(results_file.with_name(results_file.name.replace("_results", "_dymu_tokens")).read_text())
+    counts = [s["visual_tokens"] for s in record["tasks"]["dymu_tiny_vqa"]["samples"]]
+    assert counts == [[5]] * 6
+    assert record["settings"]["method"] == "prune" and record["settings"]["vtu"] == "off"
+    assert record["settings"]["merging"] and record["full_tokens_per_image"] == 16
+    samples = _samples(_one(out / "*" / "*_samples_dymu_tiny_vqa.jsonl"))
+    assert all(s["token_counts"][0]["input_tokens"] == 5 + 2 + 2 for s in samples.values())
