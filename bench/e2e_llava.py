@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def timed(name: str, mode: str | None):
         def call():
             out, first, total = generate()
-            visual = list(model.dymu_last_counts) if mode is not None else [full_count] * args.batch
+            visual = list(out.visual_token_counts) if mode is not None else [full_count] * args.batch
             runs[name].append((first, total, visual))
             return out
         return call

@@ -7,7 +7,8 @@ Core pieces:
 * :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge;
   ``dymu.encode(model, pixel_values, layer=-2)`` returns per-image merged features, sizes and source maps.
 * :mod:`dymu.vtu` – virtual token unmerging in RoPE decoders (``enable_vtu``, ``prepare_vtu``, ``vtu_context``).
-* :mod:`dymu.vlm` – whole VLMs: ``load_llava``, ``enable_dymu`` (LLaVA-1.5).
+* :mod:`dymu.vlm` – whole VLMs (LLaVA-1.5, LLaVA-OneVision): ``load``, ``enable_dymu``; one path for every family
+  (:mod:`dymu.vlm.base`); :mod:`dymu.baselines` – ToMe, CLS-attention pruning, random dropping (``method=``).
 """
 
 from __future__ import annotations
