@@ -98,8 +98,12 @@ def test_each_method_keeps_the_budget_and_reports_it_with_the_call(tiny, method)
     try:
         with torch.no_grad():
             out = model(**inputs)
-            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
         assert out.visual_token_counts == [K] * 3 and gen.visual_token_counts == [K] * 3
+        # forward numbers the merged tokens as generate does (VTU off for the selections: from the attention mask),
+        # so the padded rows' last logits agree
+        torch.testing.assert_close(gen.logits[0], out.logits[:, -1], atol=1e-4, rtol=1e-4)
         # the language model reads each prompt with its 16 placeholders collapsed to K tokens
         seen = []
         hook = model.model.language_model.register_forward_pre_hook(

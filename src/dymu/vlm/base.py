@@ -107,7 +107,6 @@ class Family(Protocol):
     name: str
     model_class: str  # the stock class name, for error messages
     token_aligned: tuple[str, ...]  # per-token keyword tensors collapsed like input_ids
-    token_order: Any  # default token order of dymu.patch for this family
 
     def encode(self, model: nn.Module, pixel_values: Any, kwargs: dict, state: VLMState) -> EncodedImages: ...
 

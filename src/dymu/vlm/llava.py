@@ -79,7 +79,6 @@ class LlavaFamily:
     name = "llava"
     model_class = "LlavaForConditionalGeneration"
     token_aligned: tuple[str, ...] = ()
-    token_order = None  # the checkpoint's
 
     def encode(self, model: nn.Module, pixel_values: Tensor, kwargs: dict, state: base.VLMState) -> base.EncodedImages:
         seeds = kwargs.pop("selection_seeds", None)

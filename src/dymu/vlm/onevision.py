@@ -271,7 +271,6 @@ class OnevisionFamily:
     name = "onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     token_aligned: tuple[str, ...] = ()
-    token_order = "batch"
 
     def encode(self, model: nn.Module, pixel_values: Any, kwargs: dict, state: base.VLMState) -> base.EncodedImages:
         """:func:`encode_images` with the stock keyword arguments it consumes popped from ``kwargs``."""
