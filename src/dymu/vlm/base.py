@@ -17,9 +17,11 @@ the token-budget calibration (:func:`calibrate_token_budget`). Baselines (:mod:`
 :class:`VLMState` (``method``/``token_budget``): ToMe is the family's own encoder in fixed-count mode; pruning and
 random dropping are a family's ``select`` hook.
 
-**VTU off** numbers the merged tokens from the attention mask (``cumsum - 1``), in ``forward`` as ``generate``
-does: a left-padded row then sits at the positions it has alone, so forward, generate and batch-of-one agree (the
-stock ``forward`` with ``position_ids=None`` numbers the padding too).
+**VTU off** passes explicit positions for every family: the merged tokens numbered from the attention mask
+(``cumsum - 1``), what ``generate`` builds, so a left-padded row sits at the positions it has alone and forward,
+generate and batch-of-one agree. (LLaVA used to pass ``None``; on transformers 5.24 the stock forward numbers a
+left-padded row the same way, checked on the tiny Llama, but an explicit rule does not depend on that, and it is the
+1-D case of what ``virtual_positions`` gives with VTU on.)
 
 **Counts come back with the call**: ``forward``'s output carries ``visual_token_counts`` (per image),
 ``crop_token_counts`` (per image, per crop; ``None`` for single-crop families) and ``merged_attention_mask`` (the
