@@ -49,9 +49,8 @@ if not __package__:  # run as a file (python bench/vtu_prefill.py): make the ben
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import _common  # noqa: E402
 from bench._common import argument_parser, cache_bytes  # noqa: E402
-from dymu.vtu import integration as vtu_integration  # noqa: E402
 from dymu.vtu import (  # noqa: E402
-    cache_kwarg, concat_groups, disable_vtu, enable_vtu, output_cache, prepare_vtu, vtu_context,
+    cache_kwarg, concat_groups, disable_vtu, enable_vtu, output_cache, prepare_vtu, vtu_context, vtu_kernels,
 )
 
 ROW_NAMES = ("full (stock sdpa)", "merged, no VTU", "VTU fast", "VTU exact")
@@ -215,16 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ones_full = torch.ones(1, n_virtual, dtype=torch.long, device=device)
 
-    def mode(name: str, decode_with_exact: bool = True) -> Callable[[], None]:
+    def mode(name: str) -> Callable[[], None]:
         """Setup of a config: the model's attention switched to ``name`` ("off" = stock sdpa)."""
         def setup() -> None:
             enable_vtu(model, name) if name != "off" else disable_vtu(model)
-            vtu_integration.DECODE_WITH_EXACT = decode_with_exact
         return setup
 
-    def in_context(batch, fn: Callable[[], object]) -> Callable[[], object]:
+    def in_context(batch, fn: Callable[[], object], decode: str | None = None) -> Callable[[], object]:
+        """``fn`` with the VTU batch in scope; ``decode``: the kernel forced on decode steps (None: dymu's)."""
         def call():
-            with vtu_context(batch):
+            with vtu_context(batch), vtu_kernels(decode=decode):
                 return fn()
         return call
 
@@ -258,8 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in modes:
             step = decode_step(outs[(visual_merged, name)], next_positions, n_merged)
             steps[(visual_merged, name)] = (mode(name), in_context(batch, step))
-            if name == "fast":  # the fast kernel at decode too (dymu decodes fast mode the exact way)
-                steps[(visual_merged, "fast-kernel")] = (mode("fast", decode_with_exact=False), in_context(batch, step))
+            if name == "fast":  # the SDPA kernel at decode too (dymu's dispatch decodes fast mode the exact way)
+                steps[(visual_merged, "fast-kernel")] = (mode("fast"), in_context(batch, step, decode="fast_sdpa"))
     step_times, _ = interleaved(steps, 5 * args.repeats, args.warmup, device)  # a step is short: more rounds
     mode("off")()
 

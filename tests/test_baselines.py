@@ -178,3 +178,21 @@ def test_onevision_counts_come_back_with_forward_and_generate():
     _, stock = generate_with_counts(model, inputs, max_new_tokens=1, do_sample=False)
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     assert stock.counts == placeholders and all(c < p for c, p in zip(tokens.counts, placeholders))
+
+
+def test_generate_command_takes_the_method(tmp_path, capsys):
+    from dymu.cli import main
+    from dymu.testing import save_tiny_llava
+
+    model_dir = save_tiny_llava(tmp_path / "llava", image_size=56)
+    paths = []
+    for i, img in enumerate(IMAGES[:2]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    argv = ["generate", "--model", str(model_dir), "--prompt", "w1", "--max-new-tokens", "1"]
+    argv += [x for p in paths for x in ("--image", p)]
+    assert main(argv + ["--method", "prune", "--token-budget", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(5 visual tokens)") == 2 and "visual tokens per image: 5.0 ± 0.0" in out
+    assert main(argv + ["--method", "random"]) == 2
+    assert "--method random needs --token-budget K" in capsys.readouterr().err

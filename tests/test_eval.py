@@ -98,6 +98,47 @@ def test_dymu_eval_unreadable_image_and_resume(llava_dir, thresholds_file, quest
     assert "max_new_tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "block, flag, expected",
+    [
+        ({"prompt_suffix": ""}, None, ""),  # the small VLM's format: the bare question
+        ({"prompt_suffix": " Reply in one word."}, None, " Reply in one word."),
+        (None, None, "\nAnswer the question using a single word or phrase."),  # LLaVA-1.5 keeps its default
+        ({"prompt_suffix": " Reply in one word."}, "", ""),  # the flag wins
+    ],
+)
+def test_dymu_eval_uses_the_checkpoints_prompt_suffix(llava_dir, questions, tmp_path, monkeypatch, block, flag, expected):
+    """`dymu eval` appends the prompt suffix the checkpoint records (its config's "dymu" block, which
+    build_small_vlm fills from the projector file), else LLaVA-1.5's short-answer instruction; a block holding
+    only the prompt format leaves DyMU off (every image keeps its 16 tokens)."""
+    import dymu.evaluation
+    from dymu.cli import main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llava_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if block is not None:
+        config["dymu"] = block
+    (model_dir / "config.json").write_text(json.dumps(config))
+    seen: list[str] = []
+    real_generate = dymu.evaluation.generate
+
+    def recording(model, processor, prompts, **kwargs):
+        seen.extend(p.text for p in prompts)
+        return real_generate(model, processor, prompts, **kwargs)
+
+    monkeypatch.setattr(dymu.evaluation, "generate", recording)
+    out = tmp_path / "run.jsonl"
+    args = ["eval", "--model", str(model_dir), "--data", str(questions), "--max-new-tokens", "1", "--no-progress",
+            "--output", str(out)] + ([] if flag is None else ["--prompt-suffix", flag])
+    assert main(args) == 0
+    asked = [q["question"] for q in json.loads(questions.read_text()) if "broken" not in q["image"]]
+    assert seen == [q + expected for q in asked]
+    assert json.loads((tmp_path / "run.jsonl.meta.json").read_text())["prompt_suffix"] == expected
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [c for r in records for c in r["visual_tokens"]] == [16] * 5
+
+
 def test_dymu_eval_bad_input(llava_dir, tmp_path, capsys):
     from dymu.cli import main
 

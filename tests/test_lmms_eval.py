@@ -381,6 +381,44 @@ def test_backend_methods_directly(work):
     assert record["settings"]["token_order"] == "single" and record["settings"]["threshold_offset"] != 0
 
 
+def test_plugin_appends_the_checkpoints_prompt_suffix(work, tmp_path, monkeypatch):
+    """Each request's text gets the checkpoint's own prompt suffix (its config's "dymu" block); the model_arg wins
+    (a written backslash-n is a newline); a checkpoint that records none gets nothing (its tasks' instructions)."""
+    import shutil
+
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from dymu import evaluation
+    from dymu.lmms_eval.llava import DyMULlava
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(work["llava"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "dymu": {"prompt_suffix": " w7"}}))
+    seen: list[str] = []
+    real_generate, real_ll = evaluation.generate, evaluation.loglikelihood
+    monkeypatch.setattr(evaluation, "generate", lambda m, p, prompts, **kw: (seen.extend(x.text for x in prompts), real_generate(m, p, prompts, **kw))[1])
+    monkeypatch.setattr(evaluation, "loglikelihood", lambda m, p, prompts, c: (seen.extend(x.text for x in prompts), real_ll(m, p, prompts, c))[1])
+    docs = [{"image": str(work["tasks"] / "images" / "0.png")}]
+
+    def visual(doc):
+        return [Image.open(doc["image"]).convert("RGB")]
+
+    def req(kind, args):
+        return Instance(kind, args, 0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
+
+    expected = {(model_dir, None): " w7", (model_dir, ""): "", (model_dir, "\\nw8"): "\nw8", (work["llava"], None): ""}
+    for (path, given), suffix in expected.items():
+        seen.clear()
+        lm = DyMULlava(pretrained=str(path), device="cpu", **({} if given is None else {"prompt_suffix": given}))
+        lm.task_dict = {"t": {"test": docs}}
+        lm.generate_until([req("generate_until", ("w10", {"max_new_tokens": 1}, visual, 0, "t", "test"))])
+        lm.loglikelihood([req("loglikelihood", ("w11", " w5", visual, 0, "t", "test"))])
+        assert seen == ["w10" + suffix, "w11" + suffix], (path, given)
+        assert lm.settings["prompt_suffix"] == suffix and lm.token_record()["overall"]["mean"] == 16.0  # DyMU off
+
+
 @pytest.mark.slow
 def test_cli_method_prune_end_to_end(work):
     """``--model_args method=prune,token_budget=K`` through the real CLI: every image keeps exactly K patches (CLS

@@ -132,6 +132,10 @@ def test_resumed_run_continues_the_same_loss_trajectory(built, tmp_path):
     assert second.losses == whole.losses, (second.losses, whole.losses)
     for k, v in whole.trainable_state().items():
         assert torch.equal(v, second.trainable_state()[k]), k
+    from dymu.small_vlm import prompt_suffix_of
+
+    whole.export(tmp_path / "out", {})
+    assert prompt_suffix_of(tmp_path / "out" / "projector.safetensors") == ""  # trained on the bare question
 
 
 MID = REPO / "checkpoints" / "small_vlm" / "thresholds" / "dinov2-small-224-tome-88out.safetensors"
@@ -145,11 +149,12 @@ def test_committed_checkpoint_answers_easy_vqa():
     by the committed checkpoint with full tokens and with DyMU-mid (88out, VTU fast): at least 8 right each, and
     DyMU keeps far fewer visual tokens."""
     from dymu.small_vlm import build_small_vlm
-    from dymu.vlm import disable_dymu, enable_dymu
+    from dymu.vlm import disable_dymu, enable_dymu, prompt_suffix
 
     assert CHECKPOINT.exists(), f"{CHECKPOINT} is missing: train it with dymu train-projector (docs/results.md)"
     ev = _eval_script()
     model, processor = build_small_vlm("default")
+    assert prompt_suffix(model) == ""  # trained on the bare question: dymu eval, lmms-eval and the demo add nothing
     rows = [r for r in ev.balanced_subset(per_class=1, seed=1) if r["answer"] in PINNED_CLASSES]
     assert sorted(r["answer"] for r in rows) == sorted(PINNED_CLASSES)
     preds, counts = ev.answer_batch(model, processor, rows)

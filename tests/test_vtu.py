@@ -42,6 +42,7 @@ from dymu.vtu import (  # noqa: E402
     vtu_context,
     vtu_forward,
     vtu_generate,
+    vtu_kernels,
     vtu_mode,
 )
 
@@ -292,7 +293,7 @@ def test_fast_and_exact_equal_reference(models, kind):
 
 def test_exact_in_small_blocks_equals_fast(models, monkeypatch):
     """The exact path's blocking over kv heads and query slots (used for long sequences) changes nothing."""
-    import dymu.vtu.kernels
+    import dymu.vtu.exact
 
     model = models["qwen2"]
     gen = torch.Generator().manual_seed(7)
@@ -302,7 +303,7 @@ def test_exact_in_small_blocks_equals_fast(models, monkeypatch):
         enable_vtu(model, "fast")
         fast = vtu_logits(model, groups, embeds)
         enable_vtu(model, "exact")
-        monkeypatch.setattr(dymu.vtu.kernels, "EXACT_CHUNK_ELEMENTS", 1)  # one kv head x one query slot per block
+        monkeypatch.setattr(dymu.vtu.exact, "EXACT_CHUNK_ELEMENTS", 1)  # one kv head x one query slot per block
         exact = vtu_logits(model, groups, embeds)
     finally:
         disable_vtu(model)
@@ -400,9 +401,9 @@ def test_decode_logits_equal_reference_every_step(models, kind, mode, layout):
 
 def _decode_attends_padded_columns(monkeypatch):
     """Wrong decode: the new token also attends the padded columns of the virtual prompt layout."""
-    from dymu.vtu import VTUBatch
+    import dymu.vtu.layout
 
-    build = VTUBatch._build_layout
+    build = dymu.vtu.layout._build_layout
 
     def wrong(batch, q_len, kv_len, device):
         lay = build(batch, q_len, kv_len, device)
@@ -413,7 +414,7 @@ def _decode_attends_padded_columns(monkeypatch):
             lay.mask, lay.sdpa_mask = mask, mask[:, None]
         return lay
 
-    monkeypatch.setattr(VTUBatch, "_build_layout", wrong)
+    monkeypatch.setattr(dymu.vtu.layout, "_build_layout", wrong)
 
 
 def _decode_positions_from_merged_count(monkeypatch, decoder):
@@ -422,7 +423,7 @@ def _decode_positions_from_merged_count(monkeypatch, decoder):
     Returns the hook handle on ``decoder`` (the text decoder module)."""
     import dymu.vtu.integration
 
-    monkeypatch.setattr(dymu.vtu.integration, "_check_positions", lambda *args: None)
+    monkeypatch.setattr(dymu.vtu.integration, "check_call_positions", lambda *args: None)
 
     def shift(module, args, kwargs):
         batch = current_vtu_batch()
@@ -512,7 +513,7 @@ def test_batch_equals_one_by_one(models, kind):
 def test_fast_prefill_blocked_and_sdpa_equal_reference(models, kind, monkeypatch):
     """The fast path's CPU prefill in blocks (keys cut per row block, rows summed per slot before V) and its
     SDPA form (GPU) both equal the definition, alone and in padded batches, in big and in tiny blocks."""
-    import dymu.vtu.kernels as kernels
+    import dymu.vtu.fast_blocked_cpu as blocked_cpu
 
     model = models[kind]
     gen = torch.Generator().manual_seed(11)
@@ -523,18 +524,18 @@ def test_fast_prefill_blocked_and_sdpa_equal_reference(models, kind, monkeypatch
     assert groups[-1].max() == groups[0].max() and groups[-1].numel() < groups[0].numel()
     refs = [reference_logits(model, e, g) for g, e in zip(groups, embeds)]
     calls = []
-    blocked = kernels._blocked_prefill
-    monkeypatch.setattr(kernels, "_blocked_prefill", lambda *a: calls.append(1) or blocked(*a))
+    blocked = blocked_cpu._blocked_prefill
+    monkeypatch.setattr(blocked_cpu, "_blocked_prefill", lambda *a: calls.append(1) or blocked(*a))
     results = {}
-    settings = {"sdpa": dict(FAST_BLOCKED_ON_CPU=False), "blocked": {},
-                "tiny blocks": dict(BLOCK_ROWS=3, BLOCK_SCORE_ELEMENTS=1),
-                "mask too big": dict(BLOCK_MASK_BYTES=0)}
+    settings = {"sdpa": ("fast_sdpa", {}), "blocked": (None, {}),  # (forced prefill kernel, module constants)
+                "tiny blocks": (None, dict(BLOCK_ROWS=3, BLOCK_SCORE_ELEMENTS=1)),
+                "mask too big": (None, dict(BLOCK_MASK_BYTES=0))}
     enable_vtu(model, "fast")
     try:
-        for name, values in settings.items():
-            with monkeypatch.context() as m:
+        for name, (forced, values) in settings.items():
+            with monkeypatch.context() as m, vtu_kernels(prefill=forced):
                 for attr, value in values.items():
-                    m.setattr(kernels, attr, value)
+                    m.setattr(blocked_cpu, attr, value)
                 calls.clear()
                 single = [vtu_logits(model, [g], [e])[0] for g, e in zip(groups, embeds)]
                 left = vtu_logits(model, groups, embeds)
@@ -550,12 +551,10 @@ def test_fast_prefill_blocked_and_sdpa_equal_reference(models, kind, monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_forward_with_autograd_gives_the_definitions_gradients(kind, monkeypatch):
+def test_forward_with_autograd_gives_the_definitions_gradients(kind):
     """Outside torch.no_grad (the parameters require grad) VTU runs and is differentiable: the gradients of the
     merged inputs and of a projection equal those of the definition, for the fast path (blocked and SDPA forms)
     and the exact path, in a padded batch."""
-    import dymu.vtu.kernels as kernels
-
     model = make_model(kind, seed=5)
     gen = torch.Generator().manual_seed(12)
     groups = [random_groups(gen, images=2), random_groups(gen, images=1)]
@@ -575,10 +574,11 @@ def test_forward_with_autograd_gives_the_definitions_gradients(kind, monkeypatch
         got = {}
         for name, mode, blocked in (("fast blocked", "fast", True), ("fast sdpa", "fast", False),
                                     ("exact", "exact", True)):
-            monkeypatch.setattr(kernels, "FAST_BLOCKED_ON_CPU", blocked)
             enable_vtu(model, mode)
             batch = prepare_vtu(groups)
-            got[name] = gradients(lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
+            with vtu_kernels(prefill=None if blocked else "fast_sdpa"):
+                got[name] = gradients(
+                    lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
     disable_vtu(model)
     scale = max(float(w.abs().max()) for w in want)
     for name, grads in got.items():
@@ -729,7 +729,7 @@ def test_benchmark_tiny_runs_and_prints_wellformed_figures(monkeypatch, capsys):
 def test_exact_size_buckets_trade_padding_against_op_count():
     """Slots sorted by size are cut into runs at size changes only: one run when ops are dear, one per size when
     padding is; every slot in exactly one run."""
-    from dymu.vtu.kernels import _BUCKET_OVERHEAD, _size_runs
+    from dymu.vtu.exact import _BUCKET_OVERHEAD, _size_runs
 
     sizes = [5, 5, 4, 1, 1, 1]
     assert _size_runs(sizes, weight=1) == [(0, 6)]  # padding 5x6 - 17 = 13 elements ≪ one more bucket

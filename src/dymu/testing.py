@@ -185,6 +185,37 @@ def ll_process_results(doc, results):
 '''
 
 
+def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3, seed: int = 0) -> nn.Module:
+    """A tiny random Qwen vision tower: ``"qwen2_vl"``, ``"qwen2_5_vl"`` (windows of 2×2 units, full attention in
+    blocks 1 and 3) or ``"qwen3_vl"`` (DeepStack after blocks 0 and 2); width 32, 2 heads, output width 48."""
+    torch.manual_seed(seed)
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel as Tower,
+            Qwen2VLVisionConfig as Config,
+        )
+
+        config = Config(depth=depth, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as Tower,
+            Qwen2_5_VLVisionConfig as Config,
+        )
+
+        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                        window_size=56, fullatt_block_indexes=[i for i in range(depth) if i % 2 == 1])
+    elif family == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig as Config
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
+
+        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                        num_position_embeddings=16, deepstack_visual_indexes=list(range(0, depth - 1, 2)))
+    else:
+        raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
+    tower = Tower._from_config(config, attn_implementation="sdpa").eval()
+    return scale_weights(tower, std, seed) if std is not None else tower
+
+
 def tiny_onevision(
     crop: int = 28, patch: int = 7, max_tiles: int = 4, seed: int = 0, std: float | None = 0.3,
     vision_layers: int = 3, text_layers: int = 2, vision_aspect_ratio: str = "anyres_max_9",
@@ -237,97 +268,3 @@ def tiny_onevision(
         chat_template=tok.chat_template,
     )
     return model, processor
-
-
-def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3, seed: int = 0) -> nn.Module:
-    """A tiny random Qwen vision tower: ``"qwen2_vl"``, ``"qwen2_5_vl"`` (windows of 2×2 units, full attention in
-    blocks 1 and 3) or ``"qwen3_vl"`` (DeepStack after blocks 0 and 2); width 32, 2 heads, output width 48."""
-    torch.manual_seed(seed)
-    if family == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel as Tower,
-            Qwen2VLVisionConfig as Config,
-        )
-
-        config = Config(depth=depth, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
-    elif family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel as Tower,
-            Qwen2_5_VLVisionConfig as Config,
-        )
-
-        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-                        window_size=56, fullatt_block_indexes=[i for i in range(depth) if i % 2 == 1])
-    elif family == "qwen3_vl":
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig as Config
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
-
-        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-                        num_position_embeddings=16, deepstack_visual_indexes=list(range(0, depth - 1, 2)))
-    else:
-        raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
-    tower = Tower._from_config(config, attn_implementation="sdpa").eval()
-    return scale_weights(tower, std, seed) if std is not None else tower
-
-
-QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 96, 95, 94  # token ids of the tiny Qwen VLMs (vocabulary 97)
-
-
-def tiny_qwen_vlm(family: str, seed: int = 0, std: float | None = 0.3) -> nn.Module:
-    """A tiny random Qwen VLM: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"`` with the tower of
-    :func:`tiny_qwen_vision_tower` (depth 2) and a 2-layer M-RoPE text model (hidden 64, 4 heads / 2 KV heads);
-    image / video / vision-start tokens 96 / 95 / 94; weights std ``std``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    tower = tiny_qwen_vision_tower(family, depth=2, std=None, seed=seed).config.to_dict()
-    tower["out_hidden_size" if family != "qwen2_vl" else "hidden_size"] = 64
-    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
-    if family == "qwen3_vl":
-        rope["mrope_interleaved"] = True
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-                num_key_value_heads=2, vocab_size=97, max_position_embeddings=512, rope_parameters=rope,
-                pad_token_id=3, bos_token_id=None, eos_token_id=None)
-    config = AutoConfig.for_model(family, text_config=text, vision_config=tower, image_token_id=QWEN_IMAGE,
-                                  video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START)
-    model = AutoModelForImageTextToText.from_config(config).eval()
-    if std is not None:
-        scale_weights(model, std, seed)
-    model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable token by token
-    return model
-
-
-QWEN_WORDS = SPECIAL + [f"w{i}" for i in range(86)] + ["<|vision_end|>", "<|vision_start|>", "<|video_pad|>", "<|image_pad|>"]
-QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ")
-
-
-def tiny_qwen_processor(patch_size: int = 14, max_cells: int = 16):
-    """A ``Qwen2VLProcessor`` for :func:`tiny_qwen_vlm` (word-level vocabulary of 97 whose last ids are the vision
-    tokens; images resized to at most ``max_cells`` LLM tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(QWEN_WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", extra_special_tokens=special, padding_side="left")
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    unit = (patch_size * 2) ** 2
-    images = Qwen2VLImageProcessor(min_pixels=4 * unit, max_pixels=max_cells * unit, patch_size=patch_size)
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=QWEN_CHAT_TEMPLATE)
-
-
-def save_tiny_qwen_vlm(directory: str | Path, family: str, dymu_block: dict | None = None) -> Path:
-    """Save :func:`tiny_qwen_vlm` and its processor to ``directory`` (config.json with ``dymu_block``)."""
-    import json
-
-    model = tiny_qwen_vlm(family)
-    model.save_pretrained(directory)
-    tiny_qwen_processor(model.config.vision_config.patch_size).save_pretrained(directory)
-    if dymu_block is not None:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "dymu": dymu_block}, indent=2))
-    return Path(directory)

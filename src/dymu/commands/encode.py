@@ -153,10 +153,11 @@ def run_onevision(args: argparse.Namespace) -> int:
     from dymu.encoders.patching import resolve_thresholds_path
     from dymu.vlm import load_onevision
     from dymu.vlm.base import vlm_state
+    from dymu.vlm.settings import settings_block
     from dymu.vlm.loading import read_config
     from dymu.vlm.onevision import calibrate_token_budget, encode_images, stock_visual_tokens
 
-    if args.thresholds is None and read_config(args.model).get("dymu") is None:
+    if args.thresholds is None and settings_block(read_config(args.model)) is None:
         raise ValueError(f"give --thresholds (a checkpoint or DyMU name): {args.model} has no dymu config block")
     if args.weights is not None:
         raise ValueError("--weights is only used with a DyMU name as --model (a OneVision folder holds its tower)")

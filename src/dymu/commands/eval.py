@@ -2,7 +2,8 @@
 
 DATA is a JSON list of {"image": "rel/path.jpg", "question": "...", "answer": "..."} records ("answer" may be a
 list of accepted answers); images are looked up in --image-dir (default: DATA's folder). Each question is asked
-with LLaVA-1.5's short-answer instruction appended (--prompt-suffix), answered greedily, and scored by exact match
+with the checkpoint's prompt suffix appended (its config's "dymu" block: the small VLM's is none), else LLaVA-1.5's
+short-answer instruction (--prompt-suffix overrides both), answered greedily, and scored by exact match
 and by normalised match (lower case, no punctuation or articles). One JSON line per question goes to --output;
 its scores, the visual tokens per image (mean ± std) and the unreadable images are printed and written to
 OUTPUT.summary.json.
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int_at_least(1), default=16, help="tokens to generate per answer")
     parser.add_argument(
         "--prompt-suffix", default=None,
-        help="appended to every question (default: LLaVA-1.5's '\\nAnswer the question using a single word or phrase.'; '' for none)",
+        help="appended to every question (default: the checkpoint's own, from the prompt_suffix of its config's "
+        "'dymu' block - the small VLM's is none -, else LLaVA-1.5's '\\nAnswer the question using a single word or "
+        "phrase.'; '' for none)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
@@ -68,10 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dymu.data import load_image
-    from dymu.evaluation import SHORT_ANSWER, evaluate_questions, read_questions, resolve_pretrained, set_token_order
-    from dymu.commands._args import check_writable_file, load_llava_from_args, load_vlm_from_args
-    from dymu.vlm.loading import read_config
-    from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
+    from dymu.evaluation import evaluate_questions, read_questions, resolve_pretrained, set_token_order
+    from dymu.commands._args import check_writable_file, load_llava_from_args
     from dymu.vlm import dymu_vtu_mode
 
     if args.token_budget is not None and args.threshold_offset is not None:
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         output,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        prompt_suffix=SHORT_ANSWER if args.prompt_suffix is None else args.prompt_suffix,
+        prompt_suffix=args.prompt_suffix,  # None: the checkpoint's own, else LLaVA-1.5's short-answer instruction
         settings=settings,
         progress=not args.no_progress,
     )

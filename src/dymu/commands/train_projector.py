@@ -392,12 +392,16 @@ class Trainer:
         import torch
         from safetensors.torch import save_file
 
+        from dymu.small_vlm import PROMPT_SUFFIX_KEY
+
         out.mkdir(parents=True, exist_ok=True)
         tensors = self.trainable_state()
         for path, a in self.adapters.items():
             tensors[f"lora.{path}.scale"] = torch.tensor(a.scale)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(out / "projector.safetensors"), metadata={"format": "dymu-small-vlm-1"})
+        # the prompt format it was trained with (the bare question): dymu eval, lmms-eval and the demo use it
+        metadata = {"format": "dymu-small-vlm-1", PROMPT_SUFFIX_KEY: ""}
+        save_file(tensors, str(out / "projector.safetensors"), metadata=metadata)
         info = {"settings": settings_of(self.args), **extra}
         (out / "train_settings.json").write_text(json.dumps(info, indent=2) + "\n")
 

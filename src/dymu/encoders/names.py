@@ -18,8 +18,8 @@ A *DyMU name* is an identity plus a token budget, in the authors' naming::
 (``checkpoints/threshold_checkpoints/<name>.safetensors`` under the current folder; the
 folder can be moved with the ``DYMU_CHECKPOINT_DIR`` environment variable), and
 :meth:`DyMUName.find_checkpoint` looks there first, then among the checkpoints shipped
-inside the dymu package (:data:`PACKAGED_CHECKPOINT_DIR`, e.g. the DINOv2-S ones), so a
-name resolves outside the repository too, and last in the authors' hub repository
+inside the dymu package (:data:`PACKAGED_CHECKPOINT_DIRS`: the DINOv2-S ones, then the small VLM's
+sets), so a name resolves outside the repository too, and last in the authors' hub repository
 (:func:`hub_checkpoint`: ``DYMU_HUB_REPO``, default ``mikewang/DyMU``, for the authors' encoders; file
 layout ``DYMU_HUB_FILES``, default ``{name}.pth,threshold_checkpoints/{name}.pth``), cached by huggingface_hub.
 
@@ -48,6 +48,8 @@ KNOWN_ENCODERS: dict[tuple[str, int, int, int], str] = {
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints") / "threshold_checkpoints"
 PACKAGED_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "threshold_checkpoints"
 """Threshold checkpoints installed with dymu (``src/dymu/threshold_checkpoints``, package data)."""
+PACKAGED_CHECKPOINT_DIRS = (PACKAGED_CHECKPOINT_DIR, PACKAGED_CHECKPOINT_DIR.parent / "small_vlm_checkpoint" / "thresholds")
+"""Every folder of shipped threshold checkpoints: the general ones, then the small VLM's (:mod:`dymu.small_vlm`)."""
 
 
 def encoder_identity(family: str, image_size: int | tuple[int, int], patch_size: int | tuple[int, int], hidden_size: int) -> str:
@@ -198,7 +200,7 @@ class DyMUName:
     def find_checkpoint(self) -> Path:
         """The existing checkpoint of this name (``.safetensors``, else the authors' ``.pth``) in
         :func:`checkpoint_dir`, else among the checkpoints shipped with dymu; FileNotFoundError if none."""
-        for folder in dict.fromkeys((checkpoint_dir(), PACKAGED_CHECKPOINT_DIR)):
+        for folder in dict.fromkeys((checkpoint_dir(), *PACKAGED_CHECKPOINT_DIRS)):
             for suffix in (".safetensors", ".pth"):
                 path = folder / f"{self.name}{suffix}"
                 if path.is_file():
@@ -262,7 +264,7 @@ def hub_checkpoint(name: DyMUName, *, what: str, local_hint: str) -> tuple[Path 
 def known_dymu_names() -> list[str]:
     """DyMU names with a checkpoint here (checkpoint folder, dymu's own) and the authors' published ones."""
     found = [
-        p.stem for folder in dict.fromkeys((checkpoint_dir(), PACKAGED_CHECKPOINT_DIR)) if folder.is_dir()
+        p.stem for folder in dict.fromkeys((checkpoint_dir(), *PACKAGED_CHECKPOINT_DIRS)) if folder.is_dir()
         for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".pth") and is_dymu_name(p.stem)
     ]
     return list(dict.fromkeys([*found, *AUTHORS_NAMES]))

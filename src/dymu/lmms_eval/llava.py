@@ -24,6 +24,9 @@
 ``device``, ``dtype``  ``cuda`` / ``cpu`` / ``cuda:1``; ``float16`` (default on GPU), ``bfloat16``, ``float32``
                        (default on CPU), ``auto``
 ``max_new_tokens``     default when a task sets none (1024, as lmms-eval's llava_hf)
+``prompt_suffix``      appended to every request's text (``\n`` written as backslash-n is a newline); default: the
+                       checkpoint's own (``prompt_suffix`` in its ``dymu`` config block, e.g. the small VLM's ""),
+                       else nothing (the tasks carry their own instructions)
 ``tokens_path``        where to write the visual token record (default: next to lmms-eval's results file)
 ``loglikelihood_output``  ``logprob`` (default: the summed log-probability, lmms-eval's documented contract) or
                        ``loss`` (its negation, what lmms-eval's ``multiple_choice`` scoring — an argmin — expects)
@@ -177,8 +180,9 @@ class DyMULlava(lmms):
     is_simple = True
     backend_name = NAME  # the --model name, in messages and the token record
     accepted_args = (
-        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
-        "dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output"
+        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, "
+        "token_order, dymu, vision_tower, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
+        "prompt_suffix"
     )
     budget_unit = "per image"  # what token_budget counts
 
@@ -203,6 +207,7 @@ class DyMULlava(lmms):
         max_new_tokens: int = 1024,
         tokens_path: str | None = None,
         loglikelihood_output: str = "logprob",
+        prompt_suffix: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -227,6 +232,8 @@ class DyMULlava(lmms):
             baseline = {"method": method, "token_budget": token_budget}
         if token_budget is not None and threshold_offset is not None:
             raise ValueError(f"{self.backend_name}: give token_budget or threshold_offset, not both (the budget sets the offset)")
+        if isinstance(prompt_suffix, bool):  # lmms-eval reads "true"/"false" as booleans
+            raise ValueError(f"{self.backend_name}: prompt_suffix={prompt_suffix!r}; expected the text to append")
         try:
             self.batch_size_per_gpu = int(batch_size)
         except (TypeError, ValueError):
@@ -289,6 +296,9 @@ class DyMULlava(lmms):
         self.processor.tokenizer.padding_side = "left"
         evaluation.ensure_chat_template(self.processor)
         self.max_new_tokens = int(max_new_tokens)
+        given = None if prompt_suffix is None else str(prompt_suffix).replace("\\n", "\n")  # lmms-eval parses 1 as int
+        self.prompt_suffix = evaluation.choose_prompt_suffix(model, given, "")
+        self.settings["prompt_suffix"] = self.prompt_suffix
         self.loglikelihood_output = loglikelihood_output
         self.tokens_path = Path(tokens_path).absolute() if tokens_path else None
         self.merging = dymu_vtu_mode(model) is not None and self._merging_on()
@@ -446,7 +456,7 @@ class DyMULlava(lmms):
         for batch in self._batches(requests, key=lambda a: json.dumps(a[1], sort_keys=True, default=str)):
             args = [requests[i].args for i in batch]
             settings = self._generation_settings(args[0][1])
-            prompts = [Prompt(str(a[0]), self._visuals(a[2], a[4], a[5], a[3])) for a in args]
+            prompts = [Prompt(str(a[0]) + self.prompt_suffix, self._visuals(a[2], a[4], a[5], a[3])) for a in args]
             for i, a, g in zip(batch, args, self._generate(prompts, settings)):
                 self._record(a[4], a[5], a[3], g.visual_tokens)
                 results[i] = GenerationResult(g.text, TokenCounts(input_tokens=g.input_tokens, output_tokens=g.output_tokens))
@@ -472,7 +482,8 @@ class DyMULlava(lmms):
                 continuation = target if isinstance(target, str) else target(doc)
                 if isinstance(continuation, (list, tuple)):
                     raise ValueError(f"{self.backend_name}: task {task!r} gave several continuations for one loglikelihood request")
-                prompts.append(Prompt(str(context), self._visuals(doc_to_visual, task, split, doc_id)))
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+                prompts.append(Prompt(str(context) + self.prompt_suffix, visuals))
                 continuations.append(str(continuation))
                 args.append((task, split, doc_id))
             for i, (task, split, doc_id), ll in zip(batch, args, self._loglikelihoods(prompts, continuations)):
@@ -507,7 +518,7 @@ class DyMULlava(lmms):
                     if terminal:
                         break
                     visuals = _flatten(visuals)
-                gen = self._generate([Prompt(str(context), visuals)], settings)[0]
+                gen = self._generate([Prompt(str(context) + self.prompt_suffix, visuals)], settings)[0]
                 counts += gen.visual_tokens
                 rounds.append(gen.text)
             self._record(task, split, doc_id, counts)

@@ -66,8 +66,9 @@ class DyMULlavaOneVision(DyMULlava):
 
     backend_name = NAME
     accepted_args = (
-        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, token_order, "
-        "dymu, downsample, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output"
+        "pretrained, method, thresholds, vtu, threshold_offset, token_budget, budget_images, calibration_images, "
+        "token_order, dymu, downsample, batch_size, device, dtype, max_new_tokens, tokens_path, loglikelihood_output, "
+        "prompt_suffix"
     )
     budget_unit = "per crop"
 

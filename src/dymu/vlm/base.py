@@ -28,8 +28,13 @@ left-padded row the same way, checked on the tiny Llama, but an explicit rule do
 layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carries the same counts on its output.
 :func:`generate_with_counts` does that for callers that want the sequences and a :class:`VisualTokens` record.
 
-**Optional family hooks** (Qwen-VL): ``feature_kwargs(enc)`` (DeepStack features, ``EncodedImages.extras``, next to
-the final ones) and ``off_positions(model, prepared)`` (M-RoPE positions with VTU off).
+**How Qwen2-VL / Qwen2.5-VL / Qwen3-VL plug in** (one adapter, nothing else changes): ``encode`` runs the patched
+tower on the packed patches and ``image_grid_thw`` and returns groups over the processor's placeholders (the count
+is fixed by the grid before the encoder runs, ``t·h·w / merge²``; merging maps several of them to one slot);
+DeepStack features go in ``EncodedImages.extras`` (per image, same slots: they are merged with the same groups) and
+``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
+collapses that tensor with the ids; ``virtual_positions`` returns ``[3, B, V]`` (M-RoPE rows from the stock
+``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch) instead of ``[B, V]``.
 """
 
 from __future__ import annotations
@@ -214,8 +219,6 @@ def prepare_inputs(
         if kwargs.get(name) is not None:
             kwargs[name] = batch.pad([kwargs[name][b][k] for b, k in enumerate(kept)], value=0)
     prepared = Prepared(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), groups, kept, None, enc)
-    if state.vtu == "off" and hasattr(state.family, "off_positions"):  # M-RoPE: each token at its stock (t, h, w)
-        prepared.position_ids = state.family.off_positions(model, prepared).to(ids.device)
     if state.vtu != "off":
         prepared.vtu_batch = batch
         prepared.position_ids = state.family.virtual_positions(model, prepared).to(ids.device)
@@ -264,7 +267,7 @@ def make_dymu_class(parent: type, family: Family, log: logging.Logger = logger) 
             log_counts(prep.encoded.counts, log)
             if prep.vtu_batch is not None or kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = prep.position_ids
-            kwargs.update(getattr(family, "feature_kwargs", feature_kwargs)(prep.encoded))
+            kwargs.update(feature_kwargs(prep.encoded))
             with vtu_lib.vtu_context(prep.vtu_batch):
                 out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
             return prep, out
@@ -310,24 +313,19 @@ def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) 
     return out.sequences, VisualTokens(list(counts), getattr(out, "crop_token_counts", None))
 
 
-def vision_tower(model: nn.Module) -> nn.Module:  # Qwen-VL calls it ``visual``
-    return model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
-
-
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
     from dymu.vlm.llava import LLAVA
     from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
-    from dymu.vlm.qwen_vl import FAMILIES as QWEN
 
     state = vlm_state(model)
     if state is not None:
         return state.family
     names = {c.__name__ for c in type(model).__mro__}
-    for family in (ONEVISION, LLAVA, *QWEN.values()):
+    for family in (ONEVISION, LLAVA):
         if family.model_class in names:
             return family
-    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5, LLaVA-OneVision or Qwen-VL")
+    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5 or LLaVA-OneVision")
 
 
 def enable(
@@ -354,7 +352,7 @@ def enable(
     check_vtu_mode(vtu, "vtu")
     if vlm_state(model) is not None:
         raise ValueError(f"DyMU is already enabled on this model; call {undo_hint} first")
-    tower = vision_tower(model)
+    tower = model.model.vision_tower
     merges = method in ("dymu", "tome")
     if merges:
         dymu.patch(tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
@@ -381,7 +379,7 @@ def disable(model: nn.Module) -> nn.Module:
     if state.vtu != "off":
         vtu_lib.disable_vtu(model)
     if state.method in ("dymu", "tome"):
-        dymu.unpatch(vision_tower(model))
+        dymu.unpatch(model.model.vision_tower)
     model.__class__ = state.parent
     return model
 
@@ -393,7 +391,7 @@ def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], 
     import dymu
 
     state = vlm_state(model)
-    tower = vision_tower(model)
+    tower = model.model.vision_tower
     if state is None or state.method != "dymu" or dymu.get_state(tower).mode != "infer":
         raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
     param = next(tower.parameters())

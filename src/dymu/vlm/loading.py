@@ -8,7 +8,9 @@ LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA
   point to a local folder instead (:mod:`dymu.hub`).
 * llava-hf format: ``config.json`` may hold a block
   ``"dymu": {"encoder": "ViT-L-14-336-tome-72out", "thresholds": "…", "vtu": "fast"}`` (OneVision: also
-  ``"downsample": "nearest" | "error"``; ``dymu convert-onevision`` writes it).
+  ``"downsample": "nearest" | "error"``; ``dymu convert-onevision`` writes it). Its ``prompt_suffix`` (the
+  checkpoint's prompt format, :func:`dymu.vlm.settings.prompt_suffix`) is not a DyMU setting: a block holding only
+  that leaves DyMU off.
 * original format: ``mm_vision_tower`` names the CLIP tower; naming a DyMU tower instead
   (``ViT-L-14-336-tome-72out``) turns DyMU on — the habit of the authors' code. transformers ships no
   converter for these checkpoints: :func:`convert_original_llava` builds the llava-hf model in memory
@@ -43,8 +45,7 @@ from dymu.hub import explain, hub_file, is_hub_name
 from dymu.baselines import SELECTIONS, Method
 from dymu.vlm.llava import enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
-from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES, enable_dymu_qwen
-from dymu.vlm.settings import ConfigBlock
+from dymu.vlm.settings import ConfigBlock, settings_block
 from dymu.vtu import VTUMode
 
 # transformers' names for the original checkpoint's weights
@@ -252,7 +253,7 @@ def load_llava(
         with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
             processor = AutoProcessor.from_pretrained(path)
-        block = raw.get("dymu")
+        block = settings_block(raw)
         settings = ConfigBlock.from_dict(block) if block is not None else None
     if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
         return model, processor
@@ -310,7 +311,7 @@ def load_onevision(
             f"{path} is not a LLaVA-OneVision checkpoint (model_type {raw.get('model_type')!r}, expected "
             f"{ONEVISION_MODEL_TYPE!r}): load LLaVA-1.5 with dymu.vlm.load or dymu.vlm.load_llava"
         )
-    block = raw.get("dymu")
+    block = settings_block(raw)
     settings = ConfigBlock.from_dict(block, family="onevision") if block is not None else None  # before loading
     with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()

@@ -1,4 +1,5 @@
-"""The ``dymu`` block of a VLM checkpoint's ``config.json`` (all keys optional)."""
+"""The ``dymu`` block of a VLM checkpoint's ``config.json`` (all keys optional): DyMU's settings and the
+checkpoint's prompt format."""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ class ConfigBlock:
     KEYS = {  # the keys each model family's block may hold
         "llava": ("encoder", "thresholds", "vtu", "threshold_offset"),
         "onevision": ("encoder", "thresholds", "vtu", "threshold_offset", "downsample"),
-        "qwen_vl": ("encoder", "thresholds", "vtu", "threshold_offset"),
     }
 
     @classmethod
     def from_dict(cls, block: dict[str, Any], family: str = "llava") -> "ConfigBlock":
-        """Read a ``dymu`` block of a ``family`` checkpoint (``"llava"``: LLaVA-1.5, ``"onevision"``, ``"qwen_vl"``)."""
+        """Read a ``dymu`` block of a ``family`` checkpoint (``"llava"``: LLaVA-1.5, ``"onevision"``)."""
         if not isinstance(block, dict):
             raise ValueError(f"the 'dymu' config block must be a JSON object, got {type(block).__name__}")
         valid = cls.KEYS[family]
@@ -40,3 +40,27 @@ class ConfigBlock:
         if settings.downsample not in (None, "nearest", "error"):
             raise ValueError(f"dymu.downsample must be 'nearest' or 'error', got {settings.downsample!r}")
         return settings
+
+
+# keys of a checkpoint's "dymu" config block that describe its prompt format, not DyMU's settings: a block holding
+# only these leaves DyMU off
+PROMPT_FORMAT_KEYS = ("prompt_suffix",)
+
+
+def settings_block(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``config.json``'s ``dymu`` block without its prompt-format keys; None where nothing else is in it."""
+    block = config.get("dymu")
+    if isinstance(block, dict):
+        block = {k: v for k, v in block.items() if k not in PROMPT_FORMAT_KEYS} or None
+    return block
+
+
+def prompt_suffix(model: Any) -> str | None:
+    """The text a checkpoint says to append to each question (``"prompt_suffix"`` in its ``dymu`` config block,
+    e.g. written by :func:`dymu.small_vlm.build_small_vlm`); None where it says nothing. ``model``: a model or
+    its config."""
+    block = getattr(getattr(model, "config", model), "dymu", None)
+    suffix = block.get("prompt_suffix") if isinstance(block, dict) else None
+    if suffix is not None and not isinstance(suffix, str):
+        raise ValueError(f"the 'dymu' config block's prompt_suffix must be a string, got {type(suffix).__name__}")
+    return suffix

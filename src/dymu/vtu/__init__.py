@@ -8,13 +8,16 @@ MLP run only once per merged token. Per decoder layer:
 
 * ``fast``: project Q, K, V on merged tokens; gather them to virtual length; RoPE at the virtual
   positions; causal SDPA over the virtual sequence; average each group's outputs back to one token.
-  (A float32 prefill on CPU gets the same numbers from blocked scores whose rows are summed per merged
-  slot before one product with the merged V: ``kernels.FAST_BLOCKED_ON_CPU``.)
 * ``exact``: the same numbers without expanding Q and K: per-frequency ``dot = q1·k1 + q2·k2`` and
   ``cross = q2·k1 − q1·k2`` on merged pairs, combined with the virtual positions' cos/sin
   (``score = Σ_f dot·cos(θ_f Δ) − cross·sin(θ_f Δ)``); values are never expanded: attention weights
-  are summed per key group and multiplied with the merged V. About 1.2-1.4x the fast path's prefill on a
-  7B-shaped layer (CPU); the fast path's twin, and the decode kernel of both modes.
+  are summed per key group and multiplied with the merged V. The fast path's verification twin (and its
+  decode kernel: one query row per sequence makes it the cheaper one).
+
+Three kernels compute these numbers, one algorithm per module (:mod:`dymu.vtu.fast_sdpa`,
+:mod:`dymu.vtu.fast_blocked_cpu`, :mod:`dymu.vtu.exact`); which one a call runs for its mode, phase (prefill or
+decode) and device is ONE table, :data:`dymu.vtu.integration.DISPATCH` (explained in ``docs/vtu.md``), and
+:func:`vtu_kernels` forces one (tests, benchmarks).
 
 Text tokens are groups of one, so a sequence without merged tokens is computed exactly as stock.
 
@@ -30,7 +33,7 @@ Groups of one sequence
     ``groups [N]`` (LongTensor, N = virtual length): ``groups[p]`` is the merged slot (``0..M-1``) that
     virtual position ``p`` belongs to. Every slot must be covered; a slot may cover non-contiguous
     positions. :func:`concat_groups` builds it from text runs and per-image group maps.
-Batch layout (:mod:`dymu.vtu.layout`, pure torch)
+Batch layout (:mod:`dymu.vtu.batch`, pure torch)
     :func:`prepare_vtu` turns a list of groups into a :class:`VTUBatch`: merged layout padded to
     ``M_max`` (left padding by default, as generation needs), with ``position_ids`` (one representative
     virtual position per slot; the last real slot has ``N_b - 1`` so ``generate`` continues at ``N_b``),
@@ -57,9 +60,10 @@ Model (:mod:`dymu.vtu.integration`)
 ``batch.attention_mask``: without explicit positions ``generate`` numbers the merged slots ``0..M-1``
 and would continue at ``M``; the VTU function checks this and raises.
 
-Kernels (:mod:`dymu.vtu.kernels`, pure torch)
-    :func:`vtu_attention_fast` / :func:`vtu_attention_exact` take q/k/v as transformers' attention
-    functions receive them and the call's :class:`Layout` (:meth:`VTUBatch.layout`).
+Kernels (pure torch; arguments in :mod:`dymu.vtu.ops`)
+    :func:`vtu_attention_fast_sdpa` / :func:`vtu_attention_fast_blocked` / :func:`vtu_attention_exact` take q/k/v
+    as transformers' attention functions receive them and the call's :class:`Layout` (:meth:`VTUBatch.layout`,
+    :mod:`dymu.vtu.layout`).
 KV cache
     The cache is the stock one and holds *merged*-length keys/values (``M_b`` + generated tokens, not
     ``N_b`` + generated), each key rotated at its slot's representative position. Decode steps
@@ -69,6 +73,7 @@ KV cache
     installed transformers does (``cache`` from 5.24, ``past_key_values`` before).
 """
 
+from dymu.vtu.batch import VTUBatch, concat_groups, prepare_vtu
 from dymu.vtu.compat import CACHE_NAMES, cache_kwarg, output_cache
 from dymu.vtu.decoders import (
     SUPPORTED_MODEL_TYPES,
@@ -77,37 +82,42 @@ from dymu.vtu.decoders import (
     check_vtu_support,
     find_decoder,
 )
+from dymu.vtu.exact import EXACT_CHUNK_ELEMENTS, vtu_attention_exact
+from dymu.vtu.fast_blocked_cpu import vtu_attention_fast_blocked
+from dymu.vtu.fast_sdpa import vtu_attention_fast_sdpa
 from dymu.vtu.integration import (
     ATTN_IMPLEMENTATIONS,
+    DISPATCH,
+    KERNELS,
     VTU_MODES,
+    KernelName,
+    Phase,
     VTUMode,
     check_vtu_mode,
     current_vtu_batch,
     disable_vtu,
     enable_vtu,
+    select_kernel,
     vtu_context,
     vtu_forward,
     vtu_generate,
+    vtu_kernels,
     vtu_mode,
 )
-from dymu.vtu.kernels import (
-    EXACT_CHUNK_ELEMENTS,
-    KERNELS,
-    vtu_attention_exact,
-    vtu_attention_fast,
-)
-from dymu.vtu.layout import Layout, VTUBatch, concat_groups, pad_merged, prepare_vtu
+from dymu.vtu.layout import Layout
 from dymu.vtu.mrope import MROPE_MODEL_TYPES, frequency_matrix, mrope_components
 
 # written out (not concatenated from the modules' __all__) so that static checkers see the re-exports
 __all__ = [
-    # layout
-    "VTUBatch", "Layout", "concat_groups", "prepare_vtu", "pad_merged",
+    # batch and layout
+    "VTUBatch", "Layout", "concat_groups", "prepare_vtu",
     # kernels
-    "vtu_attention_fast", "vtu_attention_exact", "KERNELS", "EXACT_CHUNK_ELEMENTS",
+    "vtu_attention_fast_sdpa", "vtu_attention_fast_blocked", "vtu_attention_exact", "EXACT_CHUNK_ELEMENTS",
     # integration
     "VTUMode", "VTU_MODES", "ATTN_IMPLEMENTATIONS", "check_vtu_mode", "vtu_context", "current_vtu_batch",
     "enable_vtu", "disable_vtu", "vtu_mode", "vtu_forward", "vtu_generate",
+    # which kernel runs
+    "Phase", "KernelName", "KERNELS", "DISPATCH", "select_kernel", "vtu_kernels",
     # decoders
     "SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "DecoderInfo", "find_decoder", "check_vtu_support",
     # compat

@@ -1,11 +1,13 @@
-"""VTU in transformers: the registered attention functions, the per-call state, ``enable_vtu`` and shorthands.
+"""VTU in transformers: which kernel runs, the registered attention functions, the per-call state, ``enable_vtu``
+and shorthands.
 
 Importing this module registers two attention functions with ``transformers.AttentionInterface``
 (:data:`ATTN_IMPLEMENTATIONS`: ``dymu_vtu_fast``, ``dymu_vtu_exact``) and, under the same names, a mask builder
-with ``AttentionMaskInterface``. :func:`enable_vtu` selects one on a model's text decoder. Per-call state (a
-:class:`~dymu.vtu.layout.VTUBatch`) travels in :func:`vtu_context` (a ``ContextVar``, since ``generate``
-rejects unknown kwargs) or in a ``vtu_batch=`` forward kwarg; outside both, the registered function *is*
-stock sdpa (same mask, same call), so an enabled model is unchanged.
+with ``AttentionMaskInterface``. :func:`enable_vtu` selects one on a model's text decoder. Each call runs the kernel
+that :data:`DISPATCH` names for its mode, phase (prefill or decode) and device/dtype; :func:`vtu_kernels` overrides
+it. Per-call state (a :class:`~dymu.vtu.batch.VTUBatch`) travels in :func:`vtu_context` (a ``ContextVar``, since
+``generate`` rejects unknown kwargs) or in a ``vtu_batch=`` forward kwarg; outside both, the registered function
+*is* stock sdpa (same mask, same call), so an enabled model is unchanged.
 """
 
 from __future__ import annotations
@@ -21,15 +23,24 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dymu.vtu.batch import VTUBatch
 from dymu.vtu.decoders import find_decoder
-from dymu.vtu.kernels import KERNELS
-from dymu.vtu.layout import Layout, VTUBatch
-from dymu.vtu.mrope import MROPE_COMPONENTS, frequency_matrix, is_mrope, mrope_components
+from dymu.vtu.exact import vtu_attention_exact
+from dymu.vtu.fast_blocked_cpu import vtu_attention_fast_blocked
+from dymu.vtu.fast_sdpa import vtu_attention_fast_sdpa
+from dymu.vtu.ops import VTUKernel
+from dymu.vtu.positions import RopeSource, check_call_positions, check_rope_kind
 
 __all__ = [
     "VTUMode",
     "VTU_MODES",
     "ATTN_IMPLEMENTATIONS",
+    "Phase",
+    "KernelName",
+    "KERNELS",
+    "DISPATCH",
+    "select_kernel",
+    "vtu_kernels",
     "check_vtu_mode",
     "vtu_context",
     "current_vtu_batch",
@@ -53,6 +64,75 @@ def check_vtu_mode(mode: Any, name: str = "vtu mode") -> VTUMode:
     if mode not in VTU_MODES:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, VTU_MODES))}; got {mode!r}")
     return mode
+
+
+# --------------------------------------------------------------------------------------------------
+# Which kernel runs: ONE table (docs/vtu.md, "Which kernel runs")
+# --------------------------------------------------------------------------------------------------
+
+#: What an attention call computes: the merged prompt, or new tokens on the cache.
+Phase = Literal["prefill", "decode"]
+#: The kernels, one algorithm each; all give the same numbers up to float rounding and differ in cost.
+KernelName = Literal["fast_sdpa", "fast_blocked_cpu", "exact"]
+KERNELS: dict[KernelName, VTUKernel] = {
+    "fast_sdpa": vtu_attention_fast_sdpa,  # expand q/k/v to virtual length, SDPA, group mean
+    "fast_blocked_cpu": vtu_attention_fast_blocked,  # the same scores in causal row blocks, V on merged pairs
+    "exact": vtu_attention_exact,  # the RoPE decomposition on merged pairs, nothing expanded
+}
+
+#: The conditions of :data:`DISPATCH` on a call's (device type, dtype, dropout probability).
+WHERE: dict[str, Callable[[str, torch.dtype, float], bool]] = {
+    "cpu fp32/fp64, no dropout": lambda device, dtype, dropout: (
+        device == "cpu" and dtype in (torch.float32, torch.float64) and not dropout),
+    "any": lambda device, dtype, dropout: True,
+}
+
+#: (mode, phase, where) -> kernel: the first row that matches a call runs it.
+DISPATCH: tuple[tuple[VTUMode, Phase, str, KernelName], ...] = (
+    # mode     phase      where                         kernel
+    ("fast",  "prefill", "cpu fp32/fp64, no dropout", "fast_blocked_cpu"),  # CPU SDPA: whole square, V per row
+    ("fast",  "prefill", "any",                       "fast_sdpa"),  # GPU flash SDPA skips masked blocks itself
+    ("fast",  "decode",  "any",                       "exact"),  # one query row: nothing copied to virtual length
+    ("exact", "prefill", "any",                       "exact"),
+    ("exact", "decode",  "any",                       "exact"),
+)
+
+_FORCED: contextvars.ContextVar[dict[Phase, KernelName]] = contextvars.ContextVar("dymu_vtu_kernels", default={})
+
+
+@contextlib.contextmanager
+def vtu_kernels(prefill: KernelName | None = None, decode: KernelName | None = None) -> Iterator[None]:
+    """Run the named kernel for that phase inside the block, in every VTU mode and on every device, instead of
+    :data:`DISPATCH`'s choice (None: the table's). For tests and benchmarks that compare the kernels; the numbers
+    are the same up to float rounding. ``fast_blocked_cpu`` computes with SDPA where it has nothing to block (a
+    decode step, nothing merged, dropout).
+    """
+    forced = dict(_FORCED.get())
+    for phase, name in (("prefill", prefill), ("decode", decode)):
+        if name is not None:
+            if name not in KERNELS:
+                raise ValueError(f"vtu_kernels: {phase} must be one of {', '.join(map(repr, KERNELS))}; got {name!r}")
+            forced[phase] = name
+    token = _FORCED.set(forced)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def select_kernel(mode: VTUMode, phase: Phase, device: str, dtype: torch.dtype, dropout: float = 0.0) -> KernelName:
+    """The kernel a VTU call runs: a :func:`vtu_kernels` override, else the first matching row of :data:`DISPATCH`.
+
+    ``device``: the device type of the query (``"cpu"``, ``"cuda"``, ...).
+    """
+    forced = _FORCED.get().get(phase)
+    if forced is not None:
+        return forced
+    for row_mode, row_phase, where, kernel in DISPATCH:
+        if row_mode == mode and row_phase == phase and WHERE[where](device, dtype, dropout):
+            return kernel
+    raise ValueError(f"no VTU kernel for mode {mode!r}, phase {phase!r}; expected a mode in {VTU_MODES[:2]} and "
+                     "phase 'prefill' or 'decode'")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,106 +167,14 @@ def current_vtu_batch() -> VTUBatch | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _RopeSource:
-    """Plain holder of a decoder's rotary embedding, stored on its attention modules.
-
-    Not an ``nn.Module``, so it is not registered as a sub-module (state dict and ``modules()`` stay
-    stock); ``inv_freq`` is read at call time so ``model.to(...)`` and dynamic RoPE are followed.
-    M-RoPE (:mod:`dymu.vtu.mrope`): ``inv_freq`` is the ``[3, F]`` frequency matrix (built once per ``inv_freq``
-    tensor, so the kernels' per-call tables stay cached), and ``positions`` the M-RoPE position ids the rotary
-    embedding last received (recorded by a forward pre-hook, since attention functions never see them).
-    """
-
-    __slots__ = ("rotary", "components", "positions", "hook", "_matrix")
-
-    def __init__(self, rotary: nn.Module) -> None:
-        self.rotary = rotary
-        self.components = mrope_components(rotary) if is_mrope(rotary) else None
-        self.positions: Tensor | None = None
-        self.hook = None
-        self._matrix: tuple[tuple, Tensor] | None = None
-        if self.components is not None:
-            self.hook = rotary.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
-
-    @property
-    def inv_freq(self) -> Tensor:
-        inv_freq = self.rotary.inv_freq
-        if self.components is None:
-            return inv_freq
-        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.device)
-        if self._matrix is None or self._matrix[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: the kernels key tables by _version
-                self._matrix = (key, frequency_matrix(inv_freq, self.components))
-        return self._matrix[1]
-
-
 _ROPE_ATTR = "_dymu_vtu_rope"
-#: Decode steps of the "fast" mode use the exact kernel (equal up to float rounding, cheaper per step); set False
-#: to decode with the fast kernel (bench/vtu_prefill.py compares both).
-DECODE_WITH_EXACT = True
 _HANDLE_ATTR = "_dymu_vtu"
 #: Name of the profiler range around each VTU attention call (``torch.profiler``): the ops inside it are VTU's.
 PROFILER_LABEL = "dymu::vtu_attention"
 
 
-def _check_rope_kind(rope: _RopeSource, batch: VTUBatch) -> None:
-    """Refuse a batch whose positions do not fit the decoder's RoPE (1-D vs M-RoPE and its components)."""
-    comps = None if batch.slot_rope_positions is None else batch.slot_rope_positions.shape[-1]
-    if rope.components is None and comps is not None:
-        raise ValueError("VTU: the batch has M-RoPE positions (prepare_vtu(positions=...)), but this decoder uses "
-                         "1-D RoPE; build the batch without positions")
-    if rope.components is not None and comps is None:
-        raise ValueError("VTU: this decoder uses M-RoPE; give prepare_vtu the (3, N) position ids of every virtual "
-                         "position (positions=[...], e.g. get_rope_index on the unmerged sequence)")
-    if rope.components is not None and comps != MROPE_COMPONENTS:
-        raise ValueError(f"VTU: this decoder's M-RoPE has {MROPE_COMPONENTS} position components (t, h, w); the "
-                         f"batch's positions have {comps} rows")
-
-
-def _check_mrope_positions(rope: _RopeSource, lay: Layout) -> None:
-    """Refuse to run when an M-RoPE model rotated q/k at other (t, h, w) positions than the VTU batch planned."""
-    expected = lay.expected_rope.permute(2, 0, 1)  # [P, B, Sq]
-    pos = rope.positions
-    ok = pos is not None and pos.dim() == 3 and pos.shape[-1] == expected.shape[-1]
-    if ok:
-        pos = pos[-expected.shape[0]:] if pos.shape[0] > expected.shape[0] else pos
-        ok = bool(torch.equal(pos.to(expected.device).expand_as(expected), expected))
-    if not ok:
-        got = "none" if pos is None else f"{tuple(pos.shape)}: {pos[..., :1, :4].tolist()}"
-        raise ValueError(
-            f"VTU: the model's M-RoPE position ids do not match the VTU batch (expected {tuple(expected.shape)}: "
-            f"{expected[:, :1, :4].tolist()}, got {got}). Pass position_ids=batch.model_position_ids to "
-            "forward/generate; positions numbered from the merged slots would continue at M instead of the stock "
-            "positions."
-        )
-
-
-def _check_positions(module: nn.Module, kwargs: dict[str, Any], lay: Layout) -> None:
-    """Refuse to run when the model rotated q/k at other positions than the VTU batch planned."""
-    rope = getattr(module, _ROPE_ATTR)
-    if rope.components is not None:
-        return _check_mrope_positions(rope, lay)
-    pos = kwargs.get("position_ids")
-    expected = lay.expected_positions
-    ok = pos is not None and pos.shape[-1] == expected.shape[-1]
-    if ok:
-        ok = bool(torch.equal(pos.to(expected.device).expand_as(expected), expected))
-    if not ok:
-        got = "none" if pos is None else f"{tuple(pos.shape)} starting {pos.reshape(-1)[:4].tolist()}"
-        raise ValueError(
-            "VTU: the model's position_ids do not match the VTU batch (expected "
-            f"{tuple(expected.shape)} starting {expected.reshape(-1)[:4].tolist()}, got {got}). Pass "
-            "position_ids=batch.position_ids and attention_mask=batch.attention_mask to forward/generate; "
-            "without them generate numbers merged slots 0..M-1 and continues at M instead of N."
-        )
-
-
-def _attention_function(mode: str) -> Callable[..., tuple[Tensor, None]]:
+def _attention_function(mode: VTUMode) -> Callable[..., tuple[Tensor, None]]:
     """The attention function registered for ``mode`` (transformers' attention-function contract)."""
-    kernel = KERNELS[mode]
 
     def attention(
         module: nn.Module,
@@ -213,17 +201,16 @@ def _attention_function(mode: str) -> Callable[..., tuple[Tensor, None]]:
             )
         if kwargs.get("sliding_window") is not None:
             raise ValueError(f"VTU does not support sliding-window attention (sliding_window={kwargs['sliding_window']})")
-        _check_rope_kind(rope, batch)
+        check_rope_kind(rope, batch)
         lay = batch.layout(query, key)
         if getattr(module, "layer_idx", 0) == 0:  # one check per forward is enough
-            _check_positions(module, kwargs, lay)
+            check_call_positions(rope, kwargs, lay)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        # decode steps (new tokens are groups of one): the exact kernel turns the merged keys per virtual key
-        # without copying K/V to virtual length, which is what makes a fast-mode step cost more than a stock one
-        step = KERNELS["exact"] if lay.identity_q and DECODE_WITH_EXACT else kernel
+        phase: Phase = "decode" if lay.identity_q else "prefill"  # decode: the new tokens are groups of one
+        kernel = KERNELS[select_kernel(mode, phase, query.device.type, query.dtype, dropout)]
         with torch.profiler.record_function(PROFILER_LABEL):  # so profiles can tell its ops from the model's
-            return step(query, key, value, lay, rope.inv_freq, scaling, dropout), None
+            return kernel(query, key, value, lay, rope.inv_freq, scaling, dropout), None
 
     attention.__name__ = attention.__qualname__ = ATTN_IMPLEMENTATIONS[mode]
     return attention
@@ -288,7 +275,7 @@ def enable_vtu(model: nn.Module, mode: VTUMode = "fast") -> nn.Module:
             f"VTU: {type(model).__name__} did not accept attn_implementation {name!r} "
             f"(it stays {info.config._attn_implementation!r}); the model must support transformers' AttentionInterface"
         )
-    source = _RopeSource(info.rotary)
+    source = RopeSource(info.rotary)
     for attn in info.attentions:
         old = attn.__dict__.get(_ROPE_ATTR)
         if old is not None and old.hook is not None:  # enabled again (another mode): one recording hook

@@ -6,7 +6,7 @@ M-RoPE gives every token three positions ``(t, h, w)`` and rotates each rotary f
 frequencies, t after that). Written as a frequency matrix ``W [P, F]`` with ``W[c(f), f] = θ_f`` and 0 elsewhere,
 the angle of frequency ``f`` at positions ``pos [P]`` is ``Σ_c pos[c] · W[c, f]``: 1-D RoPE is the case ``P = 1``,
 ``W = θ``. The VTU kernels take such a matrix and position shifts with a trailing component axis and are otherwise
-the same for both (:func:`dymu.vtu.layout.rope_angles`).
+the same for both (:func:`dymu.vtu.ops.rope_angles`).
 
 The section of each frequency is read from the stock rotary embedding itself (:func:`mrope_components` runs its
 ``recomposition_frequencies`` on the component indices), so chunked and interleaved layouts come out as the
