@@ -152,7 +152,7 @@ def set_token_order(model: nn.Module, token_order: str | None = None) -> str | N
     lmms-eval setting) and a resumed run equals an uninterrupted one. ``"authors"`` keeps their code's batch
     dependence; ``"batch"`` / ``"raster"`` as in :mod:`dymu.merge`.
     """
-    from dymu.vlm.base import vlm_state
+    from dymu.vlm.base import vision_tower, vlm_state
 
     state = vlm_state(model)
     if state is None or state.method not in ("dymu", "tome"):  # no DToMe tower

@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dymu.data import load_image
     from dymu.evaluation import evaluate_questions, read_questions, resolve_pretrained, set_token_order
-    from dymu.commands._args import check_writable_file, load_llava_from_args
+    from dymu.commands._args import check_writable_file, load_llava_from_args, load_vlm_from_args
+    from dymu.vlm.loading import read_config
+    from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
     from dymu.vlm import dymu_vtu_mode
 
     if args.token_budget is not None and args.threshold_offset is not None:

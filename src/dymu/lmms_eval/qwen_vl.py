@@ -32,7 +32,7 @@ class DyMUQwenVL(DyMULlava):
     backend_name = NAME
     accepted_args = (
         "pretrained, method, thresholds, vtu, threshold_offset, token_budget, dymu, batch_size, device, dtype, "
-        "max_new_tokens, tokens_path, loglikelihood_output"
+        "max_new_tokens, tokens_path, loglikelihood_output, prompt_suffix"
     )
 
     @loud_failure

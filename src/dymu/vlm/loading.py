@@ -45,6 +45,7 @@ from dymu.hub import explain, hub_file, is_hub_name
 from dymu.baselines import SELECTIONS, Method
 from dymu.vlm.llava import enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
+from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES, enable_dymu_qwen
 from dymu.vlm.settings import ConfigBlock, settings_block
 from dymu.vtu import VTUMode
 
@@ -350,7 +351,7 @@ def load_qwen(
     if raw.get("model_type") not in QWEN_MODEL_TYPES:
         raise ValueError(f"{path} is not a Qwen-VL checkpoint (model_type {raw.get('model_type')!r}, expected one "
                          f"of {', '.join(QWEN_MODEL_TYPES)})")
-    block = raw.get("dymu")
+    block = settings_block(raw)
     settings = ConfigBlock.from_dict(block, family="qwen_vl") if block is not None else None  # before loading
     with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()

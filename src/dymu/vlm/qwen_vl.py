@@ -83,7 +83,6 @@ class QwenFamily:
     """The Qwen2-VL / Qwen2.5-VL / Qwen3-VL adapter (module docstring)."""
 
     token_aligned: tuple[str, ...] = ("mm_token_type_ids",)
-    token_order = None
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -167,16 +166,13 @@ class QwenFamily:
         return positions
 
     def virtual_positions(self, model: nn.Module, prepared: base.Prepared) -> Tensor:
-        """``[4, B, M]`` M-RoPE ids of the VTU batch, rebuilt with the unmerged positions."""
-        old = prepared.vtu_batch
-        prepared.vtu_batch = prepare_vtu(prepared.groups, positions=self.unmerged_positions(model, prepared),
-                                         padding_side="left", num_merged=old.num_merged.tolist())
-        return prepared.vtu_batch.model_position_ids
-
-    def off_positions(self, model: nn.Module, prepared: base.Prepared) -> Tensor:
-        """VTU off: the same ``[4, B, M]`` ids (each token at its representative's stock position), no unmerging."""
+        """``[4, B, M]`` M-RoPE ids: with VTU on, those of a VTU batch rebuilt with the unmerged positions; with VTU
+        off, each merged token at its representative's stock ``(t, h, w)`` (no unmerging)."""
+        merged = [int(m.sum()) for m in prepared.attention_mask]
         batch = prepare_vtu(prepared.groups, positions=self.unmerged_positions(model, prepared),
-                            padding_side="left", num_merged=[int(m.sum()) for m in prepared.attention_mask])
+                            padding_side="left", num_merged=merged)
+        if prepared.vtu_batch is not None:
+            prepared.vtu_batch = batch
         return batch.model_position_ids
 
     def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
