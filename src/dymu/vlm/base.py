@@ -7,21 +7,23 @@ A family (LLaVA-1.5 in :mod:`dymu.vlm.llava`, LLaVA-OneVision in :mod:`dymu.vlm.
   position ``p``; so ``groups[i].numel()`` is the image's stock placeholder count and ``max + 1`` its merged count
   (per-crop counts ride along for multi-crop families). It pops the stock keyword arguments it consumed;
 * ``stock_counts(model, inputs)``: the placeholder count per image of the stock model (what a caller compares with);
-* ``virtual_positions(model, prepared)``: the position ids of the merged sequence with VTU on (the default,
-  :func:`rope_positions`, is 1-D RoPE: each slot at the virtual positions its groups give).
+* ``virtual_positions(model, prepared)``: the position ids of the merged sequence (the default,
+  :func:`rope_positions`, is 1-D RoPE: with VTU on each slot at the virtual positions its groups give, with VTU off
+  the rule below);
+* ``feature_kwargs(encoded)``: how the merged features reach the stock call (default :func:`feature_kwargs`:
+  ``mm_encoder_outputs``).
 
 Written once, here: collapsing each image's placeholders to its merged count (:func:`collapse_placeholders`),
 the merged-layout inputs and VTU batch (:func:`prepare_inputs`), VTU-off positions, the swapped-in subclass whose
 ``forward``/``generate`` run the stock methods on the merged layout (:func:`make_dymu_class`), enable/disable and
 the token-budget calibration (:func:`calibrate_token_budget`). Baselines (:mod:`dymu.baselines`) plug in through
-:class:`VLMState` (``method``/``token_budget``): ToMe is the family's own encoder in fixed-count mode; pruning and
-random dropping are a family's ``select`` hook.
+:class:`VLMState` (``method``/``token_budget``), read by the family's ``encode``: ToMe is its own DToMe tower in
+fixed-count mode; pruning and random dropping select patches of the stock tower (:func:`dymu.baselines.select_features`).
 
 **VTU off** passes explicit positions for every family: the merged tokens numbered from the attention mask
-(``cumsum - 1``), what ``generate`` builds, so a left-padded row sits at the positions it has alone and forward,
-generate and batch-of-one agree. (LLaVA used to pass ``None``; on transformers 5.24 the stock forward numbers a
-left-padded row the same way, checked on the tiny Llama, but an explicit rule does not depend on that, and it is the
-1-D case of what ``virtual_positions`` gives with VTU on.)
+(``cumsum - 1``), what ``generate`` builds, so forward, generate and batch-of-one agree on left-padded rows. (LLaVA
+used to pass ``None``; transformers 5.24's stock forward numbers such rows the same way, but an explicit rule does
+not depend on that, and M-RoPE families return theirs through the same hook.)
 
 **Counts come back with the call**: ``forward``'s output carries ``visual_token_counts`` (per image),
 ``crop_token_counts`` (per image, per crop; ``None`` for single-crop families) and ``merged_attention_mask`` (the
@@ -32,9 +34,10 @@ layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carri
 tower on the packed patches and ``image_grid_thw`` and returns groups over the processor's placeholders (the count
 is fixed by the grid before the encoder runs, ``t·h·w / merge²``; merging maps several of them to one slot);
 DeepStack features go in ``EncodedImages.extras`` (per image, same slots: they are merged with the same groups) and
-``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
+its ``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
 collapses that tensor with the ids; ``virtual_positions`` returns ``[3, B, V]`` (M-RoPE rows from the stock
-``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch) instead of ``[B, V]``.
+``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch; with VTU off, the stock rows of
+the merged ids) instead of ``[B, V]``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -111,13 +114,10 @@ class Family(Protocol):
     token_aligned: tuple[str, ...]  # per-token keyword tensors collapsed like input_ids
 
     def encode(self, model: nn.Module, pixel_values: Any, kwargs: dict, state: VLMState) -> EncodedImages: ...
-
     def stock_counts(self, model: nn.Module, inputs: Any) -> list[int]: ...
-
     def virtual_positions(self, model: nn.Module, prepared: Prepared) -> Tensor: ...
-
+    def feature_kwargs(self, encoded: EncodedImages) -> dict: ...
     def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor: ...
-
     def refuse(self, kwargs: dict) -> None: ...
 
 
@@ -133,8 +133,9 @@ def dymu_vtu_mode(model: nn.Module) -> VTUMode | None:
 
 
 def rope_positions(model: nn.Module, prepared: Prepared) -> Tensor:
-    """1-D RoPE: the VTU batch's positions (each slot at the virtual positions of its groups)."""
-    return prepared.vtu_batch.position_ids
+    """1-D RoPE: the VTU batch's positions (each slot at the virtual positions of its groups); VTU off: the merged
+    tokens numbered from the attention mask (already in ``prepared``)."""
+    return prepared.position_ids if prepared.vtu_batch is None else prepared.vtu_batch.position_ids
 
 
 def collapse_placeholders(
@@ -221,7 +222,7 @@ def prepare_inputs(
     prepared = Prepared(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), groups, kept, None, enc)
     if state.vtu != "off":
         prepared.vtu_batch = batch
-        prepared.position_ids = state.family.virtual_positions(model, prepared).to(ids.device)
+    prepared.position_ids = state.family.virtual_positions(model, prepared).to(ids.device)
     return prepared
 
 
@@ -267,7 +268,7 @@ def make_dymu_class(parent: type, family: Family, log: logging.Logger = logger) 
             log_counts(prep.encoded.counts, log)
             if prep.vtu_batch is not None or kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = prep.position_ids
-            kwargs.update(feature_kwargs(prep.encoded))
+            kwargs.update(family.feature_kwargs(prep.encoded))
             with vtu_lib.vtu_context(prep.vtu_batch):
                 out = method(input_ids=prep.input_ids, attention_mask=prep.attention_mask, **kwargs)
             return prep, out

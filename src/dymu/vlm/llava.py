@@ -106,6 +106,9 @@ class LlavaFamily:
     def virtual_positions(self, model: nn.Module, prepared: base.Prepared) -> Tensor:
         return base.rope_positions(model, prepared)
 
+    def feature_kwargs(self, encoded: base.EncodedImages) -> dict:
+        return base.feature_kwargs(encoded)
+
     def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
         return processor.image_processor([load_image(i) for i in images], return_tensors="pt").pixel_values
 

@@ -45,7 +45,6 @@ OneVision adapter of that one VLM path (:class:`OnevisionFamily`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -297,6 +296,9 @@ class OnevisionFamily:
 
     def virtual_positions(self, model: nn.Module, prepared: base.Prepared) -> Tensor:
         return base.rope_positions(model, prepared)
+
+    def feature_kwargs(self, encoded: base.EncodedImages) -> dict:
+        return base.feature_kwargs(encoded)
 
     def calibration_pixels(self, model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
         return image_crops(model, processor, images)
