@@ -1,5 +1,6 @@
-# Shared by lmms_eval_llava15.sh and lmms_eval_llava_onevision.sh (sourced, not run): launches lmms-eval once per
-# setting (full / low / mid / high) for the dymu model backend $BACKEND. The caller sets MODEL, OUTPUT, TASKS,
+# Shared by lmms_eval_llava15.sh, lmms_eval_llava_onevision.sh and lmms_eval_qwen2_5_vl.sh (sourced, not run):
+# launches lmms-eval once per setting (full / low / mid / high; tome / prune / random at $TOKEN_BUDGET tokens per
+# image) for the dymu model backend $BACKEND. The caller sets MODEL, OUTPUT, TASKS,
 # PORT, BACKEND and THR_LOW/MID/HIGH defaults; everything else can be overridden from the environment.
 SETTINGS=${SETTINGS:-full low mid high}
 VTU=${VTU:-fast}                                # fast | exact | off
@@ -31,7 +32,9 @@ run_settings() {
       low)  dymu_args="thresholds=$THR_LOW,vtu=$VTU" ;;
       mid)  dymu_args="thresholds=$THR_MID,vtu=$VTU" ;;
       high) dymu_args="thresholds=$THR_HIGH,vtu=$VTU" ;;
-      *) echo "unknown setting '$setting' (expected full, low, mid, high)" >&2; exit 2 ;;
+      tome) dymu_args="method=tome,token_budget=${TOKEN_BUDGET:?set TOKEN_BUDGET},vtu=$VTU" ;;
+      prune|random) dymu_args="method=$setting,token_budget=${TOKEN_BUDGET:?set TOKEN_BUDGET}" ;;
+      *) echo "unknown setting '$setting' (expected full, low, mid, high, tome, prune, random)" >&2; exit 2 ;;
     esac
     # shellcheck disable=SC2086  # LMMS_ARGS is a list of words
     run "${LAUNCH[@]}" --model "$BACKEND" \

@@ -152,14 +152,14 @@ def set_token_order(model: nn.Module, token_order: str | None = None) -> str | N
     lmms-eval setting) and a resumed run equals an uninterrupted one. ``"authors"`` keeps their code's batch
     dependence; ``"batch"`` / ``"raster"`` as in :mod:`dymu.merge`.
     """
-    from dymu.vlm.base import vlm_state
+    from dymu.vlm.base import vision_tower, vlm_state
 
     state = vlm_state(model)
     if state is None or state.method not in ("dymu", "tome"):  # no DToMe tower
         return None
     import dymu
 
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     state = dymu.get_state(tower)
     if token_order is None:
         token_order = "single" if state.token_order == "authors" else state.token_order

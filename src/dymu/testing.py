@@ -268,3 +268,66 @@ def tiny_onevision(
         chat_template=tok.chat_template,
     )
     return model, processor
+
+
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START = 96, 95, 94  # token ids of the tiny Qwen VLMs (vocabulary 97)
+
+
+def tiny_qwen_vlm(family: str, seed: int = 0, std: float | None = 0.3) -> nn.Module:
+    """A tiny random Qwen VLM: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"`` with the tower of
+    :func:`tiny_qwen_vision_tower` (depth 2) and a 2-layer M-RoPE text model (hidden 64, 4 heads / 2 KV heads);
+    image / video / vision-start tokens 96 / 95 / 94; weights std ``std``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    tower = tiny_qwen_vision_tower(family, depth=2, std=None, seed=seed).config.to_dict()
+    tower["out_hidden_size" if family != "qwen2_vl" else "hidden_size"] = 64
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                num_key_value_heads=2, vocab_size=97, max_position_embeddings=512, rope_parameters=rope,
+                pad_token_id=3, bos_token_id=None, eos_token_id=None)
+    config = AutoConfig.for_model(family, text_config=text, vision_config=tower, image_token_id=QWEN_IMAGE,
+                                  video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    if std is not None:
+        scale_weights(model, std, seed)
+    model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable token by token
+    return model
+
+
+QWEN_WORDS = SPECIAL + [f"w{i}" for i in range(86)] + ["<|vision_end|>", "<|vision_start|>", "<|video_pad|>", "<|image_pad|>"]
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ")
+
+
+def tiny_qwen_processor(patch_size: int = 14, max_cells: int = 16):
+    """A ``Qwen2VLProcessor`` for :func:`tiny_qwen_vlm` (word-level vocabulary of 97 whose last ids are the vision
+    tokens; images resized to at most ``max_cells`` LLM tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(QWEN_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", extra_special_tokens=special, padding_side="left")
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    unit = (patch_size * 2) ** 2
+    images = Qwen2VLImageProcessor(min_pixels=4 * unit, max_pixels=max_cells * unit, patch_size=patch_size)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def save_tiny_qwen_vlm(directory: str | Path, family: str, dymu_block: dict | None = None) -> Path:
+    """Save :func:`tiny_qwen_vlm` and its processor to ``directory`` (config.json with ``dymu_block``)."""
+    import json
+
+    model = tiny_qwen_vlm(family)
+    model.save_pretrained(directory)
+    tiny_qwen_processor(model.config.vision_config.patch_size).save_pretrained(directory)
+    if dymu_block is not None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "dymu": dymu_block}, indent=2))
+    return Path(directory)

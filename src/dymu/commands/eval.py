@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dymu.data import load_image
     from dymu.evaluation import evaluate_questions, read_questions, resolve_pretrained, set_token_order
-    from dymu.commands._args import check_writable_file, load_llava_from_args
+    from dymu.commands._args import check_writable_file, load_llava_from_args, load_vlm_from_args
+    from dymu.vlm.loading import read_config
+    from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
     from dymu.vlm import dymu_vtu_mode
 
     if args.token_budget is not None and args.threshold_offset is not None:
@@ -91,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         from dymu.encoders.patching import resolve_thresholds_path
 
         resolve_thresholds_path(args.thresholds)  # a path, or a DyMU name that resolves
-    model, processor = load_llava_from_args(args, resolve_pretrained(args.model))
+    path = resolve_pretrained(args.model)
+    qwen = read_config(path).get("model_type") in QWEN_MODEL_TYPES
+    model, processor = (load_vlm_from_args if qwen else load_llava_from_args)(args, path)
     token_order = set_token_order(model, args.token_order)
     settings = {
         "model": str(args.model),

@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_vlm_from_args(args)
     onevision = _is_onevision(model)
     if args.token_budget is not None and args.method == "dymu":
-        from dymu.vlm.base import calibrate_token_budget
+        from dymu.vlm.base import calibrate_token_budget, vision_tower
 
-        state = getattr(model.model.vision_tower, "_dymu_state", None)
+        state = getattr(vision_tower(model), "_dymu_state", None)
         if state is None or state.mode != "infer":
             raise ValueError(
                 "--token-budget needs --thresholds (a threshold checkpoint or DyMU name), or a checkpoint whose "

@@ -1,11 +1,12 @@
-"""lmms-eval model plugin: ``--model dymu_llava`` (LLaVA-1.5 + DyMU) and ``dymu_llava_onevision`` (LLaVA-OneVision + DyMU).
+"""lmms-eval model plugin: ``--model dymu_llava`` (LLaVA-1.5 + DyMU), ``dymu_llava_onevision`` (LLaVA-OneVision + DyMU)
+and ``dymu_qwen_vl`` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL + DyMU).
 
 Registered through lmms-eval's entry-point group ``lmms_eval.models`` (``pip install 'dymu[eval]'``), so
 ``python -m lmms_eval --model dymu_llava --model_args pretrained=DIR,thresholds=ViT-L-14-336-tome-72out ...`` works
 without touching lmms-eval. See docs/evaluation.md for the model arguments and where the visual token statistics go.
 
 This module stays importable without lmms-eval (the entry point loads it while lmms-eval builds its registry);
-the model classes live in :mod:`dymu.lmms_eval.llava` and :mod:`dymu.lmms_eval.onevision`.
+the model classes live in :mod:`dymu.lmms_eval.llava`, :mod:`dymu.lmms_eval.onevision` and :mod:`dymu.lmms_eval.qwen_vl`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 MODELS = {
     "dymu_llava": "dymu.lmms_eval.llava.DyMULlava",
     "dymu_llava_onevision": "dymu.lmms_eval.onevision.DyMULlavaOneVision",
+    "dymu_qwen_vl": "dymu.lmms_eval.qwen_vl.DyMUQwenVL",
 }
 
 

@@ -30,14 +30,9 @@ not depend on that, and M-RoPE families return theirs through the same hook.)
 layout its logits are on); ``generate(..., return_dict_in_generate=True)`` carries the same counts on its output.
 :func:`generate_with_counts` does that for callers that want the sequences and a :class:`VisualTokens` record.
 
-**How Qwen2-VL / Qwen2.5-VL / Qwen3-VL plug in** (one adapter, nothing else changes): ``encode`` runs the patched
-tower on the packed patches and ``image_grid_thw`` and returns groups over the processor's placeholders (the count
-is fixed by the grid before the encoder runs, ``t·h·w / merge²``; merging maps several of them to one slot);
-DeepStack features go in ``EncodedImages.extras`` (per image, same slots: they are merged with the same groups) and
-its ``feature_kwargs`` hands them to the stock call next to the final features; ``token_aligned = ("mm_token_type_ids",)``
-collapses that tensor with the ids; ``virtual_positions`` returns ``[3, B, V]`` (M-RoPE rows from the stock
-``get_rope_index`` on the *unmerged* ids and grid, left-padded like the VTU batch; with VTU off, the stock rows of
-the merged ids) instead of ``[B, V]``.
+**Qwen2-VL / Qwen2.5-VL / Qwen3-VL** (:mod:`dymu.vlm.qwen_vl`): groups over the processor's placeholders,
+DeepStack features in ``EncodedImages.extras`` (same slots) passed by its ``feature_kwargs``, ``mm_token_type_ids``
+collapsed with the ids, ``[4, B, M]`` M-RoPE ids from the stock ``get_rope_index`` on the *unmerged* sequence.
 """
 
 from __future__ import annotations
@@ -314,19 +309,24 @@ def generate_with_counts(model: nn.Module, inputs: Any, **generate_kwargs: Any) 
     return out.sequences, VisualTokens(list(counts), getattr(out, "crop_token_counts", None))
 
 
+def vision_tower(model: nn.Module) -> nn.Module:  # Qwen-VL calls it ``visual``
+    return model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
+
+
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
     from dymu.vlm.llava import LLAVA
     from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
+    from dymu.vlm.qwen_vl import FAMILIES as QWEN
 
     state = vlm_state(model)
     if state is not None:
         return state.family
     names = {c.__name__ for c in type(model).__mro__}
-    for family in (ONEVISION, LLAVA):
+    for family in (ONEVISION, LLAVA, *QWEN.values()):
         if family.model_class in names:
             return family
-    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5 or LLaVA-OneVision")
+    raise ValueError(f"no DyMU VLM family for {type(model).__name__}: expected LLaVA-1.5, LLaVA-OneVision or Qwen-VL")
 
 
 def enable(
@@ -353,7 +353,7 @@ def enable(
     check_vtu_mode(vtu, "vtu")
     if vlm_state(model) is not None:
         raise ValueError(f"DyMU is already enabled on this model; call {undo_hint} first")
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     merges = method in ("dymu", "tome")
     if merges:
         dymu.patch(tower, thresholds, threshold_offset=threshold_offset, token_order=token_order)
@@ -380,7 +380,7 @@ def disable(model: nn.Module) -> nn.Module:
     if state.vtu != "off":
         vtu_lib.disable_vtu(model)
     if state.method in ("dymu", "tome"):
-        dymu.unpatch(model.model.vision_tower)
+        dymu.unpatch(vision_tower(model))
     model.__class__ = state.parent
     return model
 
@@ -392,7 +392,7 @@ def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], 
     import dymu
 
     state = vlm_state(model)
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     if state is None or state.method != "dymu" or dymu.get_state(tower).mode != "infer":
         raise ValueError("a token budget needs thresholds: load the model with DyMU thresholds first")
     param = next(tower.parameters())

@@ -1,6 +1,6 @@
 """Loading VLMs with DyMU: LLaVA-1.5 (llava-hf checkpoints with an optional ``dymu`` config block, and original
 LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA-OneVision (llava-hf checkpoints,
-``model_type`` ``llava_onevision``, with an optional ``dymu`` block).
+``model_type`` ``llava_onevision``, with an optional ``dymu`` block) and Qwen2-VL / Qwen2.5-VL / Qwen3-VL (likewise).
 
 * :func:`load` dispatches on the checkpoint's ``config.json`` to :func:`load_llava` or :func:`load_onevision`.
 * every loader takes a local folder or a hub name (``llava-hf/llava-1.5-7b-hf``), as ``from_pretrained`` does:
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoImageProcessor,
+    AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     CLIPVisionModel,
@@ -44,6 +45,7 @@ from dymu.hub import explain, hub_file, is_hub_name
 from dymu.baselines import SELECTIONS, Method
 from dymu.vlm.llava import enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
+from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES, enable_dymu_qwen
 from dymu.vlm.settings import ConfigBlock, settings_block
 from dymu.vtu import VTUMode
 
@@ -355,6 +357,44 @@ def load_onevision(
     return model, processor
 
 
+def load_qwen(
+    path: str | Path,
+    *,
+    thresholds: Any = None,
+    vtu: VTUMode | None = None,
+    threshold_offset: float | None = None,
+    torch_dtype: torch.dtype | None = None,
+    dymu: bool | None = None,
+    method: Method = "dymu",
+    token_budget: int | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint with DyMU as its config asks; returns (model, processor).
+
+    As :func:`load_onevision` (``dymu`` block keys ``encoder``, ``thresholds``, ``vtu``, ``threshold_offset``; a
+    baseline ``method`` turns DyMU on too); :func:`dymu.vlm.qwen_vl.enable_dymu_qwen` does the rest."""
+    raw = read_config(path)
+    if raw.get("model_type") not in QWEN_MODEL_TYPES:
+        raise ValueError(f"{path} is not a Qwen-VL checkpoint (model_type {raw.get('model_type')!r}, expected one "
+                         f"of {', '.join(QWEN_MODEL_TYPES)})")
+    block = settings_block(raw)
+    settings = ConfigBlock.from_dict(block, family="qwen_vl") if block is not None else None  # before loading
+    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
+        return model, processor
+    settings = settings or ConfigBlock()
+    enable_dymu_qwen(
+        model,
+        _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
+        vtu=vtu or (None if method in SELECTIONS else settings.vtu),
+        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+        method=method,
+        token_budget=token_budget,
+    )
+    return model, processor
+
+
 def load(
     path: str | Path,
     *,
@@ -364,12 +404,17 @@ def load(
 ) -> tuple[nn.Module, Any]:
     """Load any VLM dymu supports with DyMU as its config asks; returns (model, processor).
 
-    Dispatches on ``config.json``: ``model_type`` ``llava_onevision`` goes to :func:`load_onevision`, LLaVA-1.5
+    Dispatches on ``config.json``: ``model_type`` ``llava_onevision`` goes to :func:`load_onevision`,
+    ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` to :func:`load_qwen`, LLaVA-1.5
     (llava-hf or original) to :func:`load_llava`. The other keyword arguments (``thresholds``, ``vtu``,
     ``threshold_offset``, ``torch_dtype``, ``dymu``) are theirs; ``vision_tower`` is for original LLaVA-1.5
     checkpoints only, ``downsample`` for OneVision only.
     """
     raw = read_config(path)
+    if raw.get("model_type") in QWEN_MODEL_TYPES:
+        if vision_tower is not None or downsample is not None:
+            raise ValueError(f"vision_tower and downsample are for LLaVA checkpoints; {path} is {raw['model_type']}")
+        return load_qwen(path, **kwargs)
     if is_onevision(raw):
         if vision_tower is not None:
             raise ValueError(

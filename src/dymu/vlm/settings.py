@@ -22,11 +22,12 @@ class ConfigBlock:
     KEYS = {  # the keys each model family's block may hold
         "llava": ("encoder", "thresholds", "vtu", "threshold_offset"),
         "onevision": ("encoder", "thresholds", "vtu", "threshold_offset", "downsample"),
+        "qwen_vl": ("encoder", "thresholds", "vtu", "threshold_offset"),
     }
 
     @classmethod
     def from_dict(cls, block: dict[str, Any], family: str = "llava") -> "ConfigBlock":
-        """Read a ``dymu`` block of a ``family`` checkpoint (``"llava"``: LLaVA-1.5, ``"onevision"``)."""
+        """Read a ``dymu`` block of a ``family`` checkpoint (``"llava"``: LLaVA-1.5, ``"onevision"``, ``"qwen_vl"``)."""
         if not isinstance(block, dict):
             raise ValueError(f"the 'dymu' config block must be a JSON object, got {type(block).__name__}")
         valid = cls.KEYS[family]
