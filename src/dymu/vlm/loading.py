@@ -310,6 +310,22 @@ def _chosen_thresholds(path: str | Path, settings: ConfigBlock, thresholds: Any)
     return chosen
 
 
+def _load_stock(
+    path: str | Path, raw: dict[str, Any], family: str, model_class: Any, torch_dtype: torch.dtype | None,
+    dymu: bool | None, thresholds: Any, method: Method,
+) -> tuple[nn.Module, Any, ConfigBlock | None]:
+    """The stock model and processor of a checkpoint folder, and its ``dymu`` block (checked before loading);
+    the block is ``None`` when DyMU stays off (no block, no thresholds, no baseline, and ``dymu`` not forced)."""
+    block = settings_block(raw)
+    settings = ConfigBlock.from_dict(block, family=family) if block is not None else None
+    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
+        model = model_class.from_pretrained(path, dtype=torch_dtype).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
+        return model, processor, None
+    return model, processor, settings or ConfigBlock()
+
+
 def load_onevision(
     path: str | Path,
     *,
@@ -337,14 +353,11 @@ def load_onevision(
             f"{path} is not a LLaVA-OneVision checkpoint (model_type {raw.get('model_type')!r}, expected "
             f"{ONEVISION_MODEL_TYPE!r}): load LLaVA-1.5 with dymu.vlm.load or dymu.vlm.load_llava"
         )
-    block = settings_block(raw)
-    settings = ConfigBlock.from_dict(block, family="onevision") if block is not None else None  # before loading
-    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(path)
-    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
+    model, processor, settings = _load_stock(
+        path, raw, "onevision", LlavaOnevisionForConditionalGeneration, torch_dtype, dymu, thresholds, method
+    )
+    if settings is None:
         return model, processor
-    settings = settings or ConfigBlock()
     enable_dymu_onevision(
         model,
         _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
@@ -376,14 +389,11 @@ def load_qwen(
     if raw.get("model_type") not in QWEN_MODEL_TYPES:
         raise ValueError(f"{path} is not a Qwen-VL checkpoint (model_type {raw.get('model_type')!r}, expected one "
                          f"of {', '.join(QWEN_MODEL_TYPES)})")
-    block = settings_block(raw)
-    settings = ConfigBlock.from_dict(block, family="qwen_vl") if block is not None else None  # before loading
-    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).eval()
-        processor = AutoProcessor.from_pretrained(path)
-    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
+    model, processor, settings = _load_stock(
+        path, raw, "qwen_vl", AutoModelForImageTextToText, torch_dtype, dymu, thresholds, method
+    )
+    if settings is None:
         return model, processor
-    settings = settings or ConfigBlock()
     enable_dymu_qwen(
         model,
         _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
