@@ -86,7 +86,7 @@ def _inputs(processor: Any, rows: list[dict], device: torch.device, dtype: torch
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset
     from dymu.small_vlm import THRESHOLD_DIR, build_small_vlm
-    from dymu.vlm import disable_dymu, enable_dymu
+    from dymu.vlm import disable_dymu, enable_dymu, generate_with_counts, vlm_state
 
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     default_threads = torch.get_num_threads()
@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         answers = []
         with torch.no_grad():
             for inputs in batches:
-                out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+                out, tokens = generate_with_counts(model, inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
                 answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                counts.extend(getattr(model, "dymu_last_counts", None) or [])
+                if vlm_state(model) is not None:  # DyMU's counts only (the full model's are the stock 256)
+                    counts.extend(tokens.counts)
         return answers
 
     def full() -> None:

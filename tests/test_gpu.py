@@ -129,10 +129,11 @@ def llava(tmp_path_factory):
 def generate(model, processor, device, dtype):
     inputs = processor(images=IMAGES, text=TEXTS, return_tensors="pt", padding=True).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    model.__dict__.pop("dymu_last_counts", None)
+    from dymu.vlm import generate_with_counts
+
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    return out[:, inputs["input_ids"].shape[1]:].cpu(), list(getattr(model, "dymu_last_counts", None) or [])
+        out, tokens = generate_with_counts(model, inputs, max_new_tokens=6, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1]:].cpu(), tokens.counts
 
 
 @pytest.mark.parametrize("vtu", ["fast", "exact"])
