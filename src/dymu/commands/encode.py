@@ -19,6 +19,10 @@ receives per image (merged tokens + row newlines) next to the stock count. Its t
 or the folder's "dymu" config block; --token-budget then counts tokens per crop (the K of
 siglip-so400m-patch14-384-<K>out), and --layer defaults to the model's vision_feature_layer.
 
+A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder as --model runs each image through its own image processor
+(dynamic resolution) and DToMe tower with --thresholds (a -tome-<P>pct checkpoint) and prints the visual tokens
+kept per image next to the stock count.
+
 Examples:
   dymu encode --model ViT-L-14-336-tome-72out cat.jpg street.jpg
   dymu encode --model ./my-clip --thresholds ckpt.safetensors --per-layer --layer -2 cat.jpg
@@ -74,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from dymu.data import load_image
     from dymu.encoders.loading import load_encoder
 
+    from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
+
     if checkpoint_model_type(args.model) == "llava_onevision":
         return run_onevision(args)
+    if checkpoint_model_type(args.model) in QWEN_MODEL_TYPES:
+        from dymu.commands._qwen import run_encode
+
+        return run_encode(args)
     if args.layer is None:
         args.layer = -1
     # every check that needs no model comes before its load: images, thresholds (and the input side a DyMU name

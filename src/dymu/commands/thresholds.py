@@ -16,6 +16,10 @@ checkpoint folder is $DYMU_CHECKPOINT_DIR if set, else ./checkpoints/threshold_c
 up there, then among the checkpoints shipped with dymu). DINOv2 names carry the input side:
 dinov2-small-224-tome-64out.
 
+A Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint folder as --model finds its vision tower's thresholds: the budget is
+--keep-percent P (share of cells kept per frame on the finding images, squashed to --image-size), the name
+<identity>-tome-<P>pct (docs/qwen_vl.md).
+
 Ctrl-C stops after the last finished batch was saved: run the same command again to resume.
 
 Examples:
@@ -25,6 +29,7 @@ Examples:
   dymu thresholds --model open_clip:ViT-L-14-336:openai --r-total 504 --data images.json
   torchrun --nproc_per_node 8 -m dymu thresholds --model ViT-L-14-336-tome-72out --data images.json
   dymu thresholds --model dinov2-small --out-tokens 64 --data images.json     # -> dinov2-small-224-tome-64out
+  dymu thresholds --model ./Qwen2.5-VL-7B --keep-percent 25 --data images.json  # -> qwen2_5_vl-p14-d1280-l32-tome-25pct
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--r-total", type=int_at_least(0), help="tokens to merge per image over all layers")
     budget.add_argument(
         "--out-tokens", type=int_at_least(1), help="patch tokens to keep per image on average (r_total = patches - K)"
+    )
+    budget.add_argument(
+        "--keep-percent", type=int_at_least(1), help="Qwen-VL checkpoint: share of cells kept per frame, in %% (-tome-<P>pct)"
+    )
+    parser.add_argument(
+        "--image-size", type=int_at_least(1), default=448, help="Qwen-VL checkpoint: finding image side (default 448)"
     )
     parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="global batch size (all processes together)")
     parser.add_argument("--max-images", type=int_at_least(1), help="use only the first N images of the list")
@@ -115,6 +126,16 @@ def run(args: argparse.Namespace) -> int:
     from dymu.output_lock import output_lock
     from dymu.thresholds import merge_schedule
 
+    from dymu.commands._args import checkpoint_model_type
+    from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
+
+    family = checkpoint_model_type(args.model)
+    if family in QWEN_MODEL_TYPES:
+        from dymu.commands._qwen import run_thresholds
+
+        return run_thresholds(args, family)
+    if args.keep_percent is not None:
+        raise ValueError("--keep-percent is for Qwen-VL checkpoint folders; use --r-total or --out-tokens here")
     known = None  # the output, where it is known before the (possibly long) model load
     if args.output:
         known = Path(args.output)

@@ -135,6 +135,8 @@ _DYMU = re.compile(
     r"^(?P<base>.+?)(?P<tome>-tome)?-(?P<k>\d+)out(?:-(?P<schedule>constant|linear|reverse-linear|reverse_linear))?$"
 )
 
+_QWEN_PCT = re.compile(r"^(?P<base>qwen\w*vl-p\d+-d\d+-l\d+)-tome-(?P<p>\d+)pct$")
+
 
 def canonical_identity(name: str) -> str:
     """``name`` with aliases resolved (``ViT-SO400M-14-SigLIP-384`` -> ``siglip-so400m-patch14-384``)."""
@@ -311,6 +313,11 @@ def is_dymu_name(name: str) -> bool:
 
 def parse_dymu_name(name: str) -> DyMUName:
     """Parse ``<identity>[-tome]-<K>out[-linear|-reverse-linear]``; ValueError if malformed or unknown."""
+    if isinstance(name, str) and _QWEN_PCT.match(name):  # no fixed patch count: the name cannot give a budget
+        raise ValueError(
+            f"{name!r} names Qwen-VL tower thresholds (share of cells kept on the finding images, docs/qwen_vl.md), "
+            f"not an encoder budget: pass the checkpoint file instead, e.g. {checkpoint_dir() / (name + '.safetensors')}"
+        )
     m = _DYMU.match(name) if isinstance(name, str) else None
     if m is None:
         raise ValueError(
