@@ -60,6 +60,10 @@ def test_qwen_budget_flags_are_checked(found, tmp_path, capsys):
     assert main(["thresholds", "--model", str(folder), "--data", data, "--keep-percent", "50", "--image-size", "50",
                  "--output", str(tmp_path / "x.safetensors")]) != 0
     assert "multiple of 28" in capsys.readouterr().err
+    image = tmp_path / "flat.png"
+    make_image("flat", 56, seed=7).save(image)
+    assert main(["encode", "--model", str(folder), "--thresholds", str(found[1]), "--layer", "-2", str(image)]) != 0
+    assert "--layer is not supported" in capsys.readouterr().err
     from dymu.encoders.names import parse_dymu_name
 
     with pytest.raises(ValueError, match="Qwen-VL tower thresholds"):

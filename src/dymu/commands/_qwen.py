@@ -71,6 +71,8 @@ def run_encode(args: argparse.Namespace) -> int:
         raise ValueError("a Qwen-VL checkpoint needs --thresholds (a -tome-<P>pct checkpoint file)")
     if args.token_budget is not None or args.per_layer:
         raise ValueError("--token-budget and --per-layer are not supported for Qwen-VL checkpoints")
+    if args.layer is not None:  # the tokens counted are the PatchMerger's outputs, after the last block
+        raise ValueError("--layer is not supported for Qwen-VL checkpoints: the count is after the PatchMerger")
     pil = [load_image(p) for p in args.images]
     tower, processor = _tower_and_processor(args.model, getattr(torch, args.dtype))
     dymu.patch(tower, thresholds=args.thresholds, threshold_offset=args.threshold_offset or 0.0,
