@@ -176,7 +176,8 @@ def test_op_time_breakdown_sorts_self_time_by_kind_of_op():
     assert kinds["mm"]["linear"] > 0 and kinds["mm"]["attention"] == 0
     assert kinds["sdpa"]["attention"] > 0 and kinds["sdpa"]["linear"] == 0
     assert kinds["ew"]["other"] > 0 and kinds["ew"]["linear"] == kinds["ew"]["attention"] == 0
-    assert kinds["vtu"]["attention"] > kinds["mm"]["linear"] / 2 and kinds["vtu"]["linear"] == 0
+    # no timing comparison (the machine may be busy): inside VTU's range nothing counts as linear or other
+    assert kinds["vtu"]["attention"] > 0 and kinds["vtu"]["linear"] == kinds["vtu"]["other"] == 0
 
 
 def test_onevision_crops_tiny():
