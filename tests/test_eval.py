@@ -111,7 +111,7 @@ def test_dymu_eval_uses_the_checkpoints_prompt_suffix(llava_dir, questions, tmp_
     """`dymu eval` appends the prompt suffix the checkpoint records (its config's "dymu" block, which
     build_small_vlm fills from the projector file), else LLaVA-1.5's short-answer instruction; a block holding
     only the prompt format leaves DyMU off (every image keeps its 16 tokens)."""
-    import dymu.evaluation
+    import dymu.evaluation.quick_eval
     from dymu.cli import main
 
     model_dir = tmp_path / "model"
@@ -121,13 +121,13 @@ def test_dymu_eval_uses_the_checkpoints_prompt_suffix(llava_dir, questions, tmp_
         config["dymu"] = block
     (model_dir / "config.json").write_text(json.dumps(config))
     seen: list[str] = []
-    real_generate = dymu.evaluation.generate
+    real_generate = dymu.evaluation.quick_eval.generate
 
     def recording(model, processor, prompts, **kwargs):
         seen.extend(p.text for p in prompts)
         return real_generate(model, processor, prompts, **kwargs)
 
-    monkeypatch.setattr(dymu.evaluation, "generate", recording)
+    monkeypatch.setattr(dymu.evaluation.quick_eval, "generate", recording)
     out = tmp_path / "run.jsonl"
     args = ["eval", "--model", str(model_dir), "--data", str(questions), "--max-new-tokens", "1", "--no-progress",
             "--output", str(out)] + ([] if flag is None else ["--prompt-suffix", flag])
