@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,16 +35,6 @@ def built():
     from dymu.small_vlm import build_small_vlm
 
     return build_small_vlm()  # random (seeded) projector
-
-
-def _eval_script():
-    key = "_dymu_small_vlm_easyvqa"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "eval_scripts" / "small_vlm_easyvqa.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def _inputs(processor, question="what color is the shape?", image_index=0):
@@ -148,25 +137,26 @@ def test_committed_checkpoint_answers_easy_vqa():
     """10 fixed test questions — the first of each pinned class in the seed-1 shuffle of the test split — answered
     by the committed checkpoint with full tokens and with DyMU-mid (88out, VTU fast): at least 8 right each, and
     DyMU keeps far fewer visual tokens."""
+    from dymu.evaluation.easy_vqa_rows import answer_batch
+    from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset, normalise
     from dymu.small_vlm import build_small_vlm
     from dymu.vlm import disable_dymu, enable_dymu, prompt_suffix
 
     assert CHECKPOINT.exists(), f"{CHECKPOINT} is missing: train it with dymu train-projector (docs/results.md)"
-    ev = _eval_script()
     model, processor = build_small_vlm("default")
     assert prompt_suffix(model) == ""  # trained on the bare question: dymu eval, lmms-eval and the demo add nothing
-    rows = [r for r in ev.balanced_subset(per_class=1, seed=1) if r["answer"] in PINNED_CLASSES]
+    rows = [r for r in balanced_subset(per_class=1, seed=1) if r["answer"] in PINNED_CLASSES]
     assert sorted(r["answer"] for r in rows) == sorted(PINNED_CLASSES)
-    preds, counts = ev.answer_batch(model, processor, rows)
-    correct = [ev.normalise(p) == ev.normalise(r["answer"]) for p, r in zip(preds, rows)]
+    preds, counts = answer_batch(model, processor, rows)
+    correct = [normalise(p) == normalise(r["answer"]) for p, r in zip(preds, rows)]
     assert counts == [256] * 10
     assert sum(correct) >= 8, list(zip(preds, [r["answer"] for r in rows]))
     enable_dymu(model, MID, vtu="fast", token_order="single")
     try:
-        preds_mid, counts_mid = ev.answer_batch(model, processor, rows)
+        preds_mid, counts_mid = answer_batch(model, processor, rows)
     finally:
         disable_dymu(model)
-    correct_mid = [ev.normalise(p) == ev.normalise(r["answer"]) for p, r in zip(preds_mid, rows)]
+    correct_mid = [normalise(p) == normalise(r["answer"]) for p, r in zip(preds_mid, rows)]
     assert sum(correct_mid) >= 8, list(zip(preds_mid, [r["answer"] for r in rows]))
     assert max(counts_mid) < 256 and sum(counts_mid) / 10 < 150, counts_mid
 
