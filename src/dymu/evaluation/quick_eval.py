@@ -24,6 +24,7 @@ from dymu.evaluation.inference import generate
 from dymu.evaluation.prompts import SHORT_ANSWER, Prompt, choose_prompt_suffix
 from dymu.evaluation.stats import format_stats, token_stats
 
+
 @dataclass
 class Question:
     index: int
