@@ -4,7 +4,8 @@ how a row sets the model up, answers the questions and is timed, and the results
 Row labels: ``full`` (the stock model); ``dymu-<K>[-raster]-<vtu>`` (DyMU with the small VLM's ``<K>out``
 thresholds, authors' or raster token order); ``tome@<K>-<vtu>``, ``prune@<K>``, ``random@<K>`` (the
 :mod:`dymu.baselines` methods, each keeping DyMU-K's mean count, read from the ``dymu-<K>-fast`` row).
-A question row is a dict ``{"index", "question", "answer", "image"}`` (:func:`~dymu.lmms_eval.tasks.easy_vqa.utils.balanced_subset`).
+A question row is a dict ``{"index", "question", "answer", "image"}``
+(:func:`dymu.lmms_eval.tasks.easy_vqa.utils.balanced_subset`).
 """
 
 from __future__ import annotations
