@@ -157,8 +157,9 @@ def test_training_pool_of_train_projector(tmp_path):
     assert (tmp_path / "complexity-vqa-seed9-12x3" / "questions.json").stat().st_mtime_ns == stamp  # not rewritten
     parser = argparse.ArgumentParser()
     tp.add_arguments(parser)
-    plain = tp.settings_of(parser.parse_args([]))
-    mixed = tp.settings_of(parser.parse_args(["--mix", "12", "--mix-seed", "9", "--init", "x.safetensors"]))
+    plain = tp.settings_of(tp.config_from_args(parser.parse_args([])))
+    mixed = tp.settings_of(tp.config_from_args(parser.parse_args(["--mix", "12", "--mix-seed", "9", "--init",
+                                                                  "x.safetensors"])))
     assert "mix" not in plain and "init" not in plain
     assert {k: mixed[k] for k in ("mix", "mix_seed", "mix_questions", "init")} == {
         "mix": 12, "mix_seed": 9, "mix_questions": 8, "init": "x.safetensors"}

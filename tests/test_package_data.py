@@ -82,10 +82,11 @@ def test_missing_small_vlm_files_are_refused_clearly(monkeypatch, tmp_path, caps
     (before any model is built), and the demo falls back without recommending packages that are installed."""
     import dymu.demo
     import dymu.small_vlm as small_vlm
+    import dymu.small_vlm.model  # where the package data paths live
     from dymu.cli import main
 
-    monkeypatch.setattr(small_vlm, "DEFAULT_CHECKPOINT", tmp_path / "projector.safetensors")
-    monkeypatch.setattr(small_vlm, "THRESHOLD_DIR", tmp_path / "thresholds")
+    monkeypatch.setattr(dymu.small_vlm.model, "DEFAULT_CHECKPOINT", tmp_path / "projector.safetensors")
+    monkeypatch.setattr(dymu.small_vlm.model, "THRESHOLD_DIR", tmp_path / "thresholds")
     with pytest.raises(FileNotFoundError, match=r"trained projector is missing from this dymu installation .*reinstall"):
         small_vlm.build_small_vlm("default")
     with pytest.raises(FileNotFoundError, match=r"projector weights not found: .*nope.safetensors"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -76,18 +77,18 @@ def test_assembled_model_is_stock_and_round_trips(built, tmp_path):
 
 
 def _args(work_dir, **overrides):
+    """A tiny run's config, from the command's flags as a user gives them."""
     from dymu.commands import train_projector
 
     parser = argparse.ArgumentParser()
     train_projector.add_arguments(parser)
-    args = parser.parse_args(["--work-dir", str(work_dir), "--no-progress"])
-    for k, v in {"images": 2, "turns": 1, "batch": 1, "steps": 3, "warmup": 1, "lora_rank": 4, **overrides}.items():
-        setattr(args, k, v)
-    return args
+    config = train_projector.config_from_args(parser.parse_args(["--work-dir", str(work_dir), "--no-progress"]))
+    return dataclasses.replace(config, **{"images": 2, "turns": 1, "batch": 1, "steps": 3, "warmup": 1,
+                                          "lora_rank": 4, **overrides})
 
 
 def test_training_steps_lower_the_loss(built, tmp_path):
-    from dymu.commands.train_projector import Trainer
+    from dymu.small_vlm.training import Trainer
 
     model, processor = built
     # a small lr, as at the start of the recipe's warm-up: Adam's first steps move every weight by ~lr, which is
@@ -109,7 +110,7 @@ def test_training_steps_lower_the_loss(built, tmp_path):
 
 
 def test_resumed_run_continues_the_same_loss_trajectory(built, tmp_path):
-    from dymu.commands.train_projector import train
+    from dymu.small_vlm.training import train
 
     model, processor = built
     whole = train(_args(tmp_path / "whole", steps=2), copy.deepcopy(model), processor)

@@ -1,4 +1,4 @@
-"""A small real LLaVA-1.5-style VLM from the real parts: DINOv2-S/14 + ``mlp2x_gelu`` + SmolLM2-135M-Instruct.
+"""The small real VLM's model: config, processor, the trained projector (+ merged LoRA), its threshold sets.
 
 Everything is stock transformers: the model is a ``LlavaForConditionalGeneration`` (``model.model.vision_tower``
 is a ``Dinov2Model``, ``model.model.language_model`` a ``LlamaModel``) and the processor a ``LlavaProcessor``
@@ -30,13 +30,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dymu import weights
+from dymu.small_vlm.lora import (
+    LORA_PREFIX,
+    LoRALinear,
+    lora_scales,
+    lora_tensors,
+    merge_lora,
+)
 
 # package data (pyproject.toml), so that an installed dymu has the trained small VLM too
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "small_vlm_checkpoint"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "small_vlm_checkpoint"
 DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "projector.safetensors"
 # DyMU thresholds found on easy-VQA train images 2000-2511 (docs/results.md): <K>out and <K>out-raster, K = 28/88/176
 THRESHOLD_DIR = CHECKPOINT_DIR / "thresholds"
 PROMPT_SUFFIX_KEY = "dymu.prompt_suffix"  # projector metadata: the text appended to each question
+PROJECTOR_PREFIX = "multi_modal_projector."
+FILE_FORMAT = "dymu-small-vlm-1"  # projector metadata "format"
 
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE = 224
@@ -61,10 +74,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-LORA_PREFIX = "lora."
-
 
 def build_processor(smol_dir: str | os.PathLike[str]) -> Any:
+    # why: transformers' processors take seconds to import (torchvision); only a build needs them
     from transformers import AutoTokenizer, BitImageProcessor, LlavaProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
@@ -92,6 +104,7 @@ def build_processor(smol_dir: str | os.PathLike[str]) -> Any:
 
 
 def build_config(dino_dir: str | os.PathLike[str], smol_dir: str | os.PathLike[str], image_token_id: int) -> Any:
+    # why: transformers takes seconds to import; only a build needs it
     from transformers import AutoConfig, LlavaConfig
 
     vision = AutoConfig.from_pretrained(dino_dir)
@@ -109,21 +122,10 @@ def build_config(dino_dir: str | os.PathLike[str], smol_dir: str | os.PathLike[s
     )
 
 
-def lora_targets(language_model: torch.nn.Module, names: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    """The ``nn.Linear`` modules of ``language_model`` whose last name part is in ``names`` (e.g. q_proj)."""
-    return {
-        path: mod
-        for path, mod in language_model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and path.rsplit(".", 1)[-1] in names
-    }
-
-
 @torch.no_grad()
 def load_trained(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load projector weights (``multi_modal_projector.*``) and merge LoRA deltas (``lora.<module>.A/B`` with
     ``lora.<module>.scale``) from a safetensors file into ``model``; returns the file's metadata."""
-    from safetensors import safe_open
-
     projector: dict[str, torch.Tensor] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), "pt") as f:
@@ -132,18 +134,29 @@ def load_trained(model: torch.nn.Module, path: str | os.PathLike[str]) -> dict[s
             if key.startswith(LORA_PREFIX):
                 module, part = key[len(LORA_PREFIX) :].rsplit(".", 1)
                 lora.setdefault(module, {})[part] = f.get_tensor(key)
-            elif key.startswith("multi_modal_projector."):
-                projector[key[len("multi_modal_projector.") :]] = f.get_tensor(key)
+            elif key.startswith(PROJECTOR_PREFIX):
+                projector[key[len(PROJECTOR_PREFIX) :]] = f.get_tensor(key)
             else:
                 raise ValueError(f"{path}: unexpected tensor {key!r}")
     model.model.multi_modal_projector.load_state_dict(projector)
-    lm = model.model.language_model
-    modules = dict(lm.named_modules())
-    for name, parts in lora.items():
-        linear = modules[name]
-        delta = (parts["B"].float() @ parts["A"].float()) * parts["scale"].float()
-        linear.weight += delta.to(linear.weight.dtype)
+    merge_lora(model.model.language_model, lora)
     return meta
+
+
+def trained_tensors(model: torch.nn.Module, adapters: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The trained tensors (CPU copies) as a projector file and the training state key them: the projector's
+    ``multi_modal_projector.*``, then each adapter's ``lora.<module>.A`` and ``.B``."""
+    state = {f"{PROJECTOR_PREFIX}{k}": v.detach().cpu().clone()
+             for k, v in model.model.multi_modal_projector.state_dict().items()}
+    state.update(lora_tensors(adapters))
+    return state
+
+
+def save_trained(path: str | os.PathLike[str], model: torch.nn.Module, adapters: dict[str, LoRALinear]) -> None:
+    """Write the projector file :func:`load_trained` reads: :func:`trained_tensors` and the adapters' scales, with
+    the prompt format it was trained with (the bare question: suffix "") as metadata."""
+    tensors = {k: v.contiguous() for k, v in {**trained_tensors(model, adapters), **lora_scales(adapters)}.items()}
+    save_file(tensors, str(path), metadata={"format": FILE_FORMAT, PROMPT_SUFFIX_KEY: ""})
 
 
 def projector_path(projector_weights: str | os.PathLike[str]) -> Path:
@@ -184,8 +197,6 @@ def threshold_path(name: str) -> Path:
 
 def prompt_suffix_of(projector_weights: str | os.PathLike[str]) -> str | None:
     """The prompt suffix a projector file records (metadata ``dymu.prompt_suffix``), None if it records none."""
-    from safetensors import safe_open
-
     with safe_open(str(projector_path(projector_weights)), "pt") as f:
         return (f.metadata() or {}).get(PROMPT_SUFFIX_KEY)
 
@@ -203,13 +214,12 @@ def build_small_vlm(
     The file's prompt suffix, if it records one, goes to ``model.config.dymu["prompt_suffix"]``.
     Returns ``(model, processor)``, the model in eval mode, fp32.
     """
+    # why: the model classes take seconds to import; only a build needs them
     from transformers import (
         Dinov2Model,
         LlamaForCausalLM,
         LlavaForConditionalGeneration,
     )
-
-    from dymu import weights
 
     if projector_weights is not None:  # a missing file is refused before the 30-s build
         projector_weights = projector_path(projector_weights)
