@@ -9,7 +9,7 @@ from typing import Any
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "dymu" / "small_vlm_run"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run. The fields up to ``seed`` (and ``bf16``, ``whiten``, the mix and ``init`` when set) define
     it: a resumed run must match them (:func:`settings_of`); the others say how and where it runs."""
