@@ -179,3 +179,33 @@ def test_real_demo_answers_with_fewer_tokens_on_the_flat_image(capsys):
     out = capsys.readouterr().out
     assert "small real VLM" in out and "visual tokens" in out and "time saved" in out
 
+
+
+@pytest.mark.slow
+def test_library_rows_reproduce_the_committed_table():
+    """The baselines and DyMU as the library runs them (`dymu.evaluation.easy_vqa_rows`, `method=` of
+    `enable_dymu`) give, on the table's first batch of 8 questions, exactly the answers and token counts recorded
+    in docs/small_vlm_easyvqa.json for prune@88, random@88 and dymu-88-fast."""
+    import json
+
+    from dymu.evaluation.easy_vqa_rows import Row, answer_batch, dymu_means
+    from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset
+    from dymu.small_vlm import build_small_vlm
+
+    results = json.loads((REPO / "docs" / "small_vlm_easyvqa.json").read_text())
+    recorded = {r["row"]: r for r in results["rows"]}
+    rows = balanced_subset(20, 0)[:8]  # the table's rule: 20 per class, shuffle seed 0
+    assert [r["index"] for r in rows] == results["subset"]["indices"][:8]
+    model, processor = build_small_vlm("default")
+    for label in ("prune@88", "random@88", "dymu-88-fast"):
+        row = Row(label, dymu_means(results))
+        row.enable(model)
+        try:
+            preds, counts = answer_batch(model, processor, rows, row=row)
+        finally:
+            row.disable(model)
+        saved = recorded[label]["predictions"][:8]
+        assert [p["index"] for p in saved] == [r["index"] for r in rows]
+        assert preds == [p["pred"] for p in saved], label
+        if row.kind != "dymu":
+            assert counts == [row.count] * 8, label
