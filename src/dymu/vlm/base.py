@@ -315,8 +315,8 @@ def vision_tower(model: nn.Module) -> nn.Module:  # Qwen-VL calls it ``visual``
 
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
-    from dymu.vlm.llava import LLAVA
-    from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
+    from dymu.vlm.llava import LLAVA  # a cycle: the adapters import this module
+    from dymu.vlm.onevision import ONEVISION
     from dymu.vlm.qwen_vl import FAMILIES as QWEN
 
     state = vlm_state(model)

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration
 
 import dymu
 from dymu import baselines
@@ -35,8 +34,6 @@ from dymu.data import load_image
 from dymu.merge import TokenOrder
 from dymu.vlm import base
 from dymu.vtu import VTUMode
-
-logger = logging.getLogger(__name__)
 
 
 def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, processor: Any = None) -> int:
@@ -148,7 +145,8 @@ def enable_dymu(
     token_budget: int | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Make a stock ``LlavaForConditionalGeneration`` run DyMU (in place; returns the model).
+    """Make a stock ``LlavaForConditionalGeneration`` (or a Qwen-VL model: :mod:`dymu.vlm.qwen_vl`) run DyMU (in
+    place; returns the model); the family adapter is chosen by the model's class.
 
     ``thresholds=None`` keeps merging off (the model then reproduces the stock outputs). ``vtu`` selects
     virtual token unmerging in the language model: ``"fast"`` (default), ``"exact"``, or ``"off"`` (merged
@@ -158,12 +156,19 @@ def enable_dymu(
     ``seed + i``, or the call's ``selection_seeds=[...]``). ``token_order`` is passed to :func:`dymu.patch`
     (``None``: the checkpoint's order; ``"authors"`` lets a lone image keep other counts than inside a
     batch, as the original code does; ``"batch"``/``"single"`` make counts independent of the batch).
+    LLaVA-OneVision has its own entry, :func:`dymu.vlm.enable_dymu_onevision` (crop options, another default order).
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    try:
+        family = base.family_of(model)
+    except ValueError:
+        family = None
+    if family is None or family.name == "onevision":
+        raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration or a Qwen-VL model, got "
+                         f"{type(model).__name__}" + (": use enable_dymu_onevision" if family else ""))
     return base.enable(
-        model, LLAVA, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
-        token_order=token_order, method=method, token_budget=token_budget, seed=seed, log=logger,
+        model, family, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
+        token_order=token_order, method=method, token_budget=token_budget, seed=seed,
+        log=logging.getLogger(type(family).__module__),  # each family's counts under its own module's logger
     )
 
 
