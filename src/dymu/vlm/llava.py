@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 import dymu
@@ -42,8 +43,6 @@ def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, proc
     which a DINOv2 tower's config does not give (518: it takes any input size), so a DINOv2 needs one of the two."""
     vc = model.config.vision_config
     if pixel_values is None and processor is not None:
-        from PIL import Image
-
         pixel_values = processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
     if pixel_values is not None:
         h, w = pixel_values.shape[-2:]
