@@ -48,6 +48,33 @@ def test_load_honours_the_config_block(checkpoints, family):
         vlm.load(checkpoints[family], downsample="nearest")
 
 
+def test_enable_dymu_is_the_one_entry(checkpoints, caplog):
+    """``enable_dymu`` picks the Qwen adapter by the model's class: the same counts as ``enable_dymu_qwen``, logged
+    under the adapter's module; a OneVision model is sent to its own entry, ``enable_dymu_qwen`` refuses LLaVA."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dymu.testing import tiny_llava, tiny_onevision
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints["qwen2_vl"]).eval()
+    processor = AutoProcessor.from_pretrained(checkpoints["qwen2_vl"])
+    counts = {}
+    for enable in (vlm.enable_dymu, vlm.enable_dymu_qwen):
+        enable(model, [0.3, 0.3], vtu="exact")
+        assert vlm.vlm_state(model).family.name == "qwen2_vl" and vlm.dymu_vtu_mode(model) == "exact"
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dymu.vlm.qwen_vl"):
+            answers = vlm.answer(model, processor, images(), ["w1", "w2"], max_new_tokens=1)
+        assert "visual tokens per image" in caplog.text
+        counts[enable.__name__] = [a.visual_tokens for a in answers]
+        vlm.disable_dymu(model)
+    assert counts["enable_dymu"] == counts["enable_dymu_qwen"]
+    assert counts["enable_dymu"][0] < counts["enable_dymu"][1]  # flat < textured: the thresholds were used
+    with pytest.raises(ValueError, match="use enable_dymu_onevision"):
+        vlm.enable_dymu(tiny_onevision()[0])
+    with pytest.raises(ValueError, match="enable_dymu_qwen expects"):
+        vlm.enable_dymu_qwen(tiny_llava()[0])
+
+
 def test_baselines_keep_the_budget(checkpoints):
     """tome: exactly K per image (one tower call per image size); prune: the K merger outputs of largest norm, in
     raster order; random: seeded (same call twice = same tokens, another seed = others)."""

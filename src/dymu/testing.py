@@ -26,6 +26,7 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2VLImageProcessor,
