@@ -17,33 +17,12 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'dymu[eval]')")
 
-from dymu.samples import image_set  # noqa: E402
-from dymu.testing import LMMS_TASK_UTILS, save_tiny_llava  # noqa: E402
+from dymu.testing import save_tiny_llava, write_lmms_vqa_task  # noqa: E402
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LMMS_TASKS = Path(lmms_eval.__file__).parent / "tasks"
 
-TASK_UTILS = LMMS_TASK_UTILS
-VQA_YAML = """task: dymu_tiny_vqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: questions.jsonl
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 3
-  do_sample: false
-process_results: !function utils.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
 LL_YAML = """task: dymu_tiny_ll
 dataset_path: json
 dataset_kwargs:
@@ -69,16 +48,10 @@ def work(tmp_path_factory):
     llava = save_tiny_llava(root / "llava", image_size=56)
     thresholds = save_thresholds(root / "tiny.safetensors", ThresholdCheckpoint(torch.full((4,), 0.8), encoder="clip-56px-p14-d64"))
     siglip = save_thresholds(root / "siglip.safetensors", ThresholdCheckpoint(torch.zeros(4), encoder="siglip-so400m-patch14-384"))
-    tasks = root / "tasks"
-    (tasks / "images").mkdir(parents=True)
-    rows = []
-    for i, img in enumerate(image_set(6, 64)):  # flat, gradient, stripes, textured ...: different token counts
-        img.save(tasks / "images" / f"{i}.png")
-        rows.append({"id": i, "image": f"images/{i}.png", "question": f"w{10 + i} w{20 + i}", "answer": "w5"})
-    (tasks / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tasks / "utils.py").write_text(TASK_UTILS)
-    (tasks / "dymu_tiny_vqa.yaml").write_text(VQA_YAML)
-    (tasks / "dymu_tiny_ll.yaml").write_text(LL_YAML)
+    # flat, gradient, stripes, textured ... images: different token counts
+    questions = [f"w{10 + i} w{20 + i}" for i in range(6)]
+    tasks = write_lmms_vqa_task(root / "tasks", "dymu_tiny_vqa", questions, max_new_tokens=3)
+    (tasks / "dymu_tiny_ll.yaml").write_text(LL_YAML)  # same questions, utils and images
     env = {"HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     mp = pytest.MonkeyPatch()
     for k, v in env.items():

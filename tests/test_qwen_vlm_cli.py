@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dymu import vlm
-from dymu.samples import image_set, make_image
-from dymu.testing import LMMS_TASK_UTILS, save_tiny_qwen_vlm
+from dymu.samples import make_image
+from dymu.testing import save_tiny_qwen_vlm, write_lmms_vqa_task
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +46,33 @@ def test_load_honours_the_config_block(checkpoints, family):
     assert vlm.vlm_state(stock) is None
     with pytest.raises(ValueError, match="downsample"):
         vlm.load(checkpoints[family], downsample="nearest")
+
+
+def test_enable_dymu_is_the_one_entry(checkpoints, caplog):
+    """``enable_dymu`` picks the Qwen adapter by the model's class: the same counts as ``enable_dymu_qwen``, logged
+    under the adapter's module; a OneVision model is sent to its own entry, ``enable_dymu_qwen`` refuses LLaVA."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dymu.testing import tiny_llava, tiny_onevision
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints["qwen2_vl"]).eval()
+    processor = AutoProcessor.from_pretrained(checkpoints["qwen2_vl"])
+    counts = {}
+    for enable in (vlm.enable_dymu, vlm.enable_dymu_qwen):
+        enable(model, [0.3, 0.3], vtu="exact")
+        assert vlm.vlm_state(model).family.name == "qwen2_vl" and vlm.dymu_vtu_mode(model) == "exact"
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dymu.vlm.qwen_vl"):
+            answers = vlm.answer(model, processor, images(), ["w1", "w2"], max_new_tokens=1)
+        assert "visual tokens per image" in caplog.text
+        counts[enable.__name__] = [a.visual_tokens for a in answers]
+        vlm.disable_dymu(model)
+    assert counts["enable_dymu"] == counts["enable_dymu_qwen"]
+    assert counts["enable_dymu"][0] < counts["enable_dymu"][1]  # flat < textured: the thresholds were used
+    with pytest.raises(ValueError, match="use enable_dymu_onevision"):
+        vlm.enable_dymu(tiny_onevision()[0])
+    with pytest.raises(ValueError, match="enable_dymu_qwen expects"):
+        vlm.enable_dymu_qwen(tiny_llava()[0])
 
 
 def test_baselines_keep_the_budget(checkpoints):
@@ -101,41 +128,13 @@ def test_dymu_generate_cli(checkpoints, tmp_path):
     assert "(2 visual tokens)" in runs["tome"].stdout
 
 
-VQA_YAML = """task: dymu_tiny_qwen_vqa
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: questions.jsonl
-test_split: test
-output_type: generate_until
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 2
-  do_sample: false
-process_results: !function utils.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 @pytest.mark.slow
 def test_lmms_eval_cli(checkpoints, tmp_path):
     """``--model dymu_qwen_vl`` through the real lmms-eval CLI: DyMU from the config block (counts follow the
     images) and ``method=tome,token_budget=2`` (every image keeps 2)."""
     pytest.importorskip("lmms_eval")
-    tasks = tmp_path / "tasks"
-    (tasks / "images").mkdir(parents=True)
-    rows = []
-    for i, img in enumerate(image_set(4, 64)):
-        img.save(tasks / "images" / f"{i}.png")
-        rows.append({"id": i, "image": f"images/{i}.png", "question": f"w{10 + i}", "answer": "w5"})
-    (tasks / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tasks / "utils.py").write_text(LMMS_TASK_UTILS)
-    (tasks / "dymu_tiny_qwen_vqa.yaml").write_text(VQA_YAML)
+    tasks = write_lmms_vqa_task(tmp_path / "tasks", "dymu_tiny_qwen_vqa", [f"w{10 + i}" for i in range(4)],
+                                max_new_tokens=2)
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     counts = {}

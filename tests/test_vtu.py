@@ -31,6 +31,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 from dymu.testing import plain_attention  # noqa: E402
+from vtu_helpers import definition_and_vtu_gradients, maxdiff, redraw_except_norms, vtu_logits  # noqa: E402
 
 from dymu.vtu import cache_kwarg, output_cache  # noqa: E402
 from dymu.vtu import (  # noqa: E402
@@ -65,10 +66,7 @@ def make_model(kind: str, seed: int = 0, **overrides) -> nn.Module:
     config = config_cls(**{**SMALL, **extra, **overrides})
     config._attn_implementation = "sdpa"
     model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
+    redraw_except_norms(model.named_parameters())
     model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable token by token
     return model
 
@@ -131,23 +129,12 @@ def reference_greedy(model: nn.Module, embeds: torch.Tensor, groups: torch.Tenso
     return out
 
 
-def vtu_logits(model: nn.Module, groups: list[torch.Tensor], embeds: list[torch.Tensor], **kw) -> list[torch.Tensor]:
-    batch = prepare_vtu(groups, **kw)
-    with torch.no_grad():
-        out = vtu_forward(model, batch, inputs_embeds=batch.pad(embeds))
-    return batch.unpad(out.logits)
-
-
 def greedy(model: nn.Module, groups: list[torch.Tensor], embeds: list[torch.Tensor], steps: int) -> list[list[int]]:
     batch = prepare_vtu(groups)
     with torch.no_grad():
         out = vtu_generate(model, batch, inputs_embeds=batch.pad(embeds), max_new_tokens=steps, do_sample=False,
                            pad_token_id=0)
     return out[:, -steps:].tolist()
-
-
-def maxdiff(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
 @torch.no_grad()
@@ -560,26 +547,10 @@ def test_forward_with_autograd_gives_the_definitions_gradients(kind):
     groups = [random_groups(gen, images=2), random_groups(gen, images=1)]
     embeds = [random_embeds(g, gen) for g in groups]
     weights = [torch.randn(int(g.max()) + 1, SMALL["vocab_size"], generator=gen) for g in groups]
-
-    def gradients(logits_of) -> list[torch.Tensor]:
-        model.zero_grad()
-        inputs = [e.clone().requires_grad_(True) for e in embeds]
-        loss = sum((logits * w).sum() for logits, w in zip(logits_of(inputs), weights))
-        loss.backward()
-        return [x.grad for x in inputs] + [model.model.layers[0].self_attn.k_proj.weight.grad.clone()]
-
-    with torch.enable_grad():
-        definition = reference_logits.__wrapped__  # without its no_grad
-        want = gradients(lambda xs: [definition(model, x, g) for x, g in zip(xs, groups)])
-        got = {}
-        for name, mode, blocked in (("fast blocked", "fast", True), ("fast sdpa", "fast", False),
-                                    ("exact", "exact", True)):
-            enable_vtu(model, mode)
-            batch = prepare_vtu(groups)
-            with vtu_kernels(prefill=None if blocked else "fast_sdpa"):
-                got[name] = gradients(
-                    lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
-    disable_vtu(model)
+    definition = reference_logits.__wrapped__  # without its no_grad
+    want, got = definition_and_vtu_gradients(
+        model, embeds, weights, model.model.layers[0].self_attn.k_proj.weight,
+        lambda xs: [definition(model, x, g) for x, g in zip(xs, groups)], lambda: prepare_vtu(groups))
     scale = max(float(w.abs().max()) for w in want)
     for name, grads in got.items():
         assert maxdiff(grads, want) <= 1e-4 * scale, name
@@ -593,10 +564,7 @@ def test_vlm_switches_only_the_text_model():
                               image_size=28, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**SMALL), image_token_id=SMALL["vocab_size"] - 1)
     vlm = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in vlm.model.language_model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
+    redraw_except_norms(vlm.model.language_model.named_parameters())
     vlm.set_attn_implementation("sdpa")
     enable_vtu(vlm, "fast")
     try:

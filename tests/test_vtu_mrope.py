@@ -25,17 +25,12 @@ from transformers import (  # noqa: E402
 )
 
 from dymu.vtu import (  # noqa: E402
-    concat_groups,
-    output_cache,
-    disable_vtu,
-    enable_vtu,
-    prepare_vtu,
-    vtu_context,
-    vtu_forward,
-    vtu_generate,
+    concat_groups, disable_vtu, enable_vtu, output_cache, prepare_vtu, vtu_context, vtu_forward, vtu_generate,
     vtu_kernels,
 )
 from dymu.vtu.mrope import mrope_components  # noqa: E402
+import vtu_helpers as helpers  # noqa: E402
+from vtu_helpers import maxdiff, redraw_except_norms  # noqa: E402
 
 HIDDEN, VOCAB, IMAGE = 64, 97, 96
 TEXT = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -67,10 +62,7 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = BUILDERS[kind]().eval()
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        for name, p in list(model.model.language_model.named_parameters()) + list(model.lm_head.named_parameters()):
-            if "norm" not in name:
-                p.normal_(0.0, 0.3)
+    redraw_except_norms(list(model.model.language_model.named_parameters()) + list(model.lm_head.named_parameters()))
     model.generation_config.eos_token_id = None  # fixed-length greedy runs, comparable token by token
     return model
 
@@ -179,10 +171,7 @@ def reference_step_logits(model, embeds, groups, positions, tokens: torch.Tensor
 
 
 def vtu_logits(model, groups, positions, embeds, **kw) -> list[torch.Tensor]:
-    batch = prepare_vtu(groups, positions=positions, **kw)
-    with torch.no_grad():
-        out = vtu_forward(model, batch, inputs_embeds=batch.pad(embeds))
-    return batch.unpad(out.logits)
+    return helpers.vtu_logits(model, groups, embeds, positions=positions, **kw)
 
 
 def generate_with_logits(model, groups, positions, embeds, steps: int):
@@ -199,10 +188,6 @@ def decode_errors(model, groups, positions, embeds, steps: int) -> tuple[torch.T
     refs = torch.stack([reference_step_logits(model, e, g, p, t)
                         for g, p, e, t in zip(groups, positions, embeds, tokens)])
     return (logits - refs).abs().amax(-1), logits
-
-
-def maxdiff(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
 def cases(model, layout: str, seed: int = 3):
@@ -364,26 +349,11 @@ def test_forward_with_autograd_gives_the_definitions_gradients():
     groups, positions, embeds, _ = cases(model, "padded", seed=12)
     gen = torch.Generator().manual_seed(13)
     weights = [torch.randn(e.shape[0], VOCAB, generator=gen) for e in embeds]
-    k_proj = model.model.language_model.layers[0].self_attn.k_proj
-
-    def gradients(logits_of) -> list[torch.Tensor]:
-        model.zero_grad()
-        inputs = [e.clone().requires_grad_(True) for e in embeds]
-        loss = sum((logits * w).sum() for logits, w in zip(logits_of(inputs), weights))
-        loss.backward()
-        return [x.grad for x in inputs] + [k_proj.weight.grad.clone()]
-
-    with torch.enable_grad():
-        definition = reference_logits.__wrapped__  # without its no_grad
-        want = gradients(lambda xs: [definition(model, x, g, p) for x, g, p in zip(xs, groups, positions)])
-        got = {}
-        for name, blocked in (("fast", True), ("fast sdpa", False), ("exact", True)):
-            enable_vtu(model, name.split()[0])
-            batch = prepare_vtu(groups, positions=positions)
-            with vtu_kernels(prefill=None if blocked else "fast_sdpa"):
-                got[name] = gradients(
-                    lambda xs: batch.unpad(vtu_forward(model, batch, inputs_embeds=batch.pad(xs)).logits))
-    disable_vtu(model)
+    definition = reference_logits.__wrapped__  # without its no_grad
+    want, got = helpers.definition_and_vtu_gradients(
+        model, embeds, weights, model.model.language_model.layers[0].self_attn.k_proj.weight,
+        lambda xs: [definition(model, x, g, p) for x, g, p in zip(xs, groups, positions)],
+        lambda: prepare_vtu(groups, positions=positions))
     scale = max(float(w.abs().max()) for w in want)
     for name, grads in got.items():
         assert maxdiff(grads, want) <= 1e-4 * scale, (name, maxdiff(grads, want), scale)

@@ -18,6 +18,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+import dymu
+
 Method = Literal["dymu", "tome", "prune", "random"]
 METHODS: tuple[str, ...] = ("dymu", "tome", "prune", "random")
 SELECTIONS = ("prune", "random")
@@ -43,8 +45,6 @@ def check_method(method: str, token_budget: Any, thresholds: Any, vtu: str | Non
 def configure_tome(tower: nn.Module, patches: int, token_budget: int, layer: int = -1) -> None:
     """Fixed-count ToMe on a patched tower: ``patches - token_budget`` merges, the same number in every block up to
     the one that produces hidden state ``layer`` (the feature layer; later blocks do not reach the LLM)."""
-    import dymu
-
     if token_budget > patches:
         raise ValueError(f"token_budget {token_budget} exceeds the {patches} patches per image")
     state = dymu.get_state(tower)

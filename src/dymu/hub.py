@@ -17,6 +17,9 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -27,14 +30,10 @@ def is_hub_name(name: object) -> bool:
 
 
 def offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE)
 
 
 def cache_dir() -> str:
-    from huggingface_hub import constants
-
     return str(constants.HF_HUB_CACHE)
 
 
@@ -52,8 +51,6 @@ def unavailable(repo: str, what: str, local_hint: str, detail: str = "") -> File
 
 def hub_file(repo: str, filename: str, *, what: str, local_hint: str) -> Path:
     """``filename`` of hub repository ``repo`` (from the cache, else downloaded); :func:`unavailable` if it cannot be."""
-    from huggingface_hub import hf_hub_download
-
     try:
         return Path(hf_hub_download(repo, filename))
     except (OSError, ValueError) as err:  # offline, no connection, unknown repository or file: one message
@@ -74,9 +71,6 @@ def explain(name: object, *, what: str, local_hint: str) -> Iterator[None]:
 def find_hub_file(repo: str, filenames: Sequence[str], *, what: str, local_hint: str) -> Path | None:
     """The first of ``filenames`` that repository ``repo`` holds: cached files first (no network), then, unless
     offline, downloaded. None if the repository holds none of them; :func:`unavailable` if it cannot be asked."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     for filename in filenames:
         cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
@@ -97,8 +91,6 @@ def find_hub_file(repo: str, filenames: Sequence[str], *, what: str, local_hint:
 
 
 def _short(err: Exception, filename: str = "") -> str:
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     if offline() and isinstance(err, LocalEntryNotFoundError):
         return ""  # "cannot find the requested files in the local cache": the message says so already
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -7,10 +7,44 @@ makes attention far from uniform so that position and masking bugs show.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    SiglipVisionConfig,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionConfig,
+)
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLVisionConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig, Qwen3VLVisionModel
+
+import dymu
+from dymu.samples import image_set
+from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
 
 # A word-level vocabulary: special tokens, chat words, and w0..w{N} filler words.
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:"]
@@ -34,9 +68,6 @@ def scale_weights(model: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Modul
 
 def word_tokenizer(num_words: int = 120):
     """A fast word-level tokenizer with ``<image>`` and ``<pad>`` tokens (ids 4 and 3)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = SPECIAL + [f"w{i}" for i in range(num_words - len(SPECIAL))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -54,8 +85,6 @@ def word_tokenizer(num_words: int = 120):
 
 
 def tiny_clip_vision_config(image_size: int = 56, patch_size: int = 14, layers: int = 4, hidden: int = 64, **kw):
-    from transformers import CLIPVisionConfig
-
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -68,8 +97,6 @@ def tiny_clip_vision_config(image_size: int = 56, patch_size: int = 14, layers: 
 
 
 def tiny_llama_config(vocab_size: int = 120, layers: int = 2, hidden: int = 64, **kw):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -87,8 +114,6 @@ def tiny_llama_config(vocab_size: int = 120, layers: int = 2, hidden: int = 64, 
 
 def tiny_llava(image_size: int = 56, seed: int = 0, std: float | None = 0.3, text_layers: int = 2, vision_layers: int = 4):
     """A tiny random ``LlavaForConditionalGeneration`` (CLIP tower + Llama) and its ``LlavaProcessor``."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     torch.manual_seed(seed)
     tokenizer = word_tokenizer()
     config = LlavaConfig(
@@ -126,8 +151,6 @@ def save_tiny_llava(directory: str | Path, **kw) -> Path:
 def plain_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of a stock Llama/Qwen2 attention module's weights over ``x [1, N, C]`` (eager math,
     before ``o_proj``): the reference VTU is checked against."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Qwen2's is the same function
-
     n, d = x.shape[1], attn.head_dim
     q = attn.q_proj(x).view(1, n, -1, d).transpose(1, 2)
     k = attn.k_proj(x).view(1, n, -1, d).transpose(1, 2)
@@ -144,9 +167,6 @@ def plain_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: to
 def find_and_save_thresholds(tower: nn.Module, pixel_values: torch.Tensor, r_total: int, path: str | Path) -> Path:
     """Find constant-schedule thresholds for ``tower`` on ``pixel_values`` and save them to ``path`` (the tower is
     left unpatched). Check them on other images: on the finding batch one edge per layer sits on its threshold."""
-    import dymu
-    from dymu.thresholds import ThresholdCheckpoint, merge_schedule, save_thresholds
-
     state = dymu.patch(tower)
     try:
         dymu.configure(tower, merge_counts=merge_schedule("constant", r_total, state.num_layers))
@@ -185,34 +205,62 @@ def ll_process_results(doc, results):
 '''
 
 
+LMMS_VQA_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: questions.jsonl
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_lmms_vqa_task(folder: Path, task: str, questions: list[str], *, max_new_tokens: int) -> Path:
+    """A tiny local lmms-eval VQA task in ``folder`` (its ``--include_path``): one image of
+    :func:`dymu.samples.image_set` (64 px, images of different complexity) per question, answer ``"w5"``,
+    :data:`LMMS_TASK_UTILS` as ``utils.py`` and ``<task>.yaml`` (exact match, greedy). Returns ``folder``."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (img, question) in enumerate(zip(image_set(len(questions), 64), questions)):
+        img.save(folder / "images" / f"{i}.png")
+        rows.append({"id": i, "image": f"images/{i}.png", "question": question, "answer": "w5"})
+    (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "utils.py").write_text(LMMS_TASK_UTILS)
+    (folder / f"{task}.yaml").write_text(LMMS_VQA_YAML.format(task=task, max_new_tokens=max_new_tokens))
+    return folder
+
+
 def tiny_qwen_vision_tower(family: str, depth: int = 4, std: float | None = 0.3, seed: int = 0) -> nn.Module:
     """A tiny random Qwen vision tower: ``"qwen2_vl"``, ``"qwen2_5_vl"`` (windows of 2×2 units, full attention in
     blocks 1 and 3) or ``"qwen3_vl"`` (DeepStack after blocks 0 and 2); width 32, 2 heads, output width 48."""
     torch.manual_seed(seed)
     if family == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel as Tower,
-            Qwen2VLVisionConfig as Config,
-        )
-
-        config = Config(depth=depth, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
+        config = Qwen2VLVisionConfig(depth=depth, embed_dim=32, hidden_size=48, num_heads=2, mlp_ratio=2)
+        tower_class = Qwen2VisionTransformerPretrainedModel
     elif family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel as Tower,
-            Qwen2_5_VLVisionConfig as Config,
-        )
-
-        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-                        window_size=56, fullatt_block_indexes=[i for i in range(depth) if i % 2 == 1])
+        config = Qwen2_5_VLVisionConfig(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                                        out_hidden_size=48, window_size=56,
+                                        fullatt_block_indexes=[i for i in range(depth) if i % 2 == 1])
+        tower_class = Qwen2_5_VisionTransformerPretrainedModel
     elif family == "qwen3_vl":
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig as Config
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Tower
-
-        config = Config(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-                        num_position_embeddings=16, deepstack_visual_indexes=list(range(0, depth - 1, 2)))
+        config = Qwen3VLVisionConfig(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     out_hidden_size=48, num_position_embeddings=16,
+                                     deepstack_visual_indexes=list(range(0, depth - 1, 2)))
+        tower_class = Qwen3VLVisionModel
     else:
         raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
-    tower = Tower._from_config(config, attn_implementation="sdpa").eval()
+    tower = tower_class._from_config(config, attn_implementation="sdpa").eval()
     return scale_weights(tower, std, seed) if std is not None else tower
 
 
@@ -224,16 +272,6 @@ def tiny_onevision(
 
     Crops of ``crop`` px (``(crop/patch)²`` patches each); grid pinpoints up to ``max_tiles × max_tiles`` crops.
     """
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
-
     torch.manual_seed(seed)
     tok = word_tokenizer()
     pins = [[crop * a, crop * b] for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1)]
@@ -277,8 +315,6 @@ def tiny_qwen_vlm(family: str, seed: int = 0, std: float | None = 0.3) -> nn.Mod
     """A tiny random Qwen VLM: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"`` with the tower of
     :func:`tiny_qwen_vision_tower` (depth 2) and a 2-layer M-RoPE text model (hidden 64, 4 heads / 2 KV heads);
     image / video / vision-start tokens 96 / 95 / 94; weights std ``std``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     torch.manual_seed(seed)
     tower = tiny_qwen_vision_tower(family, depth=2, std=None, seed=seed).config.to_dict()
     tower["out_hidden_size" if family != "qwen2_vl" else "hidden_size"] = 64
@@ -304,9 +340,6 @@ QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image
 def tiny_qwen_processor(patch_size: int = 14, max_cells: int = 16):
     """A ``Qwen2VLProcessor`` for :func:`tiny_qwen_vlm` (word-level vocabulary of 97 whose last ids are the vision
     tokens; images resized to at most ``max_cells`` LLM tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(QWEN_WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     special = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
@@ -322,8 +355,6 @@ def tiny_qwen_processor(patch_size: int = 14, max_cells: int = 16):
 
 def save_tiny_qwen_vlm(directory: str | Path, family: str, dymu_block: dict | None = None) -> Path:
     """Save :func:`tiny_qwen_vlm` and its processor to ``directory`` (config.json with ``dymu_block``)."""
-    import json
-
     model = tiny_qwen_vlm(family)
     model.save_pretrained(directory)
     tiny_qwen_processor(model.config.vision_config.patch_size).save_pretrained(directory)

@@ -1,16 +1,26 @@
 """Shared argument types and checks of the ``dymu`` sub-commands (not a command: the name starts with ``_``).
 
-Everything here is light (no torch import): the CLI builds every parser for ``dymu --help``.
+The CLI builds every parser for ``dymu --help``, so nothing here imports transformers at module level: the
+loaders (:mod:`dymu.vlm`, seconds to import) are imported where a command loads a model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dymu.baselines import METHODS
+from dymu.hub import hub_file, is_hub_name
+from dymu.merge import TOKEN_ORDERS
 
 SCHEDULES = ("constant", "linear", "reverse_linear")
 """Merge schedules, as every command spells them (``reverse-linear`` is accepted too)."""
+
 
 def int_at_least(minimum: int, why: str = ""):
     """An argparse ``type``: an int >= ``minimum`` (the message says what was expected, and ``why``)."""
@@ -71,8 +81,6 @@ def check_writable_file(path: str | Path, what: str = "output") -> Path:
 
 def add_token_order_argument(parser: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
     """``--token-order``: the DToMe token order after a merge (see :mod:`dymu.merge`)."""
-    from dymu.merge import TOKEN_ORDERS
-
     parser.add_argument(
         "--token-order", choices=TOKEN_ORDERS, default=default,
         help=f"{help}. authors: exactly the original code (a lone image takes its single-image path); batch / "
@@ -83,8 +91,6 @@ def add_token_order_argument(parser: argparse.ArgumentParser, *, default: str | 
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method``: DyMU or one of the baselines of :mod:`dymu.baselines` (with ``--token-budget`` K)."""
-    from dymu.baselines import METHODS
-
     parser.add_argument(
         "--method", choices=METHODS, default="dymu",
         help="dymu (default), or a baseline keeping --token-budget tokens per image: tome (fixed-count ToMe), "
@@ -105,54 +111,42 @@ def method_settings(args: argparse.Namespace) -> dict:
     return {"method": method, "token_budget": int(budget)}
 
 
-def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
-    """``dymu.vlm.load_llava`` with the options ``generate`` and ``eval`` share (``--thresholds``, ``--vtu``,
-    ``--threshold-offset``, ``--vision-tower``, ``--dtype``, ``--no-dymu``), moved to ``--device``."""
-    import torch
-
-    from dymu.vlm import load_llava
-
-    loaded, processor = load_llava(
-        model or args.model,
-        thresholds=args.thresholds,
-        vtu=args.vtu,
-        threshold_offset=args.threshold_offset,
-        vision_tower=args.vision_tower,
-        torch_dtype=getattr(torch, args.dtype),
-        dymu=False if args.no_dymu else None,
-        **method_settings(args),
-    )
-    return loaded.to(args.device), processor
-
-
-def load_vlm_from_args(args: argparse.Namespace, model: str | None = None):
-    """``dymu.vlm.load`` (LLaVA-1.5 or LLaVA-OneVision, by the checkpoint's config.json) with the options of
-    :func:`load_llava_from_args`, plus ``--downsample`` where the command has it; moved to ``--device``."""
-    import torch
-
-    from dymu.vlm import load
-
+def _load_from_args(load: Callable[..., tuple[Any, Any]], args: argparse.Namespace, model: str | None,
+                    **family_options: Any):
+    """``load`` with the options ``generate`` and ``eval`` share, moved to ``--device``."""
     loaded, processor = load(
         model or args.model,
         thresholds=args.thresholds,
         vtu=args.vtu,
         threshold_offset=args.threshold_offset,
-        vision_tower=getattr(args, "vision_tower", None),
-        downsample=getattr(args, "downsample", None),
         torch_dtype=getattr(torch, args.dtype),
         dymu=False if args.no_dymu else None,
+        **family_options,
         **method_settings(args),
     )
     return loaded.to(args.device), processor
 
 
+def load_llava_from_args(args: argparse.Namespace, model: str | None = None):
+    """``dymu.vlm.load_llava`` with the options ``generate`` and ``eval`` share (``--thresholds``, ``--vtu``,
+    ``--threshold-offset``, ``--vision-tower``, ``--dtype``, ``--no-dymu``), moved to ``--device``."""
+    from dymu.vlm import load_llava  # heavy (module docstring)
+
+    return _load_from_args(load_llava, args, model, vision_tower=args.vision_tower)
+
+
+def load_vlm_from_args(args: argparse.Namespace, model: str | None = None):
+    """``dymu.vlm.load`` (LLaVA-1.5 or LLaVA-OneVision, by the checkpoint's config.json) with the options of
+    :func:`load_llava_from_args`, plus ``--downsample`` where the command has it; moved to ``--device``."""
+    from dymu.vlm import load  # heavy (module docstring)
+
+    return _load_from_args(load, args, model, vision_tower=getattr(args, "vision_tower", None),
+                           downsample=getattr(args, "downsample", None))
+
+
 def checkpoint_model_type(path: str) -> str | None:
     """``model_type`` of a checkpoint folder's or hub repository's config.json (None for anything else, or where
     the repository cannot be had: the loader then says why)."""
-    import json
-
-    from dymu.hub import hub_file, is_hub_name
-
     config = Path(path) / "config.json"
     if is_hub_name(path):
         try:

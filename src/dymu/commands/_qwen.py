@@ -8,10 +8,20 @@ Encoding runs the checkpoint's own image processor (dynamic resolution: pixel_va
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+import torch
+
+import dymu
+from dymu import finding
+from dymu.data import SquashResize, load_image, read_image_list
+from dymu.encoders.names import checkpoint_dir
+from dymu.encoders.qwen_vl import image_cells, keep_fraction_merge_counts, tower_identity
 
 
 def _tower_and_processor(folder: str, dtype):
+    # transformers takes seconds to import and `dymu --help` imports every command module: imported when used
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
@@ -19,13 +29,6 @@ def _tower_and_processor(folder: str, dtype):
 
 
 def run_thresholds(args: argparse.Namespace, family: str) -> int:
-    import torch
-
-    from dymu.data import SquashResize, read_image_list
-    from dymu.encoders.names import checkpoint_dir
-    from dymu.encoders.qwen_vl import keep_fraction_merge_counts, tower_identity
-    from dymu.finding import find_thresholds
-
     if args.keep_percent is None:
         raise ValueError("a Qwen-VL checkpoint takes the budget as --keep-percent P (the -tome-<P>pct names), "
                          "not --r-total / --out-tokens")
@@ -43,7 +46,7 @@ def run_thresholds(args: argparse.Namespace, family: str) -> int:
     name = f"{tower_identity(family, tower.config)}-tome-{args.keep_percent}pct"
     output = Path(args.output) if args.output else checkpoint_dir() / f"{name}.safetensors"
     ip = processor.image_processor
-    result = find_thresholds(
+    result = finding.find_thresholds(
         tower, images, SquashResize(args.image_size, tuple(ip.image_mean), tuple(ip.image_std)),
         merge_counts=counts, schedule=schedule, batch_size=args.batch_size, output=output,
         resume=not args.restart, overwrite=args.overwrite, num_workers=args.num_workers,
@@ -59,14 +62,6 @@ def run_thresholds(args: argparse.Namespace, family: str) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    import dymu
-    from dymu.data import load_image
-    from dymu.encoders.qwen_vl import image_cells
-
     if args.thresholds is None:
         raise ValueError("a Qwen-VL checkpoint needs --thresholds (a -tome-<P>pct checkpoint file)")
     if args.token_budget is not None or args.per_layer:

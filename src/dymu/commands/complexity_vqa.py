@@ -13,6 +13,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+
+from dymu.complexity_vqa import generate, write
 
 NAME = "complexity-vqa"
 HELP = "write the generated VQA set of varying image complexity (images + questions JSON)"
@@ -28,10 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    from dymu.complexity_vqa import generate, write
-
     items = generate(args.seed, args.count, questions_per_image=args.questions_per_image, textured=args.textured)
     path = write(items, args.out)
     levels = Counter(it.level for it in items)

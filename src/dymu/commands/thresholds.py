@@ -35,6 +35,29 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from dymu import finding
+from dymu.commands._args import (
+    add_schedule_argument,
+    add_token_order_argument,
+    check_writable_file,
+    checkpoint_model_type,
+    int_at_least,
+)
+from dymu.commands._qwen import run_thresholds
+from dymu.data import read_image_list
+from dymu.encoders import inspect_encoder
+from dymu.encoders import loading as encoder_loading
+from dymu.encoders.hf_dinov2 import find_tower
+from dymu.encoders.names import checkpoint_dir, dymu_name, is_dymu_name, parse_dymu_name
+from dymu.output_lock import output_lock
+from dymu.thresholds import merge_schedule
 
 NAME = "thresholds"
 HELP = "find per-layer DToMe thresholds over an image dataset (resumable, multi-process with torchrun)"
@@ -42,8 +65,6 @@ INTERRUPTED = "the batches done so far are saved: run the same command again to 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_schedule_argument, add_token_order_argument, int_at_least
-
     parser.add_argument(
         "--model", required=True,
         help="DyMU name, transformers folder/hub name, installed weights name (dinov2-small) or open_clip:MODEL[:PRETRAINED]",
@@ -83,16 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_output(path, overwrite: bool) -> None:
     """Refuse before any work an output dymu could not write or read back, or would not replace."""
-    from dymu.commands._args import check_writable_file
-    from dymu.finding import resume_path
-
     if path.suffix != ".safetensors":
         raise ValueError(
             f"--output {path}: dymu writes threshold checkpoints as safetensors; give a name ending in .safetensors "
             f"(e.g. {path.with_suffix('.safetensors').name})"
         )
     check_writable_file(path, "the checkpoint")
-    if path.exists() and not overwrite and not resume_path(path).exists():
+    if path.exists() and not overwrite and not finding.resume_path(path).exists():
         raise ValueError(f"{path} exists; pass --overwrite to replace it (or give another --output)")
 
 
@@ -100,39 +118,20 @@ def _input_geometry(loaded, info) -> tuple[int, int | None]:
     """(patch tokens per image, input side) as the preprocessing makes them. A DINOv2 takes any input size, so
     its config's grid (37 x 37 for DINOv2-S) says nothing about the inputs, and its DyMU names carry the side;
     other encoders have a fixed grid (side None: not part of their names)."""
-    from dymu.encoders.hf_dinov2 import find_tower
-
     tower = find_tower(loaded.model) if info.encoder.startswith("dinov2") else None
     if tower is None:
         return info.input_tokens - int(info.protect_first), None
-    from PIL import Image
-
     patch = tower.config.patch_size
     h, w = loaded.preprocess(Image.new("RGB", (256, 256), (128, 128, 128))).shape[-2:]
     return (h // patch) * (w // patch), (int(h) if h == w else None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
-    from pathlib import Path
-
-    import torch
-
-    from dymu.data import read_image_list
-    from dymu.encoders import inspect_encoder
-    from dymu.encoders.loading import load_encoder
-    from dymu.encoders.names import checkpoint_dir, dymu_name, is_dymu_name, parse_dymu_name
-    from dymu.finding import find_thresholds, init_distributed
-    from dymu.output_lock import output_lock
-    from dymu.thresholds import merge_schedule
-
-    from dymu.commands._args import checkpoint_model_type
+    # dymu.vlm imports transformers (seconds) and `dymu --help` imports every command module: imported when used
     from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES
 
     family = checkpoint_model_type(args.model)
     if family in QWEN_MODEL_TYPES:
-        from dymu.commands._qwen import run_thresholds
-
         return run_thresholds(args, family)
     if args.keep_percent is not None:
         raise ValueError("--keep-percent is for Qwen-VL checkpoint folders; use --r-total or --out-tokens here")
@@ -143,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
         known = parse_dymu_name(args.model).checkpoint_path
     if known is not None:
         _check_output(known, args.overwrite)
-    rank, world, device = init_distributed()
+    rank, world, device = finding.init_distributed()
     locks = ExitStack()  # one run per output: a second one is refused, not mixed into the same resume state
     try:
         if known is not None and rank == 0:
             locks.enter_context(output_lock(known))
         images = read_image_list(args.data, args.image_dir, max_images=args.max_images)
-        loaded = load_encoder(args.model, weights=args.weights, device=args.device or device, dtype=getattr(torch, args.dtype))
+        loaded = encoder_loading.load_encoder(args.model, weights=args.weights, device=args.device or device, dtype=getattr(torch, args.dtype))
         info = inspect_encoder(loaded.model)
         patches, side = _input_geometry(loaded, info)
         schedule = args.schedule or "constant"
@@ -176,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         output = Path(args.output) if args.output else default_output
         if rank == 0:
             locks.enter_context(output_lock(output))  # (re-entrant where it is held already)
-        result = find_thresholds(
+        result = finding.find_thresholds(
             loaded.model,
             images,
             loaded.preprocess,
@@ -196,8 +195,6 @@ def run(args: argparse.Namespace) -> int:
             duplicates = images.duplicates()
             print(_report(result, info.encoder, patches, counts, schedule, world, images.without_image, duplicates))
     finally:
-        import torch.distributed as dist
-
         locks.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,14 +22,17 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+import dymu
+from dymu import visualize as viz
+from dymu.commands._args import add_schedule_argument, check_writable_file, int_at_least
 
 NAME = "visualize"
 HELP = "picture of DToMe's merge groups for an image, or complexity vs tokens over a folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dymu.commands._args import add_schedule_argument, int_at_least
-
     parser.add_argument("image", nargs="?", help="image file to draw the merge groups of")
     parser.add_argument("--scatter", metavar="FOLDER", help="plot complexity vs tokens kept over the images in FOLDER")
     parser.add_argument("--model", help="local transformers CLIP/SigLIP folder (default: the demo's random CLIP)")
@@ -45,18 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dymu import visualize as viz
-
     if (args.image is None) == (args.scatter is None):
         raise ValueError("give either an IMAGE or --scatter FOLDER (see dymu visualize --help)")
     try:
         viz.require_matplotlib()
     except ImportError as err:
         raise ValueError(str(err)) from None
-    from pathlib import Path
-
-    from dymu.commands._args import check_writable_file
-
     # check the inputs (and that the picture can be written) before building a model
     out = Path(args.out or ("complexity.png" if args.scatter else "merged.png"))
     check_writable_file(out, "the picture")
@@ -69,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         tower = viz.demo_tower(**({"r_total": args.r_total} if args.r_total is not None else {}), schedule=args.schedule)
         if thresholds is not None:
-            import dymu
-
             dymu.configure(tower.model, thresholds=thresholds)
             tower.thresholds = dymu.get_state(tower.model).thresholds.tolist()
             tower.description = "random CLIP ViT (demo); thresholds given"

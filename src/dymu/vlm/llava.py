@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration
 
 import dymu
 from dymu import baselines
@@ -36,8 +36,6 @@ from dymu.merge import TokenOrder
 from dymu.vlm import base
 from dymu.vtu import VTUMode
 
-logger = logging.getLogger(__name__)
-
 
 def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, processor: Any = None) -> int:
     """Placeholder tokens per image in the stock model (576 for CLIP ViT-L/14-336 with 'default'): the patch grid
@@ -45,8 +43,6 @@ def full_image_tokens(model: nn.Module, pixel_values: Tensor | None = None, proc
     which a DINOv2 tower's config does not give (518: it takes any input size), so a DINOv2 needs one of the two."""
     vc = model.config.vision_config
     if pixel_values is None and processor is not None:
-        from PIL import Image
-
         pixel_values = processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
     if pixel_values is not None:
         h, w = pixel_values.shape[-2:]
@@ -148,7 +144,8 @@ def enable_dymu(
     token_budget: int | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Make a stock ``LlavaForConditionalGeneration`` run DyMU (in place; returns the model).
+    """Make a stock ``LlavaForConditionalGeneration`` (or a Qwen-VL model: :mod:`dymu.vlm.qwen_vl`) run DyMU (in
+    place; returns the model); the family adapter is chosen by the model's class.
 
     ``thresholds=None`` keeps merging off (the model then reproduces the stock outputs). ``vtu`` selects
     virtual token unmerging in the language model: ``"fast"`` (default), ``"exact"``, or ``"off"`` (merged
@@ -158,12 +155,19 @@ def enable_dymu(
     ``seed + i``, or the call's ``selection_seeds=[...]``). ``token_order`` is passed to :func:`dymu.patch`
     (``None``: the checkpoint's order; ``"authors"`` lets a lone image keep other counts than inside a
     batch, as the original code does; ``"batch"``/``"single"`` make counts independent of the batch).
+    LLaVA-OneVision has its own entry, :func:`dymu.vlm.enable_dymu_onevision` (crop options, another default order).
     """
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration, got {type(model).__name__}")
+    try:
+        family = base.family_of(model)
+    except ValueError:
+        family = None
+    if family is None or family.name == "onevision":
+        raise ValueError(f"enable_dymu expects a LlavaForConditionalGeneration or a Qwen-VL model, got "
+                         f"{type(model).__name__}" + (": use enable_dymu_onevision" if family else ""))
     return base.enable(
-        model, LLAVA, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
-        token_order=token_order, method=method, token_budget=token_budget, seed=seed, log=logger,
+        model, family, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
+        token_order=token_order, method=method, token_budget=token_budget, seed=seed,
+        log=logging.getLogger(type(family).__module__),  # each family's counts under its own module's logger
     )
 
 

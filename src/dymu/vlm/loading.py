@@ -13,210 +13,50 @@ LLaVA checkpoints, ``LlavaLlamaForCausalLM`` with ``mm_vision_tower``) and LLaVA
   that leaves DyMU off.
 * original format: ``mm_vision_tower`` names the CLIP tower; naming a DyMU tower instead
   (``ViT-L-14-336-tome-72out``) turns DyMU on — the habit of the authors' code. transformers ships no
-  converter for these checkpoints: :func:`convert_original_llava` builds the llava-hf model in memory
-  (and ``dymu convert-llava`` saves it). Original LLaVA-OneVision checkpoints (``LlavaQwenForCausalLM``) are
-  not read: use their llava-hf conversions (e.g. ``llava-hf/llava-onevision-qwen2-7b-si-hf``).
+  converter for these checkpoints: :func:`convert_original_llava` (:mod:`dymu.vlm.original`) builds the
+  llava-hf model in memory (and ``dymu convert-llava`` saves it). Original LLaVA-OneVision checkpoints
+  (``LlavaQwenForCausalLM``) are not read: use their llava-hf conversions (e.g.
+  ``llava-hf/llava-onevision-qwen2-7b-si-hf``).
+* the config is read and the family told apart in :mod:`dymu.vlm.checkpoints`.
 """
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import (
-    AutoImageProcessor,
     AutoModelForImageTextToText,
     AutoProcessor,
-    AutoTokenizer,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessor,
     LlavaOnevisionForConditionalGeneration,
-    LlavaProcessor,
 )
 
-from dymu.encoders.names import is_dymu_name, parse_dymu_name
-from dymu.hub import explain, hub_file, is_hub_name
 from dymu.baselines import SELECTIONS, Method
+from dymu.data import describe_preprocess
+from dymu.encoders.names import is_dymu_name, parse_dymu_name
+from dymu.encoders.patching import resolve_thresholds_path
+from dymu.hub import explain, hub_file, is_hub_name
+from dymu.thresholds import load_thresholds
+from dymu.vlm.checkpoints import (  # noqa: F401  (re-exported: their home was this module)
+    LOCAL_HINT,
+    ONEVISION_MODEL_TYPE,
+    is_onevision,
+    is_original_llava,
+    is_original_onevision,
+    original_onevision_error,
+    read_config,
+)
 from dymu.vlm.llava import enable_dymu
 from dymu.vlm.onevision import Downsample, enable_dymu_onevision
+from dymu.vlm.original import LLAVA_V1_TEMPLATE, convert_original_llava, dymu_tower  # noqa: F401  (re-exported)
 from dymu.vlm.qwen_vl import MODEL_CLASSES as QWEN_MODEL_TYPES, enable_dymu_qwen
 from dymu.vlm.settings import ConfigBlock, settings_block
 from dymu.vtu import VTUMode
-
-# transformers' names for the original checkpoint's weights
-ORIGINAL_KEY_MAPPING = {
-    r"^model\.mm_projector\.0\.": "model.multi_modal_projector.linear_1.",
-    r"^model\.mm_projector\.2\.": "model.multi_modal_projector.linear_2.",
-    r"^model\.(embed_tokens|layers|norm)\.": r"model.language_model.\1.",
-}
-LLAMA_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "num_key_value_heads",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "max_position_embeddings",
-    "vocab_size",
-    "hidden_act",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
-    "attention_bias",
-)
-LLAVA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-LLAVA_V1_TEMPLATE = (
-    "{{ '" + LLAVA_V1_SYSTEM + "' }}"
-    "{% for m in messages %}{{ ' ' + m['role'].upper() + ': ' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
-)
-
-
-LOCAL_HINT = "or pass the checkpoint's local folder instead (--model FOLDER; library: load('/path/to/folder'))"
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a checkpoint folder or of a hub repository (cached, or downloaded unless offline)."""
-    if is_hub_name(path):
-        config_file = hub_file(str(path), "config.json", what=f"cannot load {path}", local_hint=LOCAL_HINT)
-    else:
-        config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        where = Path(path).absolute()
-        raise FileNotFoundError(
-            f"no config.json in {where}: expected a llava-hf or original LLaVA checkpoint folder, or a hub name"
-        )
-    return json.loads(config_file.read_text())
-
-
-def _tower_hint(tower: str) -> str:
-    return (
-        f"or pass a local copy of the CLIP tower {tower} with --vision-tower FOLDER "
-        "(library: vision_tower='/path/to/folder')"
-    )
-
-
-def is_original_llava(config: dict[str, Any]) -> bool:
-    return "mm_vision_tower" in config and config.get("model_type") != "llava"
-
-
-ONEVISION_MODEL_TYPE = "llava_onevision"
-
-
-def is_onevision(config: dict[str, Any]) -> bool:
-    """A llava-hf LLaVA-OneVision checkpoint (``LlavaOnevisionForConditionalGeneration``)."""
-    return config.get("model_type") == ONEVISION_MODEL_TYPE
-
-
-def is_original_onevision(config: dict[str, Any]) -> bool:
-    """An original LLaVA-OneVision / LLaVA-NeXT checkpoint (``LlavaQwenForCausalLM``, e.g. lmms-lab's), which
-    dymu does not read."""
-    return "mm_vision_tower" in config and (
-        "LlavaQwenForCausalLM" in (config.get("architectures") or []) or config.get("model_type") == "llava_qwen"
-    )
-
-
-def _original_onevision_error(path: str | Path) -> ValueError:
-    return ValueError(
-        f"{path} is an original LLaVA-OneVision checkpoint (LlavaQwenForCausalLM), which dymu does not read: use its "
-        "llava-hf conversion (e.g. llava-hf/llava-onevision-qwen2-7b-si-hf for lmms-lab/llava-onevision-qwen2-7b-si)"
-    )
-
-
-def dymu_tower(name: str):
-    """The parsed DyMU name if ``mm_vision_tower`` names a DyMU tower (``ViT-L-14-336-tome-72out``), else None."""
-    return parse_dymu_name(name) if is_dymu_name(name) else None
-
-
-def convert_original_llava(
-    path: str | Path,
-    *,
-    vision_tower: str | Path | None = None,
-    torch_dtype: torch.dtype | None = None,
-) -> tuple[nn.Module, Any, ConfigBlock]:
-    """Build a llava-hf ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from an original LLaVA-1.5 folder.
-
-    ``vision_tower`` overrides where the CLIP tower's weights are loaded from (a local folder or hub name);
-    by default ``mm_vision_tower`` is used, or for a DyMU name its base encoder. Returns the model, the processor
-    and the DyMU settings implied by ``mm_vision_tower`` (encoder set when it names a DyMU tower).
-    """
-    path = path if is_hub_name(path) else Path(path)
-    raw = read_config(path)
-    if not is_original_llava(raw):
-        raise ValueError(f"{path} is not an original LLaVA checkpoint (no mm_vision_tower in config.json)")
-    projector = raw.get("mm_projector_type", "linear")
-    if projector != "mlp2x_gelu":
-        raise ValueError(f"mm_projector_type {projector!r} is not supported; expected 'mlp2x_gelu' (LLaVA-1.5)")
-    tower_name = raw["mm_vision_tower"]
-    dymu_name = dymu_tower(tower_name)
-    settings = ConfigBlock(encoder=dymu_name.name if dymu_name else None)
-    tower_source = vision_tower or (dymu_name.hf_name if dymu_name else tower_name)
-    if tower_source is None:
-        raise ValueError(f"mm_vision_tower {tower_name!r} has no known weights: pass vision_tower=<folder or hub name>")
-    with explain(tower_source, what=f"cannot load the CLIP tower of {path} (mm_vision_tower)", local_hint=_tower_hint(tower_source)):
-        tower = CLIPVisionModel.from_pretrained(tower_source, dtype=torch_dtype)
-        base_processor = AutoImageProcessor.from_pretrained(tower_source)
-    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    added = [t for t in ("<image>", "<pad>") if t not in tokenizer.get_vocab()]
-    if added:
-        tokenizer.add_tokens(added, special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = "<pad>"
-    tokenizer.padding_side = "left"
-    text_config = LlamaConfig(**{k: raw[k] for k in LLAMA_KEYS if k in raw})
-    select = raw.get("mm_vision_select_feature", "patch")
-    if select not in ("patch", "cls_patch"):
-        raise ValueError(f"mm_vision_select_feature {select!r} is not supported; expected 'patch' or 'cls_patch'")
-    config = LlavaConfig(
-        vision_config=tower.config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default" if select == "patch" else "full",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-    )
-    with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, config=config, key_mapping=ORIGINAL_KEY_MAPPING, dtype=torch_dtype
-        )
-    model.model.vision_tower.load_state_dict(tower.state_dict())  # the tower is not in the original checkpoint
-    # transformers records the key mapping and reverts it in save_pretrained; a converted model must save as llava-hf
-    model.__dict__.pop("_weight_conversions", None)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.text_config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-
-    image_args = {
-        k: v for k, v in base_processor.to_dict().items() if k not in ("image_processor_type", "processor_class", "_processor_class")
-    }
-    # image_aspect_ratio 'pad': pad to a square with the mean colour before resizing, as LLaVA-1.5 does
-    image_processor = LlavaImageProcessor(**image_args, do_pad=raw.get("image_aspect_ratio") == "pad")
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=tower.config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_V1_TEMPLATE,
-    )
-    return model, processor, settings
 
 
 def load_llava(
@@ -246,42 +86,20 @@ def load_llava(
             "with dymu.vlm.load (any supported VLM) or dymu.vlm.load_onevision"
         )
     if is_original_onevision(raw):
-        raise _original_onevision_error(path)
+        raise original_onevision_error(path)
     if is_original_llava(raw):
-        model, processor, settings = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
-        settings = settings if settings.encoder is not None else None
+        model, processor, implied = convert_original_llava(path, vision_tower=vision_tower, torch_dtype=torch_dtype)
+        block = implied if implied.encoder is not None else None
     else:
-        with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-            processor = AutoProcessor.from_pretrained(path)
-        block = settings_block(raw)
-        settings = ConfigBlock.from_dict(block) if block is not None else None
-    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
-        return model, processor
-    settings = settings or ConfigBlock()
-    chosen = _fits_processor(_chosen_thresholds(path, settings, thresholds), processor) if method == "dymu" else thresholds
-    enable_dymu(
-        model,
-        chosen,
-        vtu=vtu or (None if method in SELECTIONS else settings.vtu),
-        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
-        method=method,
-        token_budget=token_budget,
-    )
+        model, processor, block = _load_stock(path, raw, "llava", LlavaForConditionalGeneration, torch_dtype)
+    _enable_as_asked(enable_dymu, model, path, block, dymu=dymu, thresholds=thresholds, vtu=vtu,
+                     threshold_offset=threshold_offset, method=method, token_budget=token_budget, processor=processor)
     return model, processor
 
 
 def _fits_processor(chosen: Any, processor: Any) -> Any:
     """The threshold checkpoint ``chosen`` names, checked against what ``processor`` makes of an image: another
     input size is refused now (not at the first image), another recorded preprocessing gets a warning."""
-    import warnings
-
-    from PIL import Image
-
-    from dymu.data import describe_preprocess
-    from dymu.encoders.patching import resolve_thresholds_path
-    from dymu.thresholds import load_thresholds
-
     if not isinstance(chosen, (str, Path)):
         return chosen
     ckpt = load_thresholds(resolve_thresholds_path(chosen))
@@ -311,19 +129,53 @@ def _chosen_thresholds(path: str | Path, settings: ConfigBlock, thresholds: Any)
 
 
 def _load_stock(
-    path: str | Path, raw: dict[str, Any], family: str, model_class: Any, torch_dtype: torch.dtype | None,
-    dymu: bool | None, thresholds: Any, method: Method,
+    path: str | Path, raw: dict[str, Any], family: str, model_class: Any, torch_dtype: torch.dtype | None
 ) -> tuple[nn.Module, Any, ConfigBlock | None]:
-    """The stock model and processor of a checkpoint folder, and its ``dymu`` block (checked before loading);
-    the block is ``None`` when DyMU stays off (no block, no thresholds, no baseline, and ``dymu`` not forced)."""
+    """The stock model and processor of a checkpoint folder, and its ``dymu`` block (checked before loading;
+    ``None`` where there is none)."""
     block = settings_block(raw)
     settings = ConfigBlock.from_dict(block, family=family) if block is not None else None
     with explain(path, what=f"cannot load {path}", local_hint=LOCAL_HINT):
         model = model_class.from_pretrained(path, dtype=torch_dtype).eval()
         processor = AutoProcessor.from_pretrained(path)
-    if dymu is False or (settings is None and thresholds is None and dymu is not True and method == "dymu"):
-        return model, processor, None
-    return model, processor, settings or ConfigBlock()
+    return model, processor, settings
+
+
+def _enable_as_asked(
+    enable: Callable[..., nn.Module],
+    model: nn.Module,
+    path: str | Path,
+    block: ConfigBlock | None,
+    *,
+    dymu: bool | None,
+    thresholds: Any,
+    vtu: VTUMode | None,
+    threshold_offset: float | None,
+    method: Method,
+    token_budget: int | None,
+    processor: Any = None,
+    **options: Any,
+) -> None:
+    """Call a family's ``enable`` with the keyword arguments over the block's settings, unless DyMU stays off
+    (``dymu=False``, or no block, no thresholds, no baseline and ``dymu`` not forced on). A selection baseline gets
+    ``vtu=None`` unless asked (its own default, ``"off"``); ``processor``: check DyMU's thresholds against it."""
+    if dymu is False or (block is None and thresholds is None and dymu is not True and method == "dymu"):
+        return
+    settings = block or ConfigBlock()
+    chosen = thresholds
+    if method == "dymu":
+        chosen = _chosen_thresholds(path, settings, thresholds)
+        if processor is not None:
+            chosen = _fits_processor(chosen, processor)
+    enable(
+        model,
+        chosen,
+        vtu=vtu or (None if method in SELECTIONS else settings.vtu),
+        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
+        method=method,
+        token_budget=token_budget,
+        **options,
+    )
 
 
 def load_onevision(
@@ -348,25 +200,15 @@ def load_onevision(
     raw = read_config(path)
     if not is_onevision(raw):
         if is_original_onevision(raw):
-            raise _original_onevision_error(path)
+            raise original_onevision_error(path)
         raise ValueError(
             f"{path} is not a LLaVA-OneVision checkpoint (model_type {raw.get('model_type')!r}, expected "
             f"{ONEVISION_MODEL_TYPE!r}): load LLaVA-1.5 with dymu.vlm.load or dymu.vlm.load_llava"
         )
-    model, processor, settings = _load_stock(
-        path, raw, "onevision", LlavaOnevisionForConditionalGeneration, torch_dtype, dymu, thresholds, method
-    )
-    if settings is None:
-        return model, processor
-    enable_dymu_onevision(
-        model,
-        _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
-        method=method,
-        token_budget=token_budget,
-        vtu=vtu or settings.vtu,
-        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
-        downsample=downsample or settings.downsample or "nearest",
-    )
+    model, processor, block = _load_stock(path, raw, "onevision", LlavaOnevisionForConditionalGeneration, torch_dtype)
+    downsample = downsample or (block.downsample if block else None) or "nearest"
+    _enable_as_asked(enable_dymu_onevision, model, path, block, dymu=dymu, thresholds=thresholds, vtu=vtu,
+                     threshold_offset=threshold_offset, method=method, token_budget=token_budget, downsample=downsample)
     return model, processor
 
 
@@ -389,19 +231,9 @@ def load_qwen(
     if raw.get("model_type") not in QWEN_MODEL_TYPES:
         raise ValueError(f"{path} is not a Qwen-VL checkpoint (model_type {raw.get('model_type')!r}, expected one "
                          f"of {', '.join(QWEN_MODEL_TYPES)})")
-    model, processor, settings = _load_stock(
-        path, raw, "qwen_vl", AutoModelForImageTextToText, torch_dtype, dymu, thresholds, method
-    )
-    if settings is None:
-        return model, processor
-    enable_dymu_qwen(
-        model,
-        _chosen_thresholds(path, settings, thresholds) if method == "dymu" else thresholds,
-        vtu=vtu or (None if method in SELECTIONS else settings.vtu),
-        threshold_offset=settings.threshold_offset if threshold_offset is None else threshold_offset,
-        method=method,
-        token_budget=token_budget,
-    )
+    model, processor, block = _load_stock(path, raw, "qwen_vl", AutoModelForImageTextToText, torch_dtype)
+    _enable_as_asked(enable_dymu_qwen, model, path, block, dymu=dymu, thresholds=thresholds, vtu=vtu,
+                     threshold_offset=threshold_offset, method=method, token_budget=token_budget)
     return model, processor
 
 

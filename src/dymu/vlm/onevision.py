@@ -5,10 +5,11 @@
 1. **DToMe in the SigLIP tower** (:func:`dymu.patch`): every crop of every image of the call — each image's base
    crop and its anyres tiles, as the stock processor makes them — goes through the patched tower as *one* batch
    of crops, each keeping its own number of tokens (``token_order="batch"`` by default: the authors' OneVision
-   code flattens the crops into a batch). By default the tower runs one call per crop (``crop_batching=
-   "per_image"``: no padding, the cost follows each crop's kept tokens; the same result as one padded call,
-   which ``"padded"`` selects; :func:`encode_images` alone defaults to ``"padded"``). The features are those of ``vision_feature_layer`` (stock default -1),
-   selected with ``dymu.encode(..., layer=vision_feature_layer)``.
+   code flattens the crops into a batch). :func:`enable_dymu_onevision` runs the tower one call per crop by default
+   (``crop_batching="per_image"``: no padding, the cost follows each crop's kept tokens; the same result as one
+   padded call, which ``"padded"`` selects); :func:`encode_images` called alone defaults to ``"padded"``. The
+   features are those of ``vision_feature_layer`` (stock default -1), selected with
+   ``dymu.encode(..., layer=vision_feature_layer)``.
 2. **One group map per image, on the stock layout.** The stock ``pack_image_features`` lays an image out as the
    base crop's ``h·w`` tokens, then the tiles stitched into one grid (row-major over the whole stitched image),
    unpadded, with ``image_newline`` after each row (multi-image prompts: base crop + one newline per image).
@@ -50,10 +51,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    image_size_to_num_patches,
+)
 
 import dymu
 from dymu import baselines
 from dymu.baselines import Method
+from dymu.data import load_image
 from dymu.encoders.encoding import Batching
 from dymu.merge import TokenOrder
 from dymu.vlm import base
@@ -77,10 +84,6 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def crops_per_image(model: nn.Module, image_sizes: Tensor, batch_num_images: Tensor | list[int] | None) -> list[int]:
     """Crops the stock ``get_image_features`` takes per image (base + tiles; 1 for images of multi-image prompts)."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import (
-        image_size_to_num_patches,
-    )
-
     config = _inner(model).config
     if batch_num_images is None:
         need = [True] * len(image_sizes)
@@ -99,10 +102,6 @@ def crops_per_image(model: nn.Module, image_sizes: Tensor, batch_num_images: Ten
 
 def _pack_codes(model: nn.Module, num_crops: int, image_size: Tensor, aspect: str) -> Tensor:
     """Stock ``pack_image_features`` run on integer codes ``crop·hw + patch`` (newline = -1) of one image."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import (
-        LlavaOnevisionModel,
-    )
-
     inner = _inner(model)
     vc = inner.config.vision_config
     hw = (vc.image_size // vc.patch_size) ** 2
@@ -335,8 +334,6 @@ def enable_dymu_onevision(
     ``"tome"`` (fixed-count ToMe keeping ``token_budget`` tokens per crop, :mod:`dymu.baselines`); the selections
     (``"prune"``, ``"random"``) are LLaVA-1.5 only for now.
     """
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     if not isinstance(model, LlavaOnevisionForConditionalGeneration):
         raise ValueError(
             f"enable_dymu_onevision expects a LlavaOnevisionForConditionalGeneration, got {type(model).__name__}"
@@ -382,8 +379,6 @@ def stock_visual_tokens(
 def image_crops(model: nn.Module, processor: Any, images: list[Any]) -> Tensor:
     """Every crop (base + anyres tiles) the stock model encodes for ``images`` (each a single-image prompt),
     as one ``[crops, 3, H, W]`` batch."""
-    from dymu.data import load_image
-
     out = processor.image_processor([load_image(i) for i in images], return_tensors="pt")
     crops = crops_per_image(model, out["image_sizes"], None)
     return _flat_crops(out["pixel_values"], crops)

@@ -25,7 +25,6 @@ Video is refused (``pixel_values_videos``): the tower merges frames but the VLM 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +33,9 @@ from torch import Tensor, nn
 
 import dymu
 from dymu import baselines
-from dymu.baselines import Method
-from dymu.merge import TokenOrder
 from dymu.vlm import base
-from dymu.vtu import VTUMode, prepare_vtu
-
-logger = logging.getLogger(__name__)
+from dymu.vlm.llava import enable_dymu
+from dymu.vtu import prepare_vtu
 
 MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -193,27 +189,19 @@ def family_for(model: nn.Module) -> QwenFamily | None:
 
 
 def enable_dymu_qwen(
-    model: nn.Module,
-    thresholds: dymu.encoders.ThresholdsLike | None = None,
-    *,
-    vtu: VTUMode | None = None,
-    threshold_offset: float = 0.0,
-    token_order: TokenOrder | None = None,
-    method: Method = "dymu",
-    token_budget: int | None = None,
-    seed: int = 0,
+    model: nn.Module, thresholds: dymu.encoders.ThresholdsLike | None = None, **settings: Any
 ) -> nn.Module:
     """Make a stock Qwen2-VL / Qwen2.5-VL / Qwen3-VL model run DyMU (in place; returns the model).
 
-    Arguments as :func:`dymu.vlm.enable_dymu`; ``thresholds=None`` keeps merging off (the stock outputs),
+    :func:`dymu.vlm.enable_dymu` (the one entry, which picks this adapter by the model's class) after checking that
+    ``model`` is a Qwen-VL model; keyword arguments as there (``vtu``, ``threshold_offset``, ``token_order``,
+    ``method``, ``token_budget``, ``seed``). ``thresholds=None`` keeps merging off (the stock outputs),
     ``token_budget`` counts tokens per image for the baselines."""
     family = family_for(model)
     if family is None or family.model_class not in {c.__name__ for c in type(model).__mro__}:
         raise ValueError(f"enable_dymu_qwen expects one of {', '.join(MODEL_CLASSES.values())}, "
                          f"got {type(model).__name__}")
-    return base.enable(model, family, thresholds=thresholds, vtu=vtu, threshold_offset=threshold_offset,
-                       token_order=token_order, method=method, token_budget=token_budget, seed=seed, log=logger,
-                       undo_hint="disable_dymu_qwen")
+    return enable_dymu(model, thresholds, **settings)
 
 
 def disable_dymu_qwen(model: nn.Module) -> nn.Module:

