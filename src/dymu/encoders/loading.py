@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dymu.data import hf_transform, size_entry, squash_transform
 from dymu.encoders.names import (
     KNOWN_BASES,
     DyMUName,
@@ -136,8 +137,6 @@ def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = No
             if is_hub_name(spec):
                 raise
             raise FileNotFoundError(f"cannot load {spec}: {err}") from err
-    from dymu.data import hf_transform, squash_transform
-
     # a folder is recorded by its absolute path, so a resumed run may name it differently
     source = str(local.resolve()) if local.is_dir() else spec
     if kind == "dinov2":  # any input size: one preprocessing per side (module doc)
@@ -149,10 +148,8 @@ def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = No
 
 def _crop_side(processor) -> int:
     """The side a DINOv2 processor's stock pipeline ends at (its crop size; 224 for dinov2-small)."""
-    from dymu.data import _get
-
     for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
-        side = _get(size, "height") if size is not None else None
+        side = size_entry(size, "height") if size is not None else None
         if side:
             return side
     raise ValueError(f"cannot tell the input side from {type(processor).__name__}; use a DyMU name with the side")
