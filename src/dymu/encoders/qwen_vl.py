@@ -20,8 +20,9 @@ The design (reasons and measurements in ``docs/qwen_vl.md``, "Vision tower"):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +70,9 @@ def make_block(parent: type) -> type:
         captured from ``attn.qkv``); the MLP runs on the merged tokens."""
 
         def forward(self, hidden_states: Tensor, cu_seqlens: Tensor, position_embeddings=None, **kwargs) -> Tensor:
-            units: UnitPass = self._dymu.units
+            units: UnitPass = self._dymu_dtome_state.units
             attn = units.attention(self.attn, self.norm1(hidden_states), cu_seqlens, position_embeddings, **kwargs)
-            hidden_states = units.merge(self._dymu_index, hidden_states + attn, self._dymu.take_keys())
+            hidden_states = units.merge(self._dymu_index, hidden_states + attn, self._dymu_dtome_state.take_keys())
             return hidden_states + self.mlp(self.norm2(hidden_states))
 
     return DToMeQwenVisionBlock
@@ -158,8 +159,7 @@ class UnitPass:
                                      f"({total} in the batch), only {candidates} can still merge; keep a larger "
                                      "share or spread the merges over more blocks")
                 merge, found = select(scores.reshape(1, -1), total)
-                # identical units score 1 + rounding; a threshold of 1 already merges nothing at inference
-                return merge.view_as(scores), min(found, 1.0)
+                return merge.view_as(scores), found
 
             new, found = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
                                     order=order, top=top, size_eps=EXACT_MEAN)
@@ -268,6 +268,34 @@ def check_call(grid_thw: Tensor, merge_size: int, kwargs: dict) -> None:
     if asked:
         raise ValueError(f"{', '.join(asked)} is not supported by a DToMe-patched Qwen vision tower "
                          "(token counts change between blocks)")
+
+
+def checked_call(tower: nn.Module, grid_thw: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """:func:`check_call`, then the stock ``(position_ids, cu_seqlens)`` of the call: each token's 2-D RoPE
+    position and the frame bounds."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids  # heavy: with a tower only
+
+    check_call(grid_thw, tower.spatial_merge_size, kwargs)
+    return get_vision_position_ids(grid_thw, tower.spatial_merge_size), get_vision_cu_seqlens(grid_thw)
+
+
+@contextlib.contextmanager
+def running(state: QwenDToMeState, units: "UnitPass") -> Iterator["UnitPass"]:
+    """Hold ``units`` on the state while the blocks run (they read it there); cleared after, even on an error."""
+    state.units = units
+    try:
+        yield units
+    finally:
+        state.units = None
+
+
+def pooled_output(state: QwenDToMeState, hidden_states: Tensor, images: list[MergedImage]):
+    """Keep ``images`` on the state; the stock output, ``pooler_output`` their features image by image."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling  # heavy: with a tower only
+
+    state.images = images
+    return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
+                                      pooler_output=torch.cat([m.features for m in images]))
 
 
 def image_cells(grid_thw: Tensor, merge_size: int) -> list[int]:
