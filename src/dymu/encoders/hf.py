@@ -70,6 +70,7 @@ def make_pooling_head(parent: type) -> type:
 
 def find_tower(model: nn.Module) -> tuple[nn.Module, str] | None:
     """The first CLIP/SigLIP vision model inside ``model`` (itself included) and its family."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     tower = first_instance(model, (CLIPVisionModel, SiglipVisionModel))

@@ -72,6 +72,7 @@ def make_final_norm(parent: type) -> type:
 
 def find_tower(model: nn.Module) -> nn.Module | None:
     """The first ``Dinov2Model`` inside ``model`` (itself included), or None."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import Dinov2Model
 
     return first_instance(model, Dinov2Model)
@@ -82,6 +83,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     tower = find_tower(model)
     if tower is None:
         return None
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import Dinov2ForImageClassification
 
     if isinstance(model, Dinov2ForImageClassification):

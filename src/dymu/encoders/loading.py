@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dymu import weights as dymu_weights
 from dymu.data import hf_transform, size_entry, squash_transform
 from dymu.encoders.names import (
     KNOWN_BASES,
@@ -36,6 +37,7 @@ from dymu.encoders.names import (
     known_dymu_names,
     parse_dymu_name,
 )
+from dymu.encoders.patching import inspect_encoder
 from dymu.hub import explain, is_hub_name
 
 
@@ -75,8 +77,6 @@ def load_encoder(
         loaded = _load(spec)
     loaded.model.to(device=device, dtype=dtype).eval()
     if dymu is not None:
-        from dymu.encoders import inspect_encoder
-
         state = inspect_encoder(loaded.model)
         identity, layers = state.encoder, state.num_layers
         if identity != dymu.base.encoder:
@@ -95,9 +95,8 @@ def _load(
 
 
 def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = None) -> LoadedEncoder:
+    # why: transformers' model modules take seconds to import; loaded with a model only
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, Dinov2Model, SiglipVisionModel
-
-    from dymu import weights as dymu_weights
 
     if spec in dymu_weights.REGISTRY:  # an installed weights name (FileNotFoundError says how to install it)
         spec = str(dymu_weights.resolve(spec))

@@ -7,7 +7,7 @@ the size bias, ``out_proj``. The CLS token is protected. open_clip's ``transform
 (older releases run the stack sequence-first); the block then transposes in and out.
 
 open_clip's SigLIP models (``ViT-SO400M-14-SigLIP-384``) wrap a timm ViT (``visual.trunk``); they are handled
-by :mod:`dymu.encoders.timm`.
+by :mod:`dymu.encoders.timm_vit`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     tower = find_tower(model)
     if tower is None:
         return None
+    # why: optional dependency (pip install 'dymu[openclip]')
     from open_clip.transformer import ResidualAttentionBlock
 
     blocks = list(tower.transformer.resblocks)

@@ -32,7 +32,8 @@ def make_tower(parent: type) -> type:
         merged)."""
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
-            from transformers.vision_utils import get_vision_window_index  # heavy: with a tower only
+            # why: transformers' model modules take seconds to import; loaded once a tower is patched
+            from transformers.vision_utils import get_vision_window_index
 
             position_ids, frame_bounds = checked_call(self, grid_thw, kwargs)
             unit = self.spatial_merge_unit
@@ -65,6 +66,7 @@ def make_tower(parent: type) -> type:
 
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen2.5-VL vision tower inside ``model``; None if there is none."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     tower = first_instance(model, Qwen2_5_VisionTransformerPretrainedModel)

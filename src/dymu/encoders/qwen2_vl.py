@@ -52,6 +52,7 @@ def make_tower(parent: type) -> type:
 
 
 def find_tower(model: nn.Module) -> nn.Module | None:
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     return first_instance(model, Qwen2VisionTransformerPretrainedModel)

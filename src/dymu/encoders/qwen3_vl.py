@@ -25,6 +25,7 @@ def make_tower(parent: type) -> type:
         merged)."""
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
+            # why: transformers' model modules take seconds to import; loaded once a tower is patched
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
             from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
@@ -64,6 +65,7 @@ def make_tower(parent: type) -> type:
 
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen3-VL vision tower inside ``model``; None if there is none."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     tower = first_instance(model, Qwen3VLVisionModel)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from dymu.encoders.base import DToMeState
 from dymu.finding import select_top_across_processes
 from dymu.merge import TokenState, dtome_step, select_top, spatial_order
+from dymu.thresholds import merge_schedule
 
 PositionRule = Literal["centroid", "first"]
 #: merges average units exactly: the authors' batch path divides by size + 1e-4 (dymu.merge), but they never merged
@@ -129,6 +130,7 @@ class UnitPass:
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         # the same function in all three families' modeling files
+        # why: transformers' model modules take seconds to import; loaded once a tower is patched
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
@@ -273,7 +275,8 @@ def check_call(grid_thw: Tensor, merge_size: int, kwargs: dict) -> None:
 def checked_call(tower: nn.Module, grid_thw: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
     """:func:`check_call`, then the stock ``(position_ids, cu_seqlens)`` of the call: each token's 2-D RoPE
     position and the frame bounds."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids  # heavy: with a tower only
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
     check_call(grid_thw, tower.spatial_merge_size, kwargs)
     return get_vision_position_ids(grid_thw, tower.spatial_merge_size), get_vision_cu_seqlens(grid_thw)
@@ -291,7 +294,8 @@ def running(state: QwenDToMeState, units: "UnitPass") -> Iterator["UnitPass"]:
 
 def pooled_output(state: QwenDToMeState, hidden_states: Tensor, images: list[MergedImage]):
     """Keep ``images`` on the state; the stock output, ``pooler_output`` their features image by image."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling  # heavy: with a tower only
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     state.images = images
     return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
@@ -341,8 +345,6 @@ def tower_identity(family: str, config) -> str:
 def keep_fraction_merge_counts(cells: int, keep: float, num_layers: int, schedule: str = "constant") -> list[int]:
     """Per-layer unit merges per frame that keep ``keep`` (0..1] of ``cells`` merged-grid cells on the finding
     images (the ``-tome-<P>pct`` names of docs/qwen_vl.md)."""
-    from dymu.thresholds import merge_schedule
-
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
     counts = merge_schedule(schedule, cells - max(1, round(keep * cells)), num_layers)

@@ -80,6 +80,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
                 "pip install 'timm>=1.0'"
             )
         return None
+    # why: optional dependency (pip install 'dymu[openclip]')
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 

@@ -59,7 +59,8 @@ def load_tower(
     ``thresholds``: a threshold checkpoint path or per-layer floats; if None they are found on the
     built-in images with ``r_total`` merges (default: merge to 1/8 of the patches, like 72out of 576).
     """
-    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel  # heavy: on use
+    # why: transformers' model modules take seconds to import; loaded with a model folder only
+    from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
     path = Path(path)
     if not path.is_dir():
