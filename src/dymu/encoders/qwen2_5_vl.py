@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dymu.encoders.base import first_instance
-from dymu.encoders.qwen2_vl import patch_tower
+from dymu.encoders.qwen2_vl import patch_first_tower
 from dymu.encoders.qwen_vl import (
     QwenDToMeState,
     UnitPass,
@@ -69,7 +68,4 @@ def patch_model(model: nn.Module) -> QwenDToMeState | None:
     # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    tower = first_instance(model, Qwen2_5_VisionTransformerPretrainedModel)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen2_5_vl", make_tower, tower.config.num_heads)
+    return patch_first_tower(model, Qwen2_5_VisionTransformerPretrainedModel, "qwen2_5_vl", make_tower)

@@ -51,13 +51,6 @@ def make_tower(parent: type) -> type:
     return DToMeQwen2VisionTower
 
 
-def find_tower(model: nn.Module) -> nn.Module | None:
-    # why: transformers' model modules take seconds to import; loaded once a tower is patched
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    return first_instance(model, Qwen2VisionTransformerPretrainedModel)
-
-
 def patch_tower(tower: nn.Module, family: str, tower_factory, num_heads: int) -> QwenDToMeState:
     """Swap the tower's and its blocks' classes (shared by the three Qwen adapters)."""
     config = tower.config
@@ -79,9 +72,15 @@ def patch_tower(tower: nn.Module, family: str, tower_factory, num_heads: int) ->
     return state
 
 
+def patch_first_tower(model: nn.Module, tower_class: type, family: str, tower_factory) -> QwenDToMeState | None:
+    """Patch the first ``tower_class`` inside ``model`` (shared by the three Qwen adapters); None if there is none."""
+    tower = first_instance(model, tower_class)
+    return None if tower is None else patch_tower(tower, family, tower_factory, tower.config.num_heads)
+
+
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen2-VL vision tower inside ``model``; None if there is none."""
-    tower = find_tower(model)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen2_vl", make_tower, tower.config.num_heads)
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return patch_first_tower(model, Qwen2VisionTransformerPretrainedModel, "qwen2_vl", make_tower)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders.base import first_instance
-from dymu.encoders.qwen2_vl import patch_tower
+from dymu.encoders.qwen2_vl import patch_first_tower
 from dymu.encoders.qwen_vl import QwenDToMeState, UnitPass, checked_call, image_cells, running
 
 
@@ -68,7 +67,4 @@ def patch_model(model: nn.Module) -> QwenDToMeState | None:
     # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    tower = first_instance(model, Qwen3VLVisionModel)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen3_vl", make_tower, tower.config.num_heads)
+    return patch_first_tower(model, Qwen3VLVisionModel, "qwen3_vl", make_tower)
