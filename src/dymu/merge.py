@@ -82,7 +82,7 @@ from dymu.token_order import TOKEN_ORDERS, TokenOrder, merge_path, spatial_order
 Mode = Literal["off", "find", "infer", "fixed"]
 # how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score,
 # "first_patch" = each token at its earliest member's place
-Layout = Literal["index", "score", "first_patch"]
+TokenLayout = Literal["index", "score", "first_patch"]
 #: the authors' batch path divides a merged sum by ``size + AUTHORS_BATCH_EPS`` (``batch_level_merge_wavg``)
 AUTHORS_BATCH_EPS = 1e-4
 
@@ -169,7 +169,7 @@ def merge_tokens(
     merge: Tensor,
     dst: Tensor,
     *,
-    layout: Layout = "index",
+    layout: TokenLayout = "index",
     scores: Tensor | None = None,
     rows: Tensor | None = None,
     padded: bool | None = None,
@@ -306,7 +306,7 @@ def dtome_step(
         eps = size_eps or 0.0
         if path == "first_patch":
             return merge_tokens(state, merge, dst, layout="first_patch", padded=padded, size_eps=eps), found
-        layout: Layout = "index" if protect_first else "score"
+        layout: TokenLayout = "index" if protect_first else "score"
         rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
         return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded,
                             size_eps=eps), found
