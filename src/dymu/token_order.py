@@ -36,6 +36,7 @@ Default token order per entry point, and why:
   code merges a lone image, whatever else shares its batch, so a score does not depend on the batch size and a
   resumed run equals an uninterrupted one;
 * the Qwen-VL towers: ``"batch"`` — the authors never merged them; one path for every batch;
+* ``dymu generate`` and :func:`dymu.vlm.load`: the family's default above;
 * :func:`dymu.encode` with ``batching="per_image"``: ``"authors"`` runs as ``"batch"`` for a batch of several
   images, because the padded call it stands in for takes the batch path there (a lone-image call would take the
   single path and give other counts).
