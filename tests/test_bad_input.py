@@ -577,9 +577,9 @@ def test_encode_preprocesses_the_upright_image(clip, tmp_path, capsys, monkeypat
 
 
 def test_alpha_is_composited_on_white_and_said_once(tmp_path, monkeypatch):
-    import dymu.data
+    import dymu.data.images
 
-    monkeypatch.setattr(dymu.data, "_alpha_reported", False)
+    monkeypatch.setattr(dymu.data.images, "_alpha_reported", False)
     rgba = np.zeros((8, 8, 4), np.uint8)  # black, fully transparent ...
     rgba[:4, :, :] = (0, 200, 0, 255)  # ... under an opaque green top half
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
@@ -850,8 +850,8 @@ def test_sigterm_to_the_process_group_with_loading_workers_is_one_clean_line(cli
     root, model_dir, images, _ = clip
     (tmp_path / "many.json").write_text(json.dumps([{"image": p.name} for p in sorted(images.iterdir())] * 6))
     slow_reader = (
-        "import sys, time\nimport dymu.data\nread = dymu.data.load_image\n"
-        "dymu.data.load_image = lambda p: (time.sleep(0.3), read(p))[1]  # a slow disk\n"
+        "import sys, time\nimport dymu.data.image_lists as lists\nread = lists.load_image\n"
+        "lists.load_image = lambda p: (time.sleep(0.3), read(p))[1]  # a slow disk\n"
         "from dymu.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "t.safetensors"

@@ -229,18 +229,21 @@ def test_size_bias():
     torch.testing.assert_close(prop[1], dup[1:4].sum())
 
 
-def test_assignment_matches_source_map():
+def test_source_map_covers_and_averages():
     torch.manual_seed(7)
     x = torch.randn(2, 12, 3)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 9:] = False
     state, _ = run_infer(x * mask[..., None], lambda s: s.x, [0.0, 0.0], False, mask)
-    A = state.assignment()
     for b, n0 in enumerate([12, 9]):
         n = int(state.num_tokens[b])
-        assert torch.equal(A[b, :n, :n0].sum(0), torch.ones(n0))
-        assert torch.equal(A[b].sum(1), state.sizes[b])
-        torch.testing.assert_close(A[b, :n, :n0] @ x[b, :n0] / state.sizes[b, :n, None], state.x[b, :n])
+        smap = state.source_map[b]
+        assert torch.equal(smap[n0:], torch.full((12 - n0,), -1))  # padding stays uncovered
+        members = smap[:n0]
+        # every real token covers exactly `size` original positions and is their mean
+        assert torch.equal(torch.bincount(members, minlength=n).float(), state.sizes[b, :n])
+        means = torch.zeros(n, 3).index_add_(0, members, x[b, :n0]) / state.sizes[b, :n, None]
+        torch.testing.assert_close(means, state.x[b, :n])
 
 
 # ---------------------------------------------------------------- bad input

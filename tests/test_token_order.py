@@ -392,3 +392,18 @@ def test_vtu_output_does_not_depend_on_the_merged_token_order(mode):
     torch.testing.assert_close(permuted[3:8], spatial[3:8][perm], rtol=0, atol=1e-5)
     off_spatial, off_permuted = logits("off", image, local), logits("off", image[perm], inverse[local])
     assert float((off_permuted[8:] - off_spatial[8:]).abs().max()) > 1e-2
+
+
+def test_vocabulary_table_is_what_merge_path_runs():
+    """The table in ``dymu.token_order``'s module doc (the one place that says which merge path each token order
+    runs) agrees with :func:`merge_path`, row by row."""
+    import dymu.token_order as vocabulary
+
+    rows = [line.split() for line in vocabulary.__doc__.splitlines() if line.startswith('``"')]
+    assert [row[0].strip('`"') for row in rows] == list(vocabulary.TOKEN_ORDERS)
+    for order, single, several, finding, *_ in rows:
+        order = order.strip('`"')
+        assert vocabulary.merge_path(order, "infer", 1) == single.strip("`")
+        assert vocabulary.merge_path(order, "infer", 4) == several.strip("`")
+        assert vocabulary.merge_path(order, "find", 4) == finding.strip("`")
+        assert vocabulary.merge_path(order, "fixed", 1) == finding.strip("`")

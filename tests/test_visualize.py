@@ -143,5 +143,5 @@ def test_local_model_folder(tmp_path, tower):
     assert len(local.thresholds) == 2 and "built-in" in local.description
     view = viz.merge_view(local, make_image("flat", 56))
     assert view.grid == (4, 4) and view.num_groups < 16
-    given = viz.load_tower(tmp_path / "clip", viz.parse_thresholds("0.5,0.5"))
+    given = viz.load_tower(tmp_path / "clip", viz.parse_checkpoint_or_floats("0.5,0.5"))
     assert given.thresholds == [0.5, 0.5]

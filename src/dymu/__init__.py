@@ -2,13 +2,17 @@
 
 Core pieces:
 
-* :mod:`dymu.merge` – the DToMe merge algorithm (pure torch).
+* :mod:`dymu.merge` – the DToMe merge algorithm (pure torch); :mod:`dymu.selection` – which tokens merge per mode;
+  :mod:`dymu.token_order` – token orders, merge paths and each entry point's default.
 * :mod:`dymu.thresholds` – merge schedules, threshold statistics and checkpoints.
 * :mod:`dymu.encoders` – ``dymu.patch(model, thresholds=…)`` makes a stock vision encoder merge;
   ``dymu.encode(model, pixel_values, layer=-2)`` returns per-image merged features, sizes and source maps.
 * :mod:`dymu.vtu` – virtual token unmerging in RoPE decoders (``enable_vtu``, ``prepare_vtu``, ``vtu_context``).
-* :mod:`dymu.vlm` – whole VLMs (LLaVA-1.5, LLaVA-OneVision): ``load``, ``enable_dymu``; one path for every family
-  (:mod:`dymu.vlm.base`); :mod:`dymu.baselines` – ToMe, CLS-attention pruning, random dropping (``method=``).
+* :mod:`dymu.vlm` – whole VLMs (LLaVA-1.5, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL / Qwen3-VL): ``load``,
+  ``enable_dymu``; one path for every family (:mod:`dymu.vlm.base`); :mod:`dymu.baselines` – ToMe, CLS-attention
+  pruning, random dropping (``method=``).
+* :mod:`dymu.data` – reading images, image lists for threshold finding, preprocessing transforms;
+  :mod:`dymu.visualize` – pictures of the merge groups and complexity vs tokens.
 """
 
 from __future__ import annotations

@@ -17,14 +17,14 @@ Source map
 ----------
 ``source_map [B, N0]`` (long) gives, for every *original* position, the index of
 the current token that covers it (-1 for an original position that was padding).
-It is O(N0) per image instead of a dense N x N0 matrix; the dense 0/1 form is
-:meth:`TokenState.assignment`.
+It is O(N0) per image instead of a dense N x N0 matrix.
 
 Token order after a merge
 -------------------------
 The order decides the next layer's even/odd split, so it is part of the
-algorithm. The original DyMU code has two paths, and ``order`` (see
-:data:`TOKEN_ORDERS`) picks how to follow them:
+algorithm. The original DyMU code has two paths (the merge paths; which one a
+``token_order`` runs for B=1 and B>1, and each entry point's default, are in
+:mod:`dymu.token_order`):
 
 * their *batch path* (``batch_level_bipartite_soft_matching`` +
   ``batch_level_merge_wavg``: finding, and inference of several images): at every
@@ -44,20 +44,12 @@ algorithm. The original DyMU code has two paths, and ``order`` (see
   (SigLIP) in descending order of their best score; at most
   ``(n - protected) // 2`` merges; the average divides by ``size`` exactly.
 
-``"authors"`` (default) does exactly what their code does for the batch given: the
-single-image path for a lone image at inference, the batch path otherwise — so an
-image alone and inside a batch can keep different counts, as there.
-``"batch"`` and ``"single"`` apply one path to every batch (B=1 included; finding
-always takes the batch path), so results do not depend on the batch.
-``"raster"`` (dymu 0.1) puts a merged token at its earliest member's place: the
-tokens stay in the raster order of their first original patch.
-Every step that takes the batch path with thresholds or finding (``"authors"`` on
-several images, ``"batch"``, finding, OneVision's crops in ``"batch"`` order)
-divides by ``size + 1e-4``; the single path, ``"raster"`` and the fixed-count ToMe
-baseline (ToMe's ``merge_wavg``) divide by ``size``. dymu accumulates the sums in
-float32 (float64 for float64 inputs) where their code computes in the input's
-dtype, so half-precision runs agree with theirs up to rounding only.
-Thresholds found in ``"authors"``, ``"batch"`` and ``"single"`` order are identical.
+dymu's own *first-patch path* (token order ``"raster"``, dymu 0.1) puts a merged
+token at its earliest member's place. The single path, the first-patch path and
+the fixed-count ToMe baseline (ToMe's ``merge_wavg``) divide by ``size``. dymu
+accumulates the sums in float32 (float64 for float64 inputs) where their code
+computes in the input's dtype, so half-precision runs agree with theirs up to
+rounding only.
 
 Matching (ToMe's bipartite soft matching, made dynamic)
 -------------------------------------------------------
@@ -76,7 +68,6 @@ source nor a destination; padded slots never match. Then either
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -84,13 +75,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dymu.selection import as_float32, descending_rank, select_above, select_top, select_top_per_row  # noqa: F401
 from dymu.threads import small_ops
+from dymu.token_order import TOKEN_ORDERS, TokenOrder, merge_path, spatial_order  # noqa: F401  (public here too)
 
 Mode = Literal["off", "find", "infer", "fixed"]
-TokenOrder = Literal["authors", "batch", "single", "raster"]
-TOKEN_ORDERS: tuple[str, ...] = ("authors", "batch", "single", "raster")
-# how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score
-Layout = Literal["index", "score", "raster"]
+# how merge_tokens lays tokens out: "index" = [unmerged A, B] by index, "score" = unmerged A by descending score,
+# "first_patch" = each token at its earliest member's place
+TokenLayout = Literal["index", "score", "first_patch"]
 #: the authors' batch path divides a merged sum by ``size + AUTHORS_BATCH_EPS`` (``batch_level_merge_wavg``)
 AUTHORS_BATCH_EPS = 1e-4
 
@@ -128,14 +120,6 @@ class TokenState:
     def unpad(self) -> list[Tensor]:
         """Per-image hidden states without padding, ``[n_b, C]`` each."""
         return [self.x[b, :n] for b, n in enumerate(self.num_tokens.tolist())]
-
-    def assignment(self) -> Tensor:
-        """Dense ``[B, N, N0]`` 0/1 matrix: token i covers original position j."""
-        B, N = self.sizes.shape
-        out = torch.zeros(B, N + 1, self.source_map.shape[1], dtype=self.x.dtype, device=self.x.device)
-        index = torch.where(self.source_map >= 0, self.source_map, N)
-        out.scatter_(1, index[:, None, :], 1.0)
-        return out[:, :N]
 
 
 def _check_mask(mask: Tensor, shape: tuple[int, int]) -> None:
@@ -180,92 +164,12 @@ def bipartite_scores(
     return scores, dst * 2 + 1
 
 
-def select_top(scores: Tensor, r: int) -> tuple[Tensor, float]:
-    """Finding mode: merge the ``B * r`` best edges of the whole batch.
-
-    Ties are broken by position (earlier image, then earlier token), so the choice
-    is deterministic. Returns the merge flags ``[B, Na]`` and the threshold: the
-    highest score that was not merged, clamped to >= 0. A layer with ``r == 0``
-    merges nothing and gets threshold 1.0, as the authors' code leaves it (no
-    cosine score is above 1, see :func:`select_above`).
-    """
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
-    if r == 0:
-        return torch.zeros_like(scores, dtype=torch.bool), 1.0
-    k = scores.shape[0] * r
-    flat = scores.flatten()
-    candidates = int(torch.isfinite(flat).sum())
-    if k > candidates:
-        raise ValueError(
-            f"cannot merge {r} tokens per image ({k} in the batch): only {candidates} tokens can still merge; "
-            "lower r_total or use fewer layers"
-        )
-    order = torch.sort(flat, descending=True, stable=True).indices
-    merge = torch.zeros_like(flat, dtype=torch.bool)
-    merge[order[:k]] = True
-    next_best = float(flat[order[k]]) if k < candidates else 0.0
-    return merge.view_as(scores), max(next_best, 0.0)
-
-
-def select_top_per_row(scores: Tensor, r: int) -> tuple[Tensor, float]:
-    """Fixed mode (ToMe): merge each image's ``r`` best edges (ties by position). Returns the merge flags
-    ``[B, Na]`` and, for :func:`dtome_step`'s signature, 1.0 (no threshold is found)."""
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
-    candidates = int(torch.isfinite(scores).sum(1).min()) if scores.numel() else 0
-    if r > candidates:
-        raise ValueError(f"cannot merge {r} tokens in every image: one image has only {candidates} tokens that can "
-                         "still merge; lower r")
-    merge = _descending_rank(scores) < r
-    return merge, 1.0
-
-
-def select_above(scores: Tensor, threshold: float | Tensor, max_per_row: Tensor | int | None = None) -> Tensor:
-    """Inference mode: merge every A token whose score is strictly above the threshold.
-
-    A threshold >= 1 merges nothing (cosine scores are <= 1; rounding must not make
-    identical tokens merge at a layer the authors skip). ``max_per_row`` (an int or
-    ``[B]``) keeps only the best that many per image (the authors' single-image cap).
-    """
-    if isinstance(threshold, (int, float)):  # a number (the usual case): decided in Python, one comparison op
-        if math.isnan(threshold):
-            raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
-        threshold = _as_float32(threshold)  # the scores' precision, as a tensor threshold would compare
-        merge = scores > threshold if threshold < 1.0 else torch.zeros_like(scores, dtype=torch.bool)
-    else:
-        threshold = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
-        if bool(torch.isnan(threshold).any()):
-            raise ValueError("threshold is NaN; expected a finite number or +inf (merge nothing)")
-        merge = (scores > threshold) & (threshold < 1.0)
-    if max_per_row is not None:
-        cap = torch.as_tensor(max_per_row, device=scores.device).reshape(-1, 1)
-        if bool((merge.sum(1, keepdim=True) > cap).any()):
-            merge &= _descending_rank(scores) < cap
-    return merge
-
-
-def _as_float32(value: float) -> float:
-    """``value`` rounded to float32 (beyond its range: ±inf), without a tensor op."""
-    try:
-        return struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:
-        return math.copysign(math.inf, value)
-
-
-def _descending_rank(scores: Tensor) -> Tensor:
-    """[B, Na] long: each entry's place in its row sorted by descending score (ties: lower index first)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
-
-
 def merge_tokens(
     state: TokenState,
     merge: Tensor,
     dst: Tensor,
     *,
-    layout: Layout = "index",
+    layout: TokenLayout = "index",
     scores: Tensor | None = None,
     rows: Tensor | None = None,
     padded: bool | None = None,
@@ -276,8 +180,8 @@ def merge_tokens(
     ``merge [B, Na]`` flags the A tokens (even indices) that merge; ``dst [B, Na]``
     their partners (odd full indices). Sizes add; the result is re-compacted in
     ``layout`` order: ``"index"`` (unmerged A, then B, each by index), ``"score"``
-    (unmerged A by descending ``scores``, then B by index) or ``"raster"`` (each
-    token at its earliest member's place). Padding goes last. ``rows [B]`` (bool):
+    (unmerged A by descending ``scores``, then B by index) or ``"first_patch"``
+    (each token at its earliest member's place). Padding goes last. ``rows [B]`` (bool):
     only these images are re-laid, the others keep their order. ``padded``: whether
     any slot is padding, if the caller knows (saves a check). ``size_eps``: every
     token's sum is divided by ``size + size_eps`` (the authors' batch path:
@@ -294,7 +198,7 @@ def merge_tokens(
     target[:, ::2] = torch.where(merge, dst, target[:, ::2])
     kept = mask.clone()
     kept[:, ::2] &= ~merge
-    if layout == "raster":
+    if layout == "first_patch":
         key = torch.full((B, N), N, device=device).scatter_reduce(1, target, positions.expand(B, N), "amin")
     elif layout == "index":
         key = positions + (positions % 2) * N  # A tokens by index, then B tokens by index
@@ -302,9 +206,9 @@ def merge_tokens(
         if scores is None:
             raise ValueError("layout 'score' needs the A tokens' scores")
         key = (N + positions).repeat(B, 1)
-        key[:, ::2] = _descending_rank(scores)
+        key[:, ::2] = descending_rank(scores)
     else:
-        raise ValueError(f"layout must be 'index', 'score' or 'raster', got {layout!r}")
+        raise ValueError(f"layout must be 'index', 'score' or 'first_patch', got {layout!r}")
     if rows is not None:
         key = torch.where(rows[:, None], key, positions)
     # kept tokens by key; the others (merged away, padding) after them, in any order: no new slot refers to them
@@ -332,19 +236,6 @@ def merge_tokens(
     else:
         new_map = new_index.gather(1, sm)
     return TokenState(new_x, new_sizes, new_map)
-
-
-def merge_path(order: TokenOrder, mode: Mode, batch: int) -> Literal["batch", "single", "raster"]:
-    """Which of the authors' paths (module doc) a step of ``mode`` on ``batch`` images takes under ``order``."""
-    if order not in TOKEN_ORDERS:
-        raise ValueError(f"token order must be one of {', '.join(TOKEN_ORDERS)}, got {order!r}")
-    if order == "raster":
-        return "raster"
-    if mode in ("find", "fixed"):  # every image merges: the batch path, as ToMe's merge_wavg lays it out
-        return "batch"
-    if order == "authors":
-        return "single" if batch == 1 else "batch"
-    return order  # type: ignore[return-value]
 
 
 def dtome_step(
@@ -396,16 +287,16 @@ def dtome_step(
                 raise ValueError("mode='infer' needs a threshold")
             if isinstance(threshold, (int, float)):  # one number: no tensor ops needed to decide
                 t: float | Tensor = threshold
-                active = _as_float32(threshold) < 1.0
+                active = as_float32(threshold) < 1.0
             else:
                 t = torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
                 t = t[:, None] if t.dim() == 1 else t
                 active = bool((t < 1.0).any())
             # the single-image path merges at most half of the unprotected tokens; with a protected first token an
             # image has at most that many A candidates, so the cap can only bind without one
-            cap = (state.num_tokens - int(protect_first)) // 2 if path == "single" and not protect_first else None
+            cap = (state.num_tokens - int(protect_first)) // 2 if path == "authors_single" and not protect_first else None
             merge, found = select_above(scores, t, cap), None
-        if path == "batch":  # every image is re-laid at a merging layer, merged or not
+        if path == "authors_batch":  # every image is re-laid at a merging layer, merged or not
             if not active:
                 return state, found
             eps = size_eps if size_eps is not None else AUTHORS_BATCH_EPS if mode != "fixed" else 0.0  # ToMe: exact
@@ -413,28 +304,12 @@ def dtome_step(
         if not bool(merge.any()):
             return state, found
         eps = size_eps or 0.0
-        if path == "raster":
-            return merge_tokens(state, merge, dst, layout="raster", padded=padded, size_eps=eps), found
-        layout: Layout = "index" if protect_first else "score"
+        if path == "first_patch":
+            return merge_tokens(state, merge, dst, layout="first_patch", padded=padded, size_eps=eps), found
+        layout: TokenLayout = "index" if protect_first else "score"
         rows = merge.any(1) if merge.shape[0] > 1 else None  # a lone image merged (checked above): re-lay it
         return merge_tokens(state, merge, dst, layout=layout, scores=scores, rows=rows, padded=padded,
                             size_eps=eps), found
-
-
-def spatial_order(source_map: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """Put one image's tokens in the raster order of their first original position.
-
-    ``source_map [N0]`` maps original positions to token indices (-1: none). Returns
-    ``order [num_tokens]`` (``tokens[order]`` is the spatial order) and the source
-    map of the reordered tokens.
-    """
-    positions = torch.arange(source_map.shape[0], device=source_map.device)
-    covered = source_map >= 0
-    first = torch.full((num_tokens,), source_map.shape[0], dtype=torch.long, device=source_map.device)
-    first.scatter_reduce_(0, source_map[covered], positions[covered], "amin")
-    order = first.argsort()
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(num_tokens, device=order.device))
-    return order, torch.where(covered, inverse[source_map.clamp_min(0)], -1)
 
 
 def size_bias(sizes: Tensor, dtype: torch.dtype | None = None) -> Tensor:

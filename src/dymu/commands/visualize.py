@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     files = viz.list_images(args.scatter) if args.scatter else None
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"image not found: {args.image}")
-    thresholds = viz.parse_thresholds(args.thresholds)
+    thresholds = viz.parse_checkpoint_or_floats(args.thresholds)
     if args.model:
         tower = viz.load_tower(args.model, thresholds, r_total=args.r_total, schedule=args.schedule)
     else:

@@ -245,7 +245,7 @@ def swap_class(module: nn.Module, factory: Callable[[type], type], state: DToMeS
     parent = module.__class__
     module.__class__ = _subclass(factory, parent)
     module._dymu_parent = parent
-    module._dymu = state
+    module._dymu_dtome_state = state  # the tower's DToMeState (a VLM keeps its own state under _dymu_vlm)
     for name, value in attrs.items():
         setattr(module, f"_dymu_{name}", value)
 

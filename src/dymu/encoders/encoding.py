@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dymu.encoders.base import DToMeRun, DToMeState, StopEncoding
 from dymu.encoders.patching import get_state
-from dymu.merge import spatial_order
+from dymu.token_order import spatial_order
 
 
 @dataclass
@@ -139,8 +139,9 @@ def _run_per_image(
     state: DToMeState, pixel_values: Tensor, layer: int, *, stop_early: bool, keep: frozenset[int]
 ) -> DToMeRun:
     """Each image through the tower alone (no padding: the cost follows its own token counts), the runs then
-    padded into one batch run equal to the padded batch's. The authors' order takes its batch path for a real
-    batch, which a lone-image call would not: it is held for the calls."""
+    padded into one batch run equal to the padded batch's. Token order ``"authors"`` runs its batch path on a
+    batch of several images, which a lone-image call would not: those calls run in ``"batch"`` order
+    (:mod:`dymu.token_order`)."""
     order = "batch" if state.token_order == "authors" and len(pixel_values) > 1 else state.token_order
     runs = []
     with state.overrides(token_order=order):
@@ -188,10 +189,9 @@ def encode(
     * ``threshold_offset`` — for this call only, use this offset instead of the model's;
     * ``batching`` — ``"padded"`` (one forward, images padded to the longest) or ``"per_image"`` (one forward per
       image, no padding: the cost follows each image's kept tokens; same result, ``output`` is None). Per-image
-      pays when counts differ a lot (a flat crop next to a busy one, ``bench/onevision_crops.py``); on CPU it is
-      1.2–1.6× faster than padded for 8 mixed images on one thread (``bench/encoder.py``, ``--real``), but it runs
-      the tower's ops once per image: with several threads each op waits for all of them, which on a busy machine
-      costs more than the padding saves. ``"auto"`` (default) takes per-image where it changes nothing but time
+      pays when counts differ a lot (a flat crop next to a busy one; figures in docs/performance.md), but it
+      runs the tower's ops once per image: with several threads each op waits for all of them, which on a busy
+      machine costs more than the padding saves. ``"auto"`` (default) takes per-image where it changes nothing but time
       and pays: a CPU model on one torch thread, several images, merging by thresholds or fixed counts, and a
       forward that stops before the last block (so there is no model output to lose); else padded.
 

@@ -21,7 +21,7 @@ def make_block(parent: type) -> type:
         (metric: the keys captured from ``self_attn.k_proj``); the output's padding rows are zeroed."""
 
         def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             bias = state.attention_bias(hidden_states.dtype)
             if attention_mask is not None:
                 bias = attention_mask if bias is None else attention_mask + bias
@@ -41,7 +41,7 @@ def make_encoder(parent: type) -> type:
         """``CLIPEncoder`` / ``SiglipEncoder`` unchanged, but first starts the pass's token bookkeeping."""
 
         def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, **kwargs):
-            self._dymu.begin(inputs_embeds)
+            self._dymu_dtome_state.begin(inputs_embeds)
             return super().forward(inputs_embeds, attention_mask, **kwargs)
 
     return DToMeEncoder
@@ -53,7 +53,7 @@ def make_pooling_head(parent: type) -> type:
         bias, so each key weighs by its size and padding is ignored (stock when nothing merged)."""
 
         def forward(self, hidden_state: Tensor) -> Tensor:
-            bias = self._dymu.attention_bias(hidden_state.dtype)
+            bias = self._dymu_dtome_state.attention_bias(hidden_state.dtype)
             if bias is None:
                 return super().forward(hidden_state)
             B = hidden_state.shape[0]
@@ -70,6 +70,7 @@ def make_pooling_head(parent: type) -> type:
 
 def find_tower(model: nn.Module) -> tuple[nn.Module, str] | None:
     """The first CLIP/SigLIP vision model inside ``model`` (itself included) and its family."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     tower = first_instance(model, (CLIPVisionModel, SiglipVisionModel))

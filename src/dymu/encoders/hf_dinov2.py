@@ -29,7 +29,7 @@ def make_layer(parent: type) -> type:
             if attention_mask is not None:
                 # a padding mask has the unmerged length: it cannot follow the tokens through merges
                 raise ValueError("DToMe DINOv2 layers take no attention mask (pass none to the model)")
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             residual = hidden_states
             attn, _ = self.attention(
                 self.norm1(hidden_states), attention_mask=state.attention_bias(hidden_states.dtype), **kwargs
@@ -48,8 +48,8 @@ def make_encoder(parent: type) -> type:
         """``Dinov2Encoder`` unchanged, but first starts the bookkeeping (with this input's token count)."""
 
         def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
-            self._dymu.input_tokens = hidden_states.shape[1]  # depends on the input resolution
-            self._dymu.begin(hidden_states)
+            self._dymu_dtome_state.input_tokens = hidden_states.shape[1]  # depends on the input resolution
+            self._dymu_dtome_state.begin(hidden_states)
             return super().forward(hidden_states, attention_mask, **kwargs)
 
     return DToMeDinov2Encoder
@@ -61,7 +61,7 @@ def make_final_norm(parent: type) -> type:
 
         def forward(self, x: Tensor) -> Tensor:
             out = super().forward(x)
-            tokens = self._dymu.tokens
+            tokens = self._dymu_dtome_state.tokens
             # LayerNorm(0) = bias: re-zero padded slots (only when there are any, so unmerged outputs are bitwise stock)
             if tokens is not None and tokens.sizes.shape[:2] == out.shape[:2] and not bool(tokens.mask.all()):
                 out = out * tokens.mask[..., None].to(out.dtype)
@@ -72,6 +72,7 @@ def make_final_norm(parent: type) -> type:
 
 def find_tower(model: nn.Module) -> nn.Module | None:
     """The first ``Dinov2Model`` inside ``model`` (itself included), or None."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import Dinov2Model
 
     return first_instance(model, Dinov2Model)
@@ -82,6 +83,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     tower = find_tower(model)
     if tower is None:
         return None
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers import Dinov2ForImageClassification
 
     if isinstance(model, Dinov2ForImageClassification):

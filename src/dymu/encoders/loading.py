@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dymu import weights as dymu_weights
+from dymu.data import hf_transform, size_entry, squash_transform
 from dymu.encoders.names import (
     KNOWN_BASES,
     DyMUName,
@@ -35,6 +37,7 @@ from dymu.encoders.names import (
     known_dymu_names,
     parse_dymu_name,
 )
+from dymu.encoders.patching import inspect_encoder
 from dymu.hub import explain, is_hub_name
 
 
@@ -74,8 +77,6 @@ def load_encoder(
         loaded = _load(spec)
     loaded.model.to(device=device, dtype=dtype).eval()
     if dymu is not None:
-        from dymu.encoders import inspect_encoder
-
         state = inspect_encoder(loaded.model)
         identity, layers = state.encoder, state.num_layers
         if identity != dymu.base.encoder:
@@ -94,9 +95,8 @@ def _load(
 
 
 def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = None) -> LoadedEncoder:
+    # why: transformers' model modules take seconds to import; loaded with a model only
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, Dinov2Model, SiglipVisionModel
-
-    from dymu import weights as dymu_weights
 
     if spec in dymu_weights.REGISTRY:  # an installed weights name (FileNotFoundError says how to install it)
         spec = str(dymu_weights.resolve(spec))
@@ -136,8 +136,6 @@ def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = No
             if is_hub_name(spec):
                 raise
             raise FileNotFoundError(f"cannot load {spec}: {err}") from err
-    from dymu.data import hf_transform, squash_transform
-
     # a folder is recorded by its absolute path, so a resumed run may name it differently
     source = str(local.resolve()) if local.is_dir() else spec
     if kind == "dinov2":  # any input size: one preprocessing per side (module doc)
@@ -149,10 +147,8 @@ def _load_hf(spec: str, num_layers: int | None, hint: str, side: int | None = No
 
 def _crop_side(processor) -> int:
     """The side a DINOv2 processor's stock pipeline ends at (its crop size; 224 for dinov2-small)."""
-    from dymu.data import _get
-
     for size in (getattr(processor, "crop_size", None), getattr(processor, "size", None)):
-        side = _get(size, "height") if size is not None else None
+        side = size_entry(size, "height") if size is not None else None
         if side:
             return side
     raise ValueError(f"cannot tell the input side from {type(processor).__name__}; use a DyMU name with the side")

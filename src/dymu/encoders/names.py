@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dymu.hub import find_hub_file
 from dymu.thresholds import merge_schedule
 
 # (family, image size, patch size, hidden size) -> identity
@@ -258,8 +259,6 @@ def hub_checkpoint(name: DyMUName, *, what: str, local_hint: str) -> tuple[Path 
     patterns = [p.strip() for p in os.environ.get("DYMU_HUB_FILES", ",".join(AUTHORS_HUB_FILES)).split(",") if p.strip()]
     spellings = dict.fromkeys((name.name, name.authors_spelling))
     files = list(dict.fromkeys(p.format(name=n) for p in patterns for n in spellings))
-    from dymu.hub import find_hub_file
-
     found = find_hub_file(repo.strip(), files, what=what, local_hint=local_hint)
     return found, f", nor in hub repository {repo.strip()!r} ({', '.join(files)}; $DYMU_HUB_REPO, $DYMU_HUB_FILES)"
 

@@ -7,7 +7,7 @@ the size bias, ``out_proj``. The CLS token is protected. open_clip's ``transform
 (older releases run the stack sequence-first); the block then transposes in and out.
 
 open_clip's SigLIP models (``ViT-SO400M-14-SigLIP-384``) wrap a timm ViT (``visual.trunk``); they are handled
-by :mod:`dymu.encoders.timm`.
+by :mod:`dymu.encoders.timm_vit`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def make_block(parent: type) -> type:
         ) -> Tensor:
             if k_x is not None or v_x is not None:
                 raise ValueError("DToMe blocks are self-attention only (open_clip cross-attention is not supported)")
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             batch_first = self.attn.batch_first
             x = q_x if batch_first else q_x.transpose(0, 1)  # always [B, N, C] below
             if self._dymu_index == 0:
@@ -81,7 +81,7 @@ def make_vision_transformer(parent: type) -> type:
         token by its size and skips padding ('tok', the CLS token, is unaffected)."""
 
         def _global_pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             if self.pool_type != "avg" or state.tokens is None or state.tokens.sizes.shape[1] != x.shape[1]:
                 return super()._global_pool(x)
             return size_weighted_mean(x[:, 1:], state.tokens.sizes[:, 1:]), x[:, 1:]
@@ -103,6 +103,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
     tower = find_tower(model)
     if tower is None:
         return None
+    # why: optional dependency (pip install 'dymu[openclip]')
     from open_clip.transformer import ResidualAttentionBlock
 
     blocks = list(tower.transformer.resblocks)

@@ -17,7 +17,8 @@ from dymu.encoders import hf, hf_dinov2, qwen2_5_vl, qwen2_vl, qwen3_vl, timm_vi
 from dymu.encoders import open_clip as open_clip_adapter
 from dymu.encoders.base import DToMeRun, DToMeState, patched_modules, restore_class
 from dymu.encoders.names import canonical_identity, is_dymu_name, parse_dymu_name, thresholds_not_found
-from dymu.merge import Mode, TokenOrder
+from dymu.merge import Mode
+from dymu.token_order import TokenOrder
 from dymu.thresholds import ThresholdCheckpoint, finding_order, load_thresholds
 
 ADAPTERS = [
@@ -44,9 +45,9 @@ def patch(
     * ``merge_counts`` (``L`` ints, see :func:`dymu.merge_schedule`) → threshold-finding mode, or with
       ``mode="fixed"`` fixed-count ToMe merging (every image merges ``merge_counts[l]`` tokens at block ``l``);
     * neither → merging off (stock outputs), switchable later with :func:`configure`;
-    * ``token_order`` — the token order after a merge (:mod:`dymu.merge`): ``"authors"`` (the default: exactly
-      the original code), ``"batch"``/``"single"`` (one of its two paths for every batch: batch-invariant) or
-      ``"raster"``. ``None`` takes the order a threshold checkpoint was found with.
+    * ``token_order`` — the token order after a merge (:mod:`dymu.token_order`: which merge path each runs):
+      ``"authors"`` (the default: exactly the original code), ``"batch"``/``"single"`` (one of its two paths for
+      every batch: batch-invariant) or ``"raster"``. ``None`` takes the order a threshold checkpoint was found with.
 
     Returns the state object, also reachable as :func:`get_state`. Undo with :func:`unpatch`.
     """

@@ -8,12 +8,18 @@ its windows. Design and output: :mod:`dymu.encoders.qwen_vl`, :mod:`dymu.encoder
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from dymu.encoders.base import first_instance
-from dymu.encoders.qwen2_vl import patch_tower
-from dymu.encoders.qwen_vl import QwenDToMeState, UnitPass, check_call, frames_of, image_cells
+from dymu.encoders.qwen2_vl import patch_first_tower
+from dymu.encoders.qwen_vl import (
+    QwenDToMeState,
+    UnitPass,
+    checked_call,
+    frames_of,
+    image_cells,
+    pooled_output,
+    running,
+)
 
 
 def make_tower(parent: type) -> type:
@@ -25,29 +31,24 @@ def make_tower(parent: type) -> type:
         merged)."""
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-            from transformers.vision_utils import (
-                get_vision_cu_seqlens,
-                get_vision_position_ids,
-                get_vision_window_index,
-            )
+            # why: transformers' model modules take seconds to import; loaded once a tower is patched
+            from transformers.vision_utils import get_vision_window_index
 
-            check_call(grid_thw, self.spatial_merge_size, kwargs)
+            position_ids, frame_bounds = checked_call(self, grid_thw, kwargs)
             unit = self.spatial_merge_unit
             window_index, windows = get_vision_window_index(
                 grid_thw, spatial_merge_size=self.spatial_merge_size, window_size=self.window_size,
                 patch_size=self.patch_size,
             )
-            position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
             position_ids = position_ids.reshape(-1, unit, 2)[window_index].reshape(-1, 2)
             hidden_states = self.patch_embed(hidden_states)
             hidden_states = self.permute_input_for_window_attn(hidden_states, window_index, hidden_states.shape[0])
-            frames = frames_of(windows, get_vision_cu_seqlens(grid_thw))
-            units = UnitPass(self._dymu, hidden_states, position_ids, windows.diff().long(), frames,
+            frames = frames_of(windows, frame_bounds)
+            state = self._dymu_dtome_state
+            units = UnitPass(state, hidden_states, position_ids, windows.diff().long(), frames,
                              window_index.to(frames.device), image_cells(grid_thw, self.spatial_merge_size),
                              lambda pos: self.rotary_pos_emb(hidden_states, pos), unit)
-            self._dymu.units = units
-            try:
+            with running(state, units):
                 for layer, blk in enumerate(self.blocks):
                     full = layer in self.fullatt_block_indexes
                     hidden_states = blk(
@@ -57,20 +58,14 @@ def make_tower(parent: type) -> type:
                         position_embeddings=units.position_embeddings,
                     )
                 images = units.split_images(self.merger(hidden_states), [])
-            finally:
-                self._dymu.units = None
-            self._dymu.images = images
-            return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
-                                              pooler_output=torch.cat([m.features for m in images]))
+            return pooled_output(state, hidden_states, images)
 
     return DToMeQwen2_5VisionTower
 
 
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen2.5-VL vision tower inside ``model``; None if there is none."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    tower = first_instance(model, Qwen2_5_VisionTransformerPretrainedModel)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen2_5_vl", make_tower, tower.config.num_heads)
+    return patch_first_tower(model, Qwen2_5_VisionTransformerPretrainedModel, "qwen2_5_vl", make_tower)

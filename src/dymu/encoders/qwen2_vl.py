@@ -15,11 +15,13 @@ from dymu.encoders.base import first_instance, require_bias_attention, swap_clas
 from dymu.encoders.qwen_vl import (
     QwenDToMeState,
     UnitPass,
-    check_call,
+    checked_call,
     image_cells,
     keys_of_qkv,
     make_block,
     patchify,
+    pooled_output,
+    running,
     tower_identity,
 )
 
@@ -31,37 +33,22 @@ def make_tower(parent: type) -> type:
         the merger, in raster order of their first cell (the stock order when nothing merged)."""
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-
-            check_call(grid_thw, self.spatial_merge_size, kwargs)
-            position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
-            frames = get_vision_cu_seqlens(grid_thw)
+            position_ids, frames = checked_call(self, grid_thw, kwargs)
             hidden_states = self.patch_embed(hidden_states)
             cells = image_cells(grid_thw, self.spatial_merge_size)
-            units = UnitPass(self._dymu, hidden_states, position_ids, frames.diff().long(),
+            state = self._dymu_dtome_state
+            units = UnitPass(state, hidden_states, position_ids, frames.diff().long(),
                              torch.arange(len(frames) - 1, device=frames.device),
                              torch.arange(sum(cells), device=frames.device), cells,
                              lambda pos: self.rotary_pos_emb(hidden_states, pos), self.spatial_merge_size**2)
-            self._dymu.units = units
-            try:
+            with running(state, units):
                 for blk in self.blocks:
                     hidden_states = blk(hidden_states, cu_seqlens=units.cu_seqlens, max_seqlen=units.max_seqlen,
                                         position_embeddings=units.position_embeddings)
                 images = units.split_images(self.merger(hidden_states), [])
-            finally:
-                self._dymu.units = None
-            self._dymu.images = images
-            return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
-                                              pooler_output=torch.cat([m.features for m in images]))
+            return pooled_output(state, hidden_states, images)
 
     return DToMeQwen2VisionTower
-
-
-def find_tower(model: nn.Module) -> nn.Module | None:
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    return first_instance(model, Qwen2VisionTransformerPretrainedModel)
 
 
 def patch_tower(tower: nn.Module, family: str, tower_factory, num_heads: int) -> QwenDToMeState:
@@ -85,9 +72,15 @@ def patch_tower(tower: nn.Module, family: str, tower_factory, num_heads: int) ->
     return state
 
 
+def patch_first_tower(model: nn.Module, tower_class: type, family: str, tower_factory) -> QwenDToMeState | None:
+    """Patch the first ``tower_class`` inside ``model`` (shared by the three Qwen adapters); None if there is none."""
+    tower = first_instance(model, tower_class)
+    return None if tower is None else patch_tower(tower, family, tower_factory, tower.config.num_heads)
+
+
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen2-VL vision tower inside ``model``; None if there is none."""
-    tower = find_tower(model)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen2_vl", make_tower, tower.config.num_heads)
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return patch_first_tower(model, Qwen2VisionTransformerPretrainedModel, "qwen2_vl", make_tower)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dymu.encoders.base import first_instance
-from dymu.encoders.qwen2_vl import patch_tower
-from dymu.encoders.qwen_vl import QwenDToMeState, UnitPass, check_call, image_cells
+from dymu.encoders.qwen2_vl import patch_first_tower
+from dymu.encoders.qwen_vl import QwenDToMeState, UnitPass, checked_call, image_cells, running
 
 
 def make_tower(parent: type) -> type:
@@ -25,30 +24,25 @@ def make_tower(parent: type) -> type:
         merged)."""
 
         def forward(self, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
+            # why: transformers' model modules take seconds to import; loaded once a tower is patched
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-            from transformers.vision_utils import (
-                get_vision_cu_seqlens,
-                get_vision_interpolation_indices_and_weights,
-                get_vision_position_ids,
-            )
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-            check_call(grid_thw, self.spatial_merge_size, kwargs)
+            position_ids, frames = checked_call(self, grid_thw, kwargs)
             interp_indices, interp_weights = get_vision_interpolation_indices_and_weights(
                 grid_thw, num_grid_per_side=self.num_grid_per_side, mode=self.interpolation_mode,
                 align_corners=self.interpolation_align_corners, spatial_merge_size=self.config.spatial_merge_size,
             )
-            position_ids = get_vision_position_ids(grid_thw, self.spatial_merge_size)
-            frames = get_vision_cu_seqlens(grid_thw)
             hidden_states = self.patch_embed(hidden_states)
             pos_embeds = (self.pos_embed(interp_indices) * interp_weights[:, :, None]).sum(1)
             hidden_states = hidden_states + pos_embeds.to(hidden_states.dtype)
             cells = image_cells(grid_thw, self.spatial_merge_size)
-            units = UnitPass(self._dymu, hidden_states, position_ids, frames.diff().long(),
+            state = self._dymu_dtome_state
+            units = UnitPass(state, hidden_states, position_ids, frames.diff().long(),
                              torch.arange(len(frames) - 1, device=frames.device),
                              torch.arange(sum(cells), device=frames.device), cells,
                              lambda pos: self.rotary_pos_emb(hidden_states, pos), self.spatial_merge_unit)
-            self._dymu.units = units
-            try:
+            with running(state, units):
                 for layer, blk in enumerate(self.blocks):
                     hidden_states = blk(hidden_states, cu_seqlens=units.cu_seqlens, max_seqlen=units.max_seqlen,
                                         position_embeddings=units.position_embeddings)
@@ -58,9 +52,7 @@ def make_tower(parent: type) -> type:
                            for layer in range(len(self.blocks)) if layer in self.deepstack_visual_indexes]
                 deepstack = [merger(x) for merger, x in zip(mergers, units.regrouped())]
                 images = units.split_images(self.merger(hidden_states), deepstack)
-            finally:
-                self._dymu.units = None
-            self._dymu.images = images
+            state.images = images
             return BaseModelOutputWithDeepstackFeatures(
                 last_hidden_state=hidden_states,
                 pooler_output=torch.cat([m.features for m in images]),
@@ -72,9 +64,7 @@ def make_tower(parent: type) -> type:
 
 def patch_model(model: nn.Module) -> QwenDToMeState | None:
     """Patch the first Qwen3-VL vision tower inside ``model``; None if there is none."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    tower = first_instance(model, Qwen3VLVisionModel)
-    if tower is None:
-        return None
-    return patch_tower(tower, "qwen3_vl", make_tower, tower.config.num_heads)
+    return patch_first_tower(model, Qwen3VLVisionModel, "qwen3_vl", make_tower)

@@ -20,8 +20,9 @@ The design (reasons and measurements in ``docs/qwen_vl.md``, "Vision tower"):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from dymu.encoders.base import DToMeState
 from dymu.finding import select_top_across_processes
 from dymu.merge import TokenState, dtome_step, select_top, spatial_order
+from dymu.thresholds import merge_schedule
 
 PositionRule = Literal["centroid", "first"]
 #: merges average units exactly: the authors' batch path divides by size + 1e-4 (dymu.merge), but they never merged
@@ -69,9 +71,9 @@ def make_block(parent: type) -> type:
         captured from ``attn.qkv``); the MLP runs on the merged tokens."""
 
         def forward(self, hidden_states: Tensor, cu_seqlens: Tensor, position_embeddings=None, **kwargs) -> Tensor:
-            units: UnitPass = self._dymu.units
+            units: UnitPass = self._dymu_dtome_state.units
             attn = units.attention(self.attn, self.norm1(hidden_states), cu_seqlens, position_embeddings, **kwargs)
-            hidden_states = units.merge(self._dymu_index, hidden_states + attn, self._dymu.take_keys())
+            hidden_states = units.merge(self._dymu_index, hidden_states + attn, self._dymu_dtome_state.take_keys())
             return hidden_states + self.mlp(self.norm2(hidden_states))
 
     return DToMeQwenVisionBlock
@@ -128,6 +130,7 @@ class UnitPass:
         n = x.shape[0]
         q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         # the same function in all three families' modeling files
+        # why: transformers' model modules take seconds to import; loaded once a tower is patched
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
@@ -158,8 +161,7 @@ class UnitPass:
                                      f"({total} in the batch), only {candidates} can still merge; keep a larger "
                                      "share or spread the merges over more blocks")
                 merge, found = select(scores.reshape(1, -1), total)
-                # identical units score 1 + rounding; a threshold of 1 already merges nothing at inference
-                return merge.view_as(scores), min(found, 1.0)
+                return merge.view_as(scores), found
 
             new, found = dtome_step(tokens, metric, mode="find", protect_first=False, r=state.merge_counts[layer],
                                     order=order, top=top, size_eps=EXACT_MEAN)
@@ -270,6 +272,36 @@ def check_call(grid_thw: Tensor, merge_size: int, kwargs: dict) -> None:
                          "(token counts change between blocks)")
 
 
+def checked_call(tower: nn.Module, grid_thw: Tensor, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """:func:`check_call`, then the stock ``(position_ids, cu_seqlens)`` of the call: each token's 2-D RoPE
+    position and the frame bounds."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+    check_call(grid_thw, tower.spatial_merge_size, kwargs)
+    return get_vision_position_ids(grid_thw, tower.spatial_merge_size), get_vision_cu_seqlens(grid_thw)
+
+
+@contextlib.contextmanager
+def running(state: QwenDToMeState, units: "UnitPass") -> Iterator["UnitPass"]:
+    """Hold ``units`` on the state while the blocks run (they read it there); cleared after, even on an error."""
+    state.units = units
+    try:
+        yield units
+    finally:
+        state.units = None
+
+
+def pooled_output(state: QwenDToMeState, hidden_states: Tensor, images: list[MergedImage]):
+    """Keep ``images`` on the state; the stock output, ``pooler_output`` their features image by image."""
+    # why: transformers' model modules take seconds to import; loaded once a tower is patched
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    state.images = images
+    return BaseModelOutputWithPooling(last_hidden_state=hidden_states,
+                                      pooler_output=torch.cat([m.features for m in images]))
+
+
 def image_cells(grid_thw: Tensor, merge_size: int) -> list[int]:
     """Cells of the merged grid per image: t * h * w / merge_size**2."""
     return (grid_thw.prod(-1) // merge_size**2).tolist()
@@ -313,8 +345,6 @@ def tower_identity(family: str, config) -> str:
 def keep_fraction_merge_counts(cells: int, keep: float, num_layers: int, schedule: str = "constant") -> list[int]:
     """Per-layer unit merges per frame that keep ``keep`` (0..1] of ``cells`` merged-grid cells on the finding
     images (the ``-tome-<P>pct`` names of docs/qwen_vl.md)."""
-    from dymu.thresholds import merge_schedule
-
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
     counts = merge_schedule(schedule, cells - max(1, round(keep * cells)), num_layers)

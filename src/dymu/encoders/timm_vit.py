@@ -27,7 +27,7 @@ def make_block(parent: type) -> type:
         def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
             if attn_mask is not None or is_causal:
                 raise ValueError("DToMe blocks do not take an attention mask or causal attention")
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             if self._dymu_index == 0:
                 state.begin(x)
             attn_out = self.attn(self.norm1(x), attn_mask=state.attention_bias(x.dtype))
@@ -44,7 +44,7 @@ def make_trunk(parent: type) -> type:
         token by its size and skips padding ('token' is unaffected)."""
 
         def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-            state: DToMeState = self._dymu
+            state: DToMeState = self._dymu_dtome_state
             bias = state.attention_bias(x.dtype) if state.tokens is not None else None
             if bias is None or state.tokens.sizes.shape[1] != x.shape[1]:
                 return super().pool(x, pool_type)
@@ -80,6 +80,7 @@ def patch_model(model: nn.Module) -> DToMeState | None:
                 "pip install 'timm>=1.0'"
             )
         return None
+    # why: optional dependency (pip install 'dymu[openclip]')
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 

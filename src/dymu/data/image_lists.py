@@ -1,4 +1,4 @@
-"""Image datasets for threshold finding: the authors' JSON list format.
+"""Image lists for threshold finding (the authors' JSON list format), their dataset and global batches.
 
 The JSON file is a list of records, each with an ``"image"`` path relative to ``image_dir``::
 
@@ -19,16 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-Transform = Callable[["object"], Tensor]  # PIL image -> [3, H, W]
+from dymu.data.images import Transform, load_image
 
 
 @dataclass
@@ -204,8 +204,6 @@ def batches(
     Loading workers ignore Ctrl-C and SIGTERM (a terminal sends them to the whole process group): the main process
     alone stops, and closing this generator (or an exception in the loop that consumes it) shuts the workers down
     at once, so an interrupted run prints nothing but its own message."""
-    from torch.utils.data import DataLoader
-
     sampler = GlobalBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size, first=first)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
@@ -225,179 +223,5 @@ def batches(
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a worker leaves SIGINT / SIGTERM to the main process, which shuts it down
     (a worker exits by itself when the main process is gone)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def hf_transform(processor) -> Transform:
-    """A transform from a transformers image processor (``AutoImageProcessor``)."""
-    return _HFTransform(processor)
-
-
-class _HFTransform:
-    # a class, not a lambda, so DataLoader workers can pickle it under any start method
-    def __init__(self, processor) -> None:
-        self.processor = processor
-
-    def __call__(self, image) -> Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
-def squash_transform(processor, side: int) -> Transform:
-    """``processor`` (a transformers image processor) resizing every image to ``side`` × ``side`` (squash, its own
-    resampling and normalisation) with no crop: dymu's one preprocessing of a DINOv2 encoder at an input side,
-    the same as the small VLM's processor (``dymu.small_vlm.build_processor``) at 224."""
-    import copy
-
-    squashed = copy.deepcopy(processor)
-    squashed.size = {"height": int(side), "width": int(side)}
-    squashed.do_center_crop = False
-    return _HFTransform(squashed)
-
-
-class SquashResize:
-    """PIL image -> ``[3, S, S]``: bicubic resize (squash) to S×S of the 8-bit image, scaled to [0, 1] and normalised
-    by ``mean`` / ``std`` (without a transformers processor; :func:`squash_transform` is dymu's DINOv2 path)."""
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.size, self.mean, self.std = int(size), [float(m) for m in mean], [float(s) for s in std]
-
-    def __call__(self, image) -> Tensor:
-        import numpy as np
-        from PIL import Image
-
-        resized = load_image(image).resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean)[:, None, None]) / torch.tensor(self.std)[:, None, None]
-
-
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def describe_preprocess(transform: object) -> str | None:
-    """What a transform from :func:`hf_transform` (or a transformers image processor) does to an image's size, in
-    words recorded in threshold checkpoints: ``"squash 224x224 bicubic"`` or ``"resize 256, crop 224x224
-    bicubic"``; None when it is not known (e.g. an open_clip transform)."""
-    if isinstance(transform, SquashResize):
-        return f"squash {transform.size}x{transform.size} bicubic"
-    processor = getattr(transform, "processor", transform)
-    if not hasattr(processor, "do_resize") or not hasattr(processor, "size"):
-        return None
-    resample = getattr(processor, "resample", None)
-    resample = _RESAMPLE.get(int(resample), str(resample)) if resample is not None else "default"
-    size, crop, parts = processor.size, getattr(processor, "crop_size", None), []
-    if processor.do_resize:
-        if _get(size, "height") and _get(size, "width"):
-            parts.append(f"squash {_get(size, 'height')}x{_get(size, 'width')}")
-        elif _get(size, "shortest_edge"):
-            parts.append(f"resize {_get(size, 'shortest_edge')}")
-        else:
-            return None
-    if getattr(processor, "do_center_crop", False) and _get(crop, "height"):
-        parts.append(f"crop {_get(crop, 'height')}x{_get(crop, 'width')}")
-    return ", ".join(parts) + f" {resample}" if parts else None
-
-
-def _get(size: object, key: str) -> int | None:
-    """An entry of a processor's size (a dict, or transformers 5's ``SizeDict``)."""
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return int(value) if value else None
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def to_rgb(img):
-    """``img`` as 8-bit RGB, high-bit-depth greyscale scaled rather than clipped (``convert("RGB")`` would clip
-    every value above 255, leaving a 16-bit image a few grey levels):
-
-    * ``I;16*`` and ``I`` (Pillow's modes for 16-bit greyscale PNG / TIFF): the 16-bit range, value / 257
-      (0 -> 0, 65535 -> 255); ``I`` values outside [0, 65535] are clipped;
-    * ``F`` (32-bit float TIFF): values already in [0, 1] are scaled by 255; otherwise the image's own min-max
-      range is stretched to [0, 255] (a constant image becomes black); NaN / inf become 0;
-    * everything else: Pillow's ``convert("RGB")``.
-    """
-    import numpy as np
-    from PIL import Image
-
-    if img.mode in _SIXTEEN_BIT_MODES:
-        a = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0
-    elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        finite = np.isfinite(a)
-        values = a[finite]
-        if values.size == 0:
-            a = np.zeros_like(a)
-        elif values.min() >= 0.0 and values.max() <= 1.0:
-            a = a * 255.0
-        else:
-            lo, hi = float(values.min()), float(values.max())
-            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        a = np.where(finite, a, 0.0)
-    else:
-        return img.convert("RGB")
-    grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
-    return grey.convert("RGB")
-
-
-def has_alpha(img) -> bool:
-    """Whether ``img`` has an alpha channel or a transparent palette / colour entry."""
-    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
-
-
-_alpha_reported = False
-
-
-def on_white(img, name: str = "an image"):
-    """``img`` composited on a white background (``convert("RGB")`` would keep the colour under transparent
-    pixels, often black); the first time in a process it says so (a warning)."""
-    global _alpha_reported
-    from PIL import Image
-
-    if not _alpha_reported:
-        _alpha_reported = True
-        warnings.warn(
-            f"{name} has an alpha channel: composited on white (said once; later images with alpha are treated "
-            "the same)",
-            stacklevel=3,
-        )
-    rgba = img.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-
-
-def _decode(img, name: str):
-    """Upright (EXIF orientation applied, as a photo viewer shows it) 8-bit RGB."""
-    from PIL import ImageOps
-
-    img = ImageOps.exif_transpose(img)
-    return on_white(img, name) if has_alpha(img) else to_rgb(img)
-
-
-def load_image(image: "str | Path | object"):
-    """A decoded RGB PIL image from a path (or a PIL image); FileNotFoundError / ValueError name the bad file.
-
-    The one image reader of dymu (finding, encode, generate, eval, the demo, the lmms-eval task): the EXIF
-    orientation is applied (a photo stored sideways is read upright), an alpha channel is composited on white
-    (said once), and 16-bit greyscale and float images are scaled to 8 bits, not clipped (see :func:`to_rgb`).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return _decode(image, "an image")
-    try:
-        with Image.open(image) as img:
-            return _decode(img, str(image))  # forces decoding: truncated files fail here
-    except FileNotFoundError:
-        path = Path(image)
-        if path.is_symlink():
-            raise FileNotFoundError(f"image not found: {image} is a dangling link (to {os.readlink(path)})") from None
-        raise FileNotFoundError(f"image not found: {image}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {image}: {type(err).__name__}: {err}") from err
-
-
-def load_images(paths: Sequence[str | Path], transform: Transform) -> Tensor:
-    """Load and preprocess image files into ``[B, 3, H, W]``; FileNotFoundError / ValueError name the bad file."""
-    return torch.stack([transform(load_image(path)) for path in paths])
