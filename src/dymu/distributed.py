@@ -1,8 +1,8 @@
 """Several processes (``torchrun``, ``accelerate launch``): who we are, joining the group, and the collectives dymu
 uses — in one place, so every caller works the same with and without an initialised process group.
 
-Without an initialised group (one process) every helper is the identity: rank 0 of 1, nothing to wait for, the
-local value is the result.
+Without an initialised group (one process) every helper is the identity: rank 0 of 1, the local value is the
+result.
 """
 
 from __future__ import annotations
@@ -58,11 +58,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = rank_and_world()
     return rank, world, device
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def all_reduce_mean(values: Tensor) -> Tensor:
