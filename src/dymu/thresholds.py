@@ -42,9 +42,10 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
-from dymu.distributed import all_reduce_mean  # noqa: F401  (also importable from here, where it lived before)
+from dymu.distributed import all_reduce_mean
 from dymu.encoders.names import is_dymu_name, parse_dymu_name
 from dymu.schedules import SCHEDULES, Schedule, merge_schedule  # noqa: F401  (importable from here, as before)
+
 FORMAT = "dymu-thresholds"
 
 
