@@ -261,3 +261,16 @@ def test_two_processes_match_one(folder, tmp_path):
     per_process = torch.stack([manual_thresholds(model_dir, images, [s]) for batch in shards for s in batch])
     per_batch = torch.stack([per_process[0:2].mean(0), per_process[2], per_process[3:5].mean(0)]).mean(0)
     assert float((per_batch.float() - one.thresholds).abs().max()) > 1e-3
+
+
+def test_finding_leaves_the_running_mean_unreduced(folder, monkeypatch):
+    """The selection across processes already gives every process the same thresholds: finding's running mean
+    does not all-reduce them again; a RunningThresholds made by hand (the authors' per-process scheme) still does."""
+    import dymu.thresholds
+
+    reduced = []
+    monkeypatch.setattr(dymu.thresholds, "all_reduce_mean", lambda values: reduced.append(values) or values)
+    result = run_find(folder)
+    assert result.finished and result.batches_done == 3 and reduced == []
+    dymu.thresholds.RunningThresholds(2).update([0.1, 0.2])
+    assert len(reduced) == 1

@@ -30,19 +30,22 @@ import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from dymu.data import ImageList, ImageListDataset, Transform, batches, describe_preprocess
+from dymu.data import ImageList, ImageListDataset, Transform, batches, describe_preprocess, load_image
+from dymu.distributed import all_gather_2d, all_gather_objects, all_reduce_sum, rank_and_world
+from dymu.distributed import init_distributed  # noqa: F401  (importable from here, where it lived before)
+from dymu.encoders.base import DToMeState
+from dymu.encoders.encoding import patch_size
+from dymu.encoders.patching import patch, unpatch
 from dymu.merge import TokenOrder, select_top
 from dymu.output_lock import output_lock
 from dymu.thresholds import RunningThresholds, ThresholdCheckpoint, save_thresholds
-
-if TYPE_CHECKING:
-    from dymu.encoders.base import DToMeState
 
 RESUME_FORMAT = "dymu-finding-resume/1"
 
@@ -88,26 +91,7 @@ def resume_path(output: str | Path) -> Path:
     return output.with_name(output.name + ".resume.pt")
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the ``torchrun`` process group if launched by it (gloo on CPU, nccl with CUDA); returns rank, world
-    size and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist_info()
-    return rank, world, device
+dist_info = rank_and_world  # its name here before dymu.distributed held it (kept importable)
 
 
 def _one_run_per_output(find: Callable[..., FindingResult]) -> Callable[..., FindingResult]:
@@ -117,7 +101,7 @@ def _one_run_per_output(find: Callable[..., FindingResult]) -> Callable[..., Fin
     @functools.wraps(find)
     def locked(*args, **kwargs) -> FindingResult:
         output = kwargs.get("output")
-        with output_lock(output) if output is not None and dist_info()[0] == 0 else nullcontext():
+        with output_lock(output) if output is not None and rank_and_world()[0] == 0 else nullcontext():
             return find(*args, **kwargs)
 
     return locked
@@ -151,12 +135,7 @@ def find_thresholds(
     after a merge (:mod:`dymu.merge`; ``"authors"``, ``"batch"`` and ``"single"`` all find the authors' thresholds,
     ``"raster"`` other ones), recorded in the checkpoint.
     """
-    from tqdm.auto import tqdm
-
-    import dymu
-    from dymu.encoders.encoding import patch_size
-
-    rank, world = dist_info()
+    rank, world = rank_and_world()
     output = Path(output) if output is not None else None
     state_path = resume_path(output) if output is not None else None
     dataset = ImageListDataset(images, transform)
@@ -164,9 +143,10 @@ def find_thresholds(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_batches = -(-len(images) // batch_size)
 
-    state = dymu.patch(model, merge_counts=merge_counts, token_order=token_order)
+    state = patch(model, merge_counts=merge_counts, token_order=token_order)
     try:
-        state.sync_find = world > 1
+        if world > 1:  # the per-layer selection over every process's images: thresholds equal one process's
+            state.find_selection = select_top_across_processes
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         settings = FindingSettings(
@@ -184,7 +164,8 @@ def find_thresholds(
             preprocess=describe_preprocess(transform),
         )
         sizes: set[tuple[int, int]] = set()  # (height, width) of the batches: recorded when there is one
-        running = RunningThresholds(state.num_layers)
+        # the selection makes every process's thresholds the same: nothing left to average over processes
+        running = RunningThresholds(state.num_layers, average_over_processes=False)
         done, seen, skipped = 0, 0, []
         readable_now: list[str] = []
         if state_path is not None and state_path.exists() and resume:
@@ -204,8 +185,8 @@ def find_thresholds(
                 if max_batches is not None and batch.number >= max_batches:
                     break
                 n_local = len(batch.indices)
-                n_global = _all_sum(n_local, device)
-                failed = _gather_failed(batch.failed)
+                n_global = all_reduce_sum(n_local, device)
+                failed = [item for part in all_gather_objects(batch.failed) for item in part]
                 if n_global > 0:
                     if n_local > 0:
                         if batch.pixel_values.dim() == 4:  # [B, 3, H, W]; packed patches (Qwen) have no size
@@ -228,7 +209,7 @@ def find_thresholds(
             stream.close()  # stops the loading workers now (Ctrl-C included), not when garbage-collected
             bar.close()
     finally:
-        dymu.unpatch(model)
+        unpatch(model)
 
     ckpt = ThresholdCheckpoint(
         thresholds=running.mean.float(),
@@ -268,21 +249,13 @@ def select_top_across_processes(scores: Tensor, r: int) -> tuple[Tensor, float]:
     holds no image of the batch. Returns this process's merge flags and the (identical) global threshold.
     Without an initialised process group it is :func:`select_top`.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    parts = all_gather_2d(scores)
+    if len(parts) == 1:
         return select_top(scores, r)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    shape = torch.tensor(scores.shape, dtype=torch.long, device=scores.device)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    rows, cols = [int(s[0]) for s in shapes], [int(s[1]) for s in shapes]
-    width, height = max(cols), max(rows)
-    padded = scores.new_full((height, width), -torch.inf)
-    padded[: scores.shape[0], : scores.shape[1]] = scores
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded.contiguous())
+    width = max(p.shape[1] for p in parts)
     # rows in rank order = image order of the global batch; -inf pads never merge and never set the threshold
-    merge, found = select_top(torch.cat([g[:n] for g, n in zip(gathered, rows)]), r)
-    start = sum(rows[:rank])
+    merge, found = select_top(torch.cat([F.pad(p, (0, width - p.shape[1]), value=-torch.inf) for p in parts]), r)
+    start = sum(p.shape[0] for p in parts[: rank_and_world()[0]])
     return merge[start : start + scores.shape[0], : scores.shape[1]], found
 
 
@@ -294,28 +267,9 @@ def find_without_images(state: DToMeState, device: torch.device | str = "cpu") -
     return [select_top_across_processes(empty, r)[1] for r in state.merge_counts]
 
 
-def _all_sum(n: int, device: torch.device) -> int:
-    if dist_info()[1] == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t)
-    return int(t)
-
-
-def _gather_failed(failed: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    world = dist_info()[1]
-    if world == 1:
-        return failed
-    out: list = [None] * world
-    dist.all_gather_object(out, failed)
-    return [item for part in out for item in part]
-
-
 def _readable_now(images: ImageList, skipped, limit: int = 1000) -> list[str]:
     """The images skipped in already-done batches that load now (checks the first ``limit``): a resumed run keeps
     them skipped, which the report says (``--restart`` includes them)."""
-    from dymu.data import load_image
-
     found = []
     for path, _reason in skipped[:limit]:
         try:

@@ -1,4 +1,5 @@
-"""Merge schedules, running threshold statistics and threshold checkpoints.
+"""Running threshold statistics and threshold checkpoints (merge schedules: :mod:`dymu.schedules`, also
+importable from here).
 
 A threshold checkpoint is a small safetensors file::
 
@@ -31,65 +32,21 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
-Schedule = Literal["constant", "linear", "reverse_linear"]
-SCHEDULES: tuple[str, ...] = ("constant", "linear", "reverse_linear")
+from dymu.distributed import all_reduce_mean
+from dymu.encoders.names import is_dymu_name, parse_dymu_name
+from dymu.schedules import SCHEDULES, Schedule, merge_schedule  # noqa: F401  (importable from here, as before)
+
 FORMAT = "dymu-thresholds"
-
-
-def merge_schedule(kind: str, r_total: int, num_layers: int) -> list[int]:
-    """Per-layer merge counts that sum to ``r_total``, as the authors' code computes them.
-
-    * ``constant``: ``r_total // L`` each, the remainder one by one on the first layers;
-    * ``linear``: the authors' decreasing ramp — ``r0 = 2*r_total // L`` lowered by ``r0 / L`` per layer
-      (truncated), the last non-zero layer taking what is left, 0 after it;
-    * ``reverse_linear``: the same ramp reversed (0 first).
-
-    For the few ``(r_total, L)`` where the authors' ramp never reaches ``r_total`` (their loop does not end,
-    e.g. 96 over 24 layers), the ramp is proportional to ``L-1-l`` rounded by largest remainder instead.
-    """
-    kind = kind.replace("-", "_")
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(SCHEDULES)}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if r_total < 0:
-        raise ValueError(f"r_total must be >= 0, got {r_total}")
-    if kind == "constant" or num_layers == 1 or r_total == 0:
-        base, extra = divmod(r_total, num_layers)
-        return [base + (1 if layer < extra else 0) for layer in range(num_layers)]
-    counts = _authors_ramp(r_total, num_layers) or _proportional_ramp(r_total, num_layers)
-    return counts[::-1] if kind == "reverse_linear" else counts
-
-
-def _authors_ramp(r_total: int, num_layers: int) -> list[int] | None:
-    r0 = (2 * r_total) // num_layers
-    step = r0 / num_layers
-    counts: list[int] = []
-    while len(counts) < num_layers and sum(counts) + int(r0 - len(counts) * step) < r_total:
-        counts.append(int(r0 - len(counts) * step))
-    if sum(counts) < r_total:
-        counts.append(r_total - sum(counts))
-    if len(counts) > num_layers or (counts and counts[-1] <= 0) or sum(counts) != r_total:
-        return None  # where their loop would run forever (or overflow the layers)
-    return counts + [0] * (num_layers - len(counts))
-
-
-def _proportional_ramp(r_total: int, num_layers: int) -> list[int]:
-    weights = [num_layers - 1 - layer for layer in range(num_layers)]
-    total = sum(weights)
-    exact = [r_total * w / total for w in weights]
-    counts = [math.floor(e) for e in exact]
-    by_remainder = sorted(range(num_layers), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[: r_total - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 ROUNDING = 1e-5
@@ -118,16 +75,18 @@ def finding_order(order: str) -> str:
 
 
 class RunningThresholds:
-    """Cumulative mean of per-layer thresholds over batches.
+    """Cumulative mean of per-layer thresholds over batches; the first update replaces the initial values, as in
+    the authors' code.
 
-    With ``torch.distributed`` initialised, each update first averages the
-    processes' values (all-reduce mean), so every process holds the same mean.
-    The first update replaces the initial values, as in the authors' code.
+    ``average_over_processes``: with ``torch.distributed`` initialised, each update first averages the
+    processes' values (all-reduce mean: the authors' per-process finding). :func:`dymu.finding.find_thresholds`
+    turns it off: its selection across processes already gives every process the same values.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, *, average_over_processes: bool = True) -> None:
         self.mean = torch.zeros(num_layers, dtype=torch.float64)
         self.batches = 0
+        self.average_over_processes = average_over_processes
 
     def update(self, values: Sequence[float] | Tensor) -> Tensor:
         v = torch.as_tensor(values, dtype=torch.float64).flatten()
@@ -135,7 +94,8 @@ class RunningThresholds:
             raise ValueError(f"expected {self.mean.numel()} per-layer thresholds, got {v.numel()}")
         if bool(torch.isnan(v).any()):
             raise ValueError(f"NaN threshold in update: {v.tolist()}")
-        v = all_reduce_mean(v)
+        if self.average_over_processes:
+            v = all_reduce_mean(v)
         self.batches += 1
         self.mean += (v - self.mean) / self.batches
         return self.mean
@@ -148,17 +108,6 @@ class RunningThresholds:
         if mean.shape != self.mean.shape:
             raise ValueError(f"resume state has {mean.numel()} layers, expected {self.mean.numel()}")
         self.mean, self.batches = mean.clone(), int(state["batches"])
-
-
-def all_reduce_mean(values: Tensor) -> Tensor:
-    """Average a tensor over processes when torch.distributed is initialised."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
 
 
 @dataclass
@@ -234,8 +183,6 @@ class ThresholdCheckpoint:
 def save_thresholds(path: str | Path, ckpt: ThresholdCheckpoint) -> Path:
     """Write ``ckpt`` as safetensors (parent folders are created), with the mode the umask gives (0644 under 022,
     like every other file: safetensors' ``save_file`` would make it 0600)."""
-    from safetensors.torch import save
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"thresholds": ckpt.thresholds.contiguous()}
@@ -279,8 +226,6 @@ def load_thresholds(
         raise FileNotFoundError(f"threshold checkpoint not found: {path}")
     if _is_torch_file(path):  # by content, not by name: the authors' .pth (zip or legacy pickle)
         return import_authors_pth(path).check(encoder=encoder, num_layers=num_layers, input_size=input_size)
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -320,7 +265,6 @@ def load_thresholds(
 def _grid_from_name(stem: str, encoder: str) -> tuple[tuple[int, int] | None, int | None]:
     """((side, side), patch) from a DINOv2 DyMU file name of ``encoder`` (``dinov2-small-224-tome-64out``), else
     (None, None). Only DINOv2 names carry a side that the encoder identity does not."""
-    from dymu.encoders.names import is_dymu_name, parse_dymu_name
 
     if not is_dymu_name(stem):
         return None, None
@@ -335,8 +279,6 @@ def _grid_from_name(stem: str, encoder: str) -> tuple[tuple[int, int] | None, in
 
 
 def _is_torch_file(path: Path) -> bool:
-    import zipfile
-
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: an 8-byte little-endian header length, then the JSON header (its length may start with 0x80)

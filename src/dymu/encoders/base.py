@@ -12,8 +12,9 @@ block's keys (averaged over heads) as the metric, then :meth:`DToMeState.end_lay
 The encoder wrapper (or the first block) calls :meth:`DToMeState.begin` with the
 first block's input, batch first.
 
-Threshold finding over several processes (``sync_find``) plugs its cross-process
-selection (:func:`dymu.finding.select_top_across_processes`) into the merge step.
+Threshold finding over several processes plugs its cross-process selection
+(:func:`dymu.finding.select_top_across_processes`) into :attr:`DToMeState.find_selection`:
+the state knows only the selection's signature, never the finding module.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from dymu.finding import select_top_across_processes
 from dymu.merge import TOKEN_ORDERS, Mode, TokenOrder, TokenState, dtome_step, select_top, size_bias
 from dymu.thresholds import check_thresholds
 
@@ -81,7 +81,9 @@ class DToMeState:
     threshold_offset: float = 0.0  # added to every threshold: > 0 keeps more tokens, < 0 fewer
     threshold_grid: tuple[int, str] | None = None  # (patch tokens, in words) the thresholds were found for, if known
     token_order: TokenOrder = "authors"  # token order after a merge (dymu.merge module doc)
-    sync_find: bool = False  # finding: global top-k across torch.distributed processes (dymu.finding)
+    # finding mode's per-layer selection (scores, r) -> (merge flags, threshold): one batch's top-k by default;
+    # dymu.finding plugs in its selection across torch.distributed processes
+    find_selection: Callable[[Tensor, int], tuple[Tensor, float]] = select_top
     record_layers: frozenset[int] = frozenset()  # hidden-state indices (0..L) to keep in run.hidden_states
     stop_after: int | None = None  # raise StopEncoding once hidden-state index stop_after is recorded
     tokens: TokenState | None = None
@@ -156,10 +158,9 @@ class DToMeState:
         assert self.tokens is not None
         tokens = TokenState(x, self.tokens.sizes, self.tokens.source_map)
         if self.mode == "find":
-            top = select_top_across_processes if self.sync_find else select_top
             tokens, found = dtome_step(
                 tokens, metric, mode="find", protect_first=self.protect_first, r=self.merge_counts[layer],
-                order=self.token_order, top=top,
+                order=self.token_order, top=self.find_selection,
             )
             self.run.found_thresholds.append(float(found))
         elif self.mode == "fixed":

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dymu.hub import find_hub_file
-from dymu.thresholds import merge_schedule
+from dymu.schedules import merge_schedule
 
 # (family, image size, patch size, hidden size) -> identity
 KNOWN_ENCODERS: dict[tuple[str, int, int, int], str] = {

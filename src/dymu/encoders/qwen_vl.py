@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dymu.encoders.base import DToMeState
-from dymu.finding import select_top_across_processes
 from dymu.merge import TokenState, dtome_step, select_top, spatial_order
 from dymu.thresholds import merge_schedule
 
@@ -151,7 +150,7 @@ class UnitPass:
         metric = self.pad(keys[0])
         order = state.token_order
         if state.mode == "find":
-            select = select_top_across_processes if state.sync_find else select_top
+            select = state.find_selection
             total = self.num_frames * state.merge_counts[layer]  # per frame: images of any size count alike
 
             def top(scores: Tensor, _r: int) -> tuple[Tensor, float]:

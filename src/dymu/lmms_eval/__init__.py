@@ -6,7 +6,9 @@ Registered through lmms-eval's entry-point group ``lmms_eval.models`` (``pip ins
 without touching lmms-eval. See docs/evaluation.md for the model arguments and where the visual token statistics go.
 
 This module stays importable without lmms-eval (the entry point loads it while lmms-eval builds its registry);
-the model classes live in :mod:`dymu.lmms_eval.llava`, :mod:`dymu.lmms_eval.onevision` and :mod:`dymu.lmms_eval.qwen_vl`.
+the model classes live in :mod:`dymu.lmms_eval.llava`, :mod:`dymu.lmms_eval.onevision` and :mod:`dymu.lmms_eval.qwen_vl`
+(model args: :mod:`~dymu.lmms_eval.arguments`, requests: :mod:`~dymu.lmms_eval.requests`, the visual token record:
+:mod:`~dymu.lmms_eval.token_record`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,6 @@ MODELS = {
 
 def manifests():
     """The entry point's payload: one ``ModelManifest`` per model id (simple, i.e. ``doc_to_visual`` requests)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # here: this module loads without lmms-eval (optional)
 
     return [ModelManifest(model_id=name, simple_class_path=path) for name, path in MODELS.items()]

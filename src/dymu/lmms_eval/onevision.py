@@ -27,7 +27,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dymu.lmms_eval.llava import DyMULlava, loud_failure
+from dymu.lmms_eval.arguments import loud_failure
+from dymu.lmms_eval.llava import DyMULlava
+from dymu.vlm import load_onevision
+from dymu.vlm.base import vlm_state
+from dymu.vlm.loading import is_onevision, is_original_onevision, read_config
 from dymu.vlm.onevision import VIDEO_MESSAGE
 
 NAME = "dymu_llava_onevision"
@@ -80,16 +84,11 @@ class DyMULlavaOneVision(DyMULlava):
             raise ValueError(f"{NAME}: vision_tower is for original LLaVA-1.5 checkpoints; OneVision holds its tower")
         self._downsample = downsample or None
         super().__init__(token_order=token_order, **kwargs)
-        from dymu.vlm.base import vlm_state
-
         on = vlm_state(self._model)
         self.settings["downsample"] = on.options["downsample"] if on is not None else None  # the block's, or given
 
     # ------------------------------------------------------------------------------------------ hooks
     def _load(self, path: Path, *, vision_tower: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-        from dymu.vlm import load_onevision
-        from dymu.vlm.loading import is_onevision, is_original_onevision, read_config
-
         config = read_config(path)
         if not is_onevision(config) and not is_original_onevision(config):
             raise ValueError(
@@ -102,17 +101,7 @@ class DyMULlavaOneVision(DyMULlava):
     def _full_tokens_per_image(self) -> int | None:
         return None  # the stock count depends on each image's size (anyres)
 
-    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: Any) -> list[Any]:
-        from PIL import Image
-
-        from dymu.lmms_eval.llava import _flatten
-
-        visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id]))
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                kind = "video" if isinstance(v, (str, Path)) or "video" in type(v).__name__.lower() else "non-image"
-                raise ValueError(
-                    f"{NAME}: task {task!r} document {doc_id} gave a {kind} visual ({type(v).__name__}); "
-                    f"{NAME} evaluates images only: {VIDEO_MESSAGE}"
-                )
-        return visuals
+    def _not_an_image(self, visual: Any, task: str, doc_id: Any) -> str:
+        kind = "video" if isinstance(visual, (str, Path)) or "video" in type(visual).__name__.lower() else "non-image"
+        return (f"{NAME}: task {task!r} document {doc_id} gave a {kind} visual ({type(visual).__name__}); "
+                f"{NAME} evaluates images only: {VIDEO_MESSAGE}")

@@ -21,7 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dymu.lmms_eval.llava import DyMULlava, loud_failure
+import dymu
+from dymu.lmms_eval.arguments import loud_failure
+from dymu.lmms_eval.llava import DyMULlava
+from dymu.vlm import load_qwen
+from dymu.vlm.base import vlm_state
+from dymu.vlm.loading import read_config
+from dymu.vlm.qwen_vl import MODEL_CLASSES
 
 NAME = "dymu_qwen_vl"
 
@@ -45,10 +51,6 @@ class DyMUQwenVL(DyMULlava):
         super().__init__(**kwargs)
 
     def _load(self, path: Path, *, vision_tower: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-        from dymu.vlm import load_qwen
-        from dymu.vlm.loading import read_config
-        from dymu.vlm.qwen_vl import MODEL_CLASSES
-
         model_type = read_config(path).get("model_type")
         if model_type not in MODEL_CLASSES:
             raise ValueError(f"{path} is not a Qwen-VL checkpoint (model_type {model_type!r}): for LLaVA-1.5 use "
@@ -56,9 +58,6 @@ class DyMUQwenVL(DyMULlava):
         return load_qwen(path, **kwargs)
 
     def _merging_on(self) -> bool:
-        import dymu
-        from dymu.vlm.base import vlm_state
-
         state = vlm_state(self._model)
         if state is None:
             return False
