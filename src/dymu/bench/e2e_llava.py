@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 import dymu
 from dymu.bench.memory import cache_bytes, maxrss_bytes, memory_method, peak_memory
 from dymu.bench.options import add_common_arguments, apply_threads, argument_parser, make_main, resolve_device
-from dymu.bench.report import Target, closing_lines, environment_line, format_table, human_bytes
+from dymu.bench.report import Target, closing_lines, compare_to_first, environment_line, format_table, human_bytes
 from dymu.bench.timing import interleaved, sync
 from dymu.bench.towers import clip_tower
 from dymu.samples import KINDS, image_set, make_image
@@ -233,13 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         generated[name] = out.sequences[:, -args.new_tokens :].cpu()
     disable_dymu(model)
 
-    base = rows[0]
-    for r in rows:
-        r["ttft_speedup"] = base["ttft_s"] / r["ttft_s"]
-        r["total_speedup"] = base["total_s"] / r["total_s"]
-        r["decode_vs_stock"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        r["kv_vs_stock"] = r["kv_cache_bytes"] / base["kv_cache_bytes"]
-        r["peak_vs_stock"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+    compare_to_first(rows, speedups={"ttft_speedup": "ttft_s", "total_speedup": "total_s"},
+                     ratios={"decode_vs_stock": "decode_tokens_per_s", "kv_vs_stock": "kv_cache_bytes",
+                             "peak_vs_stock": "peak_bytes"})
     by_name = {r["config"]: r for r in rows}
     checks = {}
     if "dymu vtu=fast" in generated and "dymu vtu=exact" in generated:

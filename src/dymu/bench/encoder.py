@@ -53,7 +53,9 @@ import dymu
 from dymu.bench.encoder_setup import MergeTimer, build_tower, evaluation_images, merged_counts, real_setup
 from dymu.bench.memory import maxrss_bytes, memory_method, peak_memory
 from dymu.bench.options import add_common_arguments, apply_threads, argument_parser, make_main, resolve_device
-from dymu.bench.report import Target, closing_lines, environment_line, format_table, human_bytes, mean_std
+from dymu.bench.report import (
+    Target, closing_lines, compare_to_first, environment_line, format_table, human_bytes, mean_std,
+)
 from dymu.bench.timing import interleaved, sync
 from dymu.bench.towers import ideal_runner
 from dymu.samples import image_set
@@ -227,11 +229,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base = rows[0]
     for r in rows:
-        r["speedup_batch1"] = base["batch1_s"] / r["batch1_s"]
-        r["speedup_batch"] = base["batch_s"] / r["batch_s"]
         r["batch_efficiency"] = r["batch1_sum_s"] / r["batch_s"]
-        r["batch_efficiency_vs_none"] = r["batch_efficiency"] / base["batch_efficiency"]
-        r["peak_vs_none"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else float("nan")
+    compare_to_first(rows, speedups={"speedup_batch1": "batch1_s", "speedup_batch": "batch_s"},
+                     ratios={"batch_efficiency_vs_none": "batch_efficiency", "peak_vs_none": "peak_bytes"})
+    for r in rows:
         # ideal: the stock blocks at the merged run's per-image, per-layer counts, one image at a time; the best a
         # DToMe implementation could do. Fraction of ideal = ideal time / merged time (batch: the better of the
         # padded batch and the images one by one, dymu.encode(batching="per_image"))

@@ -31,7 +31,7 @@ from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionM
 import dymu
 from dymu.bench.memory import maxrss_bytes
 from dymu.bench.options import add_common_arguments, apply_threads, argument_parser, make_main, resolve_device
-from dymu.bench.report import Target, closing_lines, environment_line, format_table
+from dymu.bench.report import Target, environment_line, printout
 from dymu.bench.timing import interleaved
 from dymu.bench.towers import graded_images, ideal_runner
 
@@ -132,20 +132,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_results(res: dict[str, Any]) -> str:
     a = res["args"]
-    lines = [
+    heading = [
         f"OneVision-shaped SigLIP tower: {a.layers} block(s), {res['patches']} patches per crop, {a.crops} crops "
         f"flat to busy; {res['env']}",
         f"patches kept per crop (DToMe, thresholds for ~{a.keep} on other crops): {res['kept']} "
         f"(mean {sum(res['kept']) / len(res['kept']):.0f}); per-crop counts equal to the padded run's: "
         f"{res['same_counts']}",
         f"median of {a.repeats} interleaved round(s) (every row once per round) after {a.warmup} warm-up round(s)",
-        "",
-        format_table(["config", "median_s", "speed-up vs no merging"],
-                     [(name, f"{t:.4f}", f"{s:.2f}x") for name, t, s in res["rows"]]),
-        "",
-        *closing_lines(res),
     ]
-    return "\n".join(lines)
+    table = [(name, f"{t:.4f}", f"{s:.2f}x") for name, t, s in res["rows"]]
+    return printout(heading, ["config", "median_s", "speed-up vs no merging"], table, res)
 
 
 main = make_main(parse_args, run, format_results)

@@ -33,7 +33,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 import dymu
 from dymu.bench.memory import maxrss_bytes
 from dymu.bench.options import add_common_arguments, apply_threads, argument_parser, make_main, resolve_device
-from dymu.bench.report import environment_line, format_table, human_bytes
+from dymu.bench.report import environment_line, printout
 from dymu.bench.timing import interleaved
 from dymu.bench.towers import graded_images
 from dymu.encoders.qwen_vl import keep_fraction_merge_counts, patchify
@@ -130,18 +130,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_results(res: dict[str, Any]) -> str:
     a = res["args"]
-    lines = [
-        f"Qwen2.5-VL-7B-shaped vision tower: {a.layers} block(s), {a.images} images of {a.image_size} px "
-        f"({res['cells']} cells each) flat to busy; {res['env']}",
-        f"median of {a.repeats} interleaved round(s) after {a.warmup} warm-up round(s)"
-        f"{' (process CPU time)' if a.device == 'cpu' else ''}",
-        "",
-        format_table(["config", "median_s", "speed-up", "cells/img", "rel_dev centroid", "rel_dev first"],
-                     [(n, f"{t:.4f}", f"{s:.2f}x", f"{c:.1f}", d1, d2) for n, t, s, c, d1, d2 in res["rows"]]),
-        "",
-        f"process peak RSS (whole run): {human_bytes(res['maxrss_bytes'])}",
-    ]
-    return "\n".join(lines)
+    headers = ["config", "median_s", "speed-up", "cells/img", "rel_dev centroid", "rel_dev first"]
+    table = [(n, f"{t:.4f}", f"{s:.2f}x", f"{c:.1f}", d1, d2) for n, t, s, c, d1, d2 in res["rows"]]
+    clock = " (process CPU time)" if a.device == "cpu" else ""
+    heading = [f"Qwen2.5-VL-7B-shaped vision tower: {a.layers} block(s), {a.images} images of {a.image_size} px "
+               f"({res['cells']} cells each) flat to busy; {res['env']}",
+               f"median of {a.repeats} interleaved round(s) after {a.warmup} warm-up round(s){clock}"]
+    return printout(heading, headers, table, res)
 
 
 main = make_main(parse_args, run, format_results)

@@ -80,6 +80,27 @@ def closing_lines(res: dict[str, Any], heading: str = "targets (not asserted):")
     return [heading, *(t.line() for t in res["_targets"]), rss]
 
 
+def compare_to_first(
+    rows: Sequence[dict[str, Any]], *, speedups: dict[str, str] | None = None, ratios: dict[str, str] | None = None
+) -> None:
+    """Figures of each row against the first one (the baseline), added to the rows: ``speedups[name] = key`` sets
+    ``row[name] = first[key] / row[key]`` (above 1: this row is faster), ``ratios[name] = key`` sets ``row[name] =
+    row[key] / first[key]``; NaN where the divisor is 0."""
+    first = rows[0]
+    for row in rows:
+        for name, key in (speedups or {}).items():
+            row[name] = first[key] / row[key] if row[key] else float("nan")
+        for name, key in (ratios or {}).items():
+            row[name] = row[key] / first[key] if first[key] else float("nan")
+
+
+def printout(heading: Sequence[str], headers: Sequence[str], rows: Sequence[Sequence[Any]], res: dict[str, Any]) -> str:
+    """A benchmark's report: its heading lines, the table between blank lines, then :func:`closing_lines` (only the
+    peak RSS line for a benchmark without targets)."""
+    closing = closing_lines(res) if res["_targets"] else closing_lines(res)[-1:]
+    return "\n".join([*heading, "", format_table(headers, rows), "", *closing])
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [float(v) for v in values]
     mean = statistics.fmean(values)
