@@ -199,6 +199,37 @@ def test_qwen_tower_tiny():
     assert "-tome-50pct" in qwen_tower.format_results(res)
 
 
+def test_compare_to_first_divides_the_right_way_round():
+    """Speed-ups put the baseline on top (a row twice as fast reads 2.0), ratios put the row on top (half the bytes
+    reads 0.5); a zero divisor gives NaN instead of an error."""
+    from dymu.bench.report import compare_to_first
+
+    rows = [{"t": 4.0, "b": 100.0}, {"t": 2.0, "b": 50.0}, {"t": 0.0, "b": 100.0}]
+    compare_to_first(rows, speedups={"speedup": "t"}, ratios={"vs_first": "b"})
+    assert [r["speedup"] for r in rows[:2]] == [1.0, 2.0] and math.isnan(rows[2]["speedup"])
+    assert [r["vs_first"] for r in rows] == [1.0, 0.5, 1.0]
+    zero = [{"b": 0.0}, {"b": 3.0}]
+    compare_to_first(zero, ratios={"vs_first": "b"})
+    assert all(math.isnan(r["vs_first"]) for r in zero)
+
+
+def test_graded_images_go_from_flat_to_busy_in_equal_runs():
+    """The tower benches' crops: the kinds in equal runs from flat to busy, image i drawn with seed + i (so the
+    finding set, another seed, differs from the timed one)."""
+    import numpy as np
+
+    from dymu.bench.towers import graded_images
+    from dymu.samples import make_image
+
+    images = graded_images(8, 28, seed=100)
+    kinds = ["flat"] * 2 + ["gradient"] * 2 + ["stripes"] * 2 + ["textured"] * 2
+    assert len(images) == 8
+    for i, (image, kind) in enumerate(zip(images, kinds)):
+        assert np.array_equal(np.asarray(image), np.asarray(make_image(kind, 28, seed=100 + i))), (i, kind)
+    busy = [float(np.asarray(im, dtype=np.float32).std()) for im in graded_images(4, 56, seed=0)]
+    assert busy[0] < busy[-1]  # a flat crop first, a textured one last
+
+
 def test_bench_command_lists_and_runs(capsys):
     from dymu.cli import main
 
