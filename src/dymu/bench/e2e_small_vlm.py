@@ -40,6 +40,7 @@ from dymu.bench.options import (
 )
 from dymu.bench.report import Target, closing_lines, environment_line, format_table
 from dymu.bench.timing import interleaved_wall_and_cpu
+from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset
 from dymu.small_vlm import THRESHOLD_DIR, build_small_vlm
 from dymu.vlm import disable_dymu, enable_dymu, generate_with_counts, vlm_state
 
@@ -84,9 +85,6 @@ def _inputs(processor: Any, rows: list[dict], device: torch.device, dtype: torch
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    # the lmms-eval task's question subset (its module reads easy-vqa, an optional package, on import)
-    from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset
-
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     default_threads = torch.get_num_threads()
     t0 = time.perf_counter()
