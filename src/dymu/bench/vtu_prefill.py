@@ -95,23 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-CLOCK: Callable[[], float] = time.perf_counter  # time.process_time with --clock cpu
-
-
-def interleaved(configs: dict, repeats: int, warmup: int, device: torch.device) -> tuple[dict, dict]:
-    """:func:`dymu.bench.timing.interleaved` on :data:`CLOCK`, each timed run primed by an untimed one."""
-    return timing.interleaved(configs, repeats, warmup, device, clock=CLOCK, prime=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    global CLOCK
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and device.type != "cpu":
         raise SystemExit("--clock cpu measures host CPU time; use it with --device cpu")
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -189,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefills[(visual_merged, name)] = (
                 mode(name), in_context(batch, lambda m=merged, b=batch: run(m, b.model_position_ids, b.attention_mask)))
         plan.append((visual_merged, n_merged, batch))
-    prefill_times, outs = interleaved(prefills, args.repeats, args.warmup, device)
+    # each timed run right after an untimed one of the same config (prime)
+    prefill_times, outs = timing.interleaved(prefills, args.repeats, args.warmup, device, clock=clock, prime=True)
     # one decode step on each prefill's cache, interleaved the same way
     steps = {(0, "full"): (mode("off"), decode_step(outs[(0, "full")], next_positions, n_virtual))}
     for visual_merged, n_merged, batch in plan:
@@ -200,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps[(visual_merged, name)] = (mode(name), in_context(batch, step))
             if name == "fast":  # the SDPA kernel at decode too (dymu's dispatch decodes fast mode the exact way)
                 steps[(visual_merged, "fast-kernel")] = (mode("fast"), in_context(batch, step, decode="fast_sdpa"))
-    step_times, _ = interleaved(steps, 5 * args.repeats, args.warmup, device)  # a step is short: more rounds
+    # a step is short: 5x the rounds
+    step_times, _ = timing.interleaved(steps, 5 * args.repeats, args.warmup, device, clock=clock, prime=True)
     mode("off")()
 
     label = {"merged": ROW_NAMES[1], "fast": ROW_NAMES[2], "exact": ROW_NAMES[3], "fast-kernel": FAST_KERNEL_DECODE}
