@@ -32,7 +32,6 @@ import time
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
 from dymu.bench.memory import maxrss_bytes
 from dymu.bench.options import (
@@ -40,6 +39,8 @@ from dymu.bench.options import (
 )
 from dymu.bench.report import Target, closing_lines, environment_line, format_table
 from dymu.bench.timing import interleaved_wall_and_cpu
+from dymu.evaluation.inference import chat_inputs
+from dymu.evaluation.prompts import Prompt
 from dymu.lmms_eval.tasks.easy_vqa.utils import balanced_subset
 from dymu.small_vlm import THRESHOLD_DIR, build_small_vlm
 from dymu.vlm import disable_dymu, enable_dymu, generate_with_counts, vlm_state
@@ -70,20 +71,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _inputs(processor: Any, rows: list[dict], device: torch.device, dtype: torch.dtype) -> list[dict]:
-    processor.tokenizer.padding_side = "left"
-    batches = []
-    for rs in rows:
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-            add_generation_prompt=True) for r in rs]
-        images = [Image.open(r["image"]).convert("RGB") for r in rs]
-        inputs = dict(processor(images=images, text=texts, return_tensors="pt", padding=True).to(device))
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        batches.append(inputs)
-    return batches
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     default_threads = torch.get_num_threads()
@@ -92,7 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device, dtype)
     build_s = time.perf_counter() - t0
     rows = balanced_subset(20)[: args.questions]
-    batches = _inputs(processor, [rows[s:s + args.batch] for s in range(0, len(rows), args.batch)], device, dtype)
+    # one single-turn chat per question (image first), left-padded: the inputs lmms-eval's easy_vqa task gives
+    prompts = [Prompt(r["question"], [r["image"]]) for r in rows]
+    batches = [dict(chat_inputs(model, processor, prompts[s:s + args.batch])) for s in range(0, len(rows), args.batch)]
     thresholds = THRESHOLD_DIR / f"dinov2-small-224-tome-{args.out}out.safetensors"
     dymu_name = f"dymu-{args.out}"
     counts: list[int] = []
