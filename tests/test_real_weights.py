@@ -11,6 +11,7 @@ the table in docs/real_weights.md).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -46,9 +47,13 @@ needs_both = pytest.mark.skipif(
 )
 
 
-if str(REPO) not in sys.path:  # the bench package (its eval_script loader)
-    sys.path.insert(0, str(REPO))
-from bench._common import eval_script as _script  # noqa: E402
+if str(REPO / "eval_scripts") not in sys.path:  # the scripts under test import as top-level modules
+    sys.path.insert(0, str(REPO / "eval_scripts"))
+
+
+def _script(name: str):
+    """``eval_scripts/<name>.py`` as a module."""
+    return importlib.import_module(name)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

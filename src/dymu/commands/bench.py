@@ -1,4 +1,4 @@
-"""Run a benchmark from the repository's bench/ folder (the same as `python -m bench.NAME ...`).
+"""Run a benchmark of :mod:`dymu.bench` (in a checkout, the same as `python -m bench.NAME ...`).
 
 Benchmarks build random-weight models of the real shapes (no downloads) and print the ratios that
 matter side by side from one run, with medians after warm-up, peak memory and the performance
@@ -20,14 +20,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
-import pkgutil
-import sys
+import importlib.util
 from pathlib import Path
-from types import ModuleType
+
+from dymu.bench import BENCHMARKS
 
 NAME = "bench"
-HELP = "run a benchmark from bench/ (encoder, vtu_prefill, e2e_llava, onevision_crops, qwen_tower)"
+HELP = "run a benchmark (encoder, vtu_prefill, e2e_llava, e2e_small_vlm, onevision_crops, qwen_tower)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,41 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
 
 
-def bench_package() -> ModuleType:
-    """The repository's ``bench`` package (it sits next to ``src/``; it is not part of the installed wheel)."""
-    root = Path(__file__).resolve().parents[3]  # <repo>/src/dymu/commands/bench.py -> <repo>
-    if (root / "bench" / "_common.py").is_file():
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-    try:
-        package = importlib.import_module("bench")
-    except ImportError:
-        package = None
-    if package is None or not (Path(next(iter(package.__path__))) / "_common.py").is_file():
-        raise FileNotFoundError(
-            "the benchmark scripts live in the dymu repository's bench/ folder, which an installed wheel does not "
-            "include: run from a checkout (pip install -e .) or use `python -m bench.NAME` in the repository root"
-        )
-    return package
-
-
-def available(package: ModuleType) -> dict[str, str]:
-    """Benchmark name -> first line of its docstring."""
+def available() -> dict[str, str]:
+    """Benchmark name -> first line of its docstring (read from the source: listing imports no benchmark)."""
     found = {}
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        spec = info.module_finder.find_spec(info.name)  # type: ignore[union-attr]
-        summary = ""
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            summary = _first_docstring_line(Path(spec.origin))
-        found[info.name] = summary
+    for name in BENCHMARKS:
+        spec = importlib.util.find_spec(f"dymu.bench.{name}")
+        found[name] = _first_docstring_line(Path(spec.origin)) if spec is not None and spec.origin else ""
     return found
 
 
 def _first_docstring_line(path: Path) -> str:
-    import ast
-
     try:
         doc = ast.get_docstring(ast.parse(path.read_text()))
     except (OSError, SyntaxError):
@@ -79,8 +55,7 @@ def _first_docstring_line(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    package = bench_package()
-    names = available(package)
+    names = available()
     if args.list or not args.name:
         print("benchmarks (dymu bench NAME [options]; NAME --help for options):")
         width = max(map(len, names), default=0)
@@ -89,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     if args.name not in names:
         raise ValueError(f"unknown benchmark {args.name!r}; expected one of: {', '.join(names)}")
-    module = importlib.import_module(f"{package.__name__}.{args.name}")
+    module = importlib.import_module(f"dymu.bench.{args.name}")
     try:
         return int(module.main(list(args.args)) or 0)
     except SystemExit as exc:  # argparse inside the benchmark (--help, bad options)
