@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from dymu.studies import colour_probe
 from dymu.studies import dinov2_thresholds as study
 from dymu.studies import vtu_kl
 from dymu.studies.real_images import _rgb, dinov2_input, random_crops
 from dymu.studies.vtu_kl_cases import Case, adjacent_groups, group_mean
-from dymu.testing import tiny_llama_config
+from dymu.testing import tiny_llama_config, tiny_llava
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,51 @@ def test_measure_merged_groups_vtu_at_virtual_positions(tiny_llm) -> None:
     assert row["kl_last_plain"] > 1e-6
     assert abs(row["kl_last_plain"] - row["kl_last_plain_pos"]) > 1e-7
     assert float(vtu_kl.kl(logits["full"], logits["full"]).abs().max()) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------- colour_probe
+def test_image_labels_read_colour_and_shape_from_the_questions() -> None:
+    questions = ["what color is the circle?", "what shape is in the image?", "what is the blue shape?",
+                 "what color is the shape?", "is there a circle?", "what is the color of the triangle?",
+                 "what color is the shape?"]
+    answers = ["red", "circle", "rectangle", "teal", "yes", "pink", "brown"]
+    ids = [0, 0, 1, 2, 2, 3, 4]
+    labels = colour_probe.image_labels(questions, answers, ids)
+    # 2 has a colour only, 3 an unknown colour, 4 no shape: left out
+    assert labels == {0: {"colour": "red", "shape": "circle"}, 1: {"colour": "blue", "shape": "rectangle"}}
+    assert colour_probe.pick({5: "e.png", 1: "b.png", 0: "a.png"}, labels, 2) == [
+        ("a.png", labels[0]), ("b.png", labels[1])]
+    with pytest.raises(ValueError, match="only 2 images"):
+        colour_probe.pick({0: "a.png", 1: "b.png"}, labels, 3)
+
+
+def test_probe_separates_separable_classes_and_reports_per_class() -> None:
+    rng = np.random.default_rng(0)
+    centres = {"red": (5.0, 0.0), "blue": (0.0, 5.0), "teal": (-5.0, -5.0)}
+    y = [c for c in centres for _ in range(20)]
+    x = np.array([centres[c] for c in y]) + rng.normal(0, 0.3, (60, 2))
+    res = colour_probe.probe(x[::2], y[::2], x[1::2], y[1::2], colour_probe.COLOURS)
+    assert res == {"accuracy": 1.0, "per_class": {"blue": 1.0, "red": 1.0, "teal": 1.0}}
+    noise = colour_probe.probe(rng.normal(size=(30, 2)), y[::2], rng.normal(size=(30, 2)), y[1::2], ("red", "blue"))
+    assert noise["accuracy"] < 0.8 and set(noise["per_class"]) == {"red", "blue"}
+
+
+def test_colour_features_are_what_the_projector_reads_and_writes(tmp_path) -> None:
+    model, processor = tiny_llava()
+    items = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 128, 128)]):
+        image = Image.new("RGB", (56, 56), (255, 255, 255))
+        image.paste(colour, (10, 10, 30, 30))
+        image.save(tmp_path / f"{i}.png")
+        items.append((str(tmp_path / f"{i}.png"), {}))
+    feats = colour_probe.features(model, processor, items, batch=2)
+    assert feats["pixels"].tolist() == [[255, 0, 0], [0, 0, 255], [0, 128, 128]]  # the white background ignored
+    pixel_values = processor.image_processor(images=[Image.open(items[1][0])], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+        projected = model.model.multi_modal_projector(hidden[:, 1:])
+    assert np.allclose(feats["dinov2"][1], hidden[0, 1:].mean(0).numpy(), atol=1e-5)
+    assert np.allclose(feats["projector"][1], projected[0].mean(0).numpy(), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ scripts
