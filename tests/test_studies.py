@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dymu.studies import colour_probe
+from dymu.studies import colour_probe, qwen_tower_design, vtu_kl
 from dymu.studies import dinov2_thresholds as study
-from dymu.studies import vtu_kl
 from dymu.studies.real_images import _rgb, dinov2_input, random_crops
 from dymu.studies.vtu_kl_cases import Case, adjacent_groups, group_mean
-from dymu.testing import tiny_llama_config, tiny_llava
+from dymu.testing import tiny_llama_config, tiny_llava, tiny_qwen_vision_tower
 from dymu.thresholds import ThresholdCheckpoint, save_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,6 +212,23 @@ def test_colour_features_are_what_the_projector_reads_and_writes(tmp_path) -> No
         projected = model.model.multi_modal_projector(hidden[:, 1:])
     assert np.allclose(feats["dinov2"][1], hidden[0, 1:].mean(0).numpy(), atol=1e-5)
     assert np.allclose(feats["projector"][1], projected[0].mean(0).numpy(), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- qwen_tower_design
+def test_qwen_tower_design_rows() -> None:
+    """Merging off is the stock tower; found thresholds keep fewer cells on flat than on textured images; a batch
+    equals its images alone; the size sweep runs for the first share."""
+    off, rows = qwen_tower_design.family_rows(tiny_qwen_vision_tower("qwen2_vl"), [0.5])
+    assert off <= 1e-5
+    assert [r.keep for r in rows] == [0.5]
+    for row in rows:
+        assert [c for _, c in row.cells_kept] == [h * w // 4 for h, w in qwen_tower_design.SIZES]
+        assert all(0 < k <= c for k, c in row.cells_kept)
+        assert row.cells_kept[0][0] < row.cells_kept[-1][0]  # flat < textured
+        assert all(0.0 < v < 1.0 for v in row.rel_dev.values()) and set(row.rel_dev) == {"centroid", "first"}
+        assert row.batch_vs_alone <= 1e-4
+    assert set(rows[0].shares_at_sizes) == {8, 16, 24}
+    assert all(0.0 < share <= 1.0 for pair in rows[0].shares_at_sizes.values() for share in pair)
 
 
 # ------------------------------------------------------------------------------------------------ scripts
