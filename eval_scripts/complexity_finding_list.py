@@ -14,15 +14,15 @@ import json
 import os
 from pathlib import Path
 
+from dymu.complexity_vqa import generate, write
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder for the images (links) and finding.json")
     parser.add_argument("--count", type=int, default=256, help="images of each source")
     args = parser.parse_args()
-    import easy_vqa
-
-    from dymu.complexity_vqa import generate, write
+    import easy_vqa  # optional (pip install easy-vqa)
 
     out = Path(args.out)
     write(generate(1000, args.count, questions_per_image=8), out / "cvqa")

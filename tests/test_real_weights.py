@@ -5,15 +5,13 @@ as tests/test_weights.py does. Everything is marked ``real`` (deselect with ``-m
 the pip command, when the source packages are absent. fp32 on CPU; about 1 minute on 2 idle cores, builds included.
 
 The threshold checkpoints under test are the committed ones (``checkpoints/threshold_checkpoints/``, found by
-``eval_scripts/real_dinov2_thresholds.py``); the KL cases come from ``eval_scripts/real_vtu_kl.py`` (a subset of
-the table in docs/real_weights.md).
+``eval_scripts/real_dinov2_thresholds.py``); the KL cases come from :mod:`dymu.studies.vtu_kl` (what
+``eval_scripts/real_vtu_kl.py`` runs: a subset of the table in docs/real_weights.md).
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,9 @@ import torch
 
 import dymu
 from dymu import weights
+from dymu.studies import vtu_kl
+from dymu.studies.real_images import dinov2_input, natural_photos
+from dymu.studies.vtu_kl_cases import PASSAGES, dino_cases, text_cases
 from dymu.thresholds import load_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,15 +46,6 @@ needs_smol = pytest.mark.skipif(not _have(*SMOL_PACKAGES), reason=_why_smol)
 needs_both = pytest.mark.skipif(
     not _have(*DINO_PACKAGES, *SMOL_PACKAGES, *IMAGE_PACKAGES), reason=f"{_why_dino}; {_why_smol}; {_why_images}"
 )
-
-
-if str(REPO / "eval_scripts") not in sys.path:  # the scripts under test import as top-level modules
-    sys.path.insert(0, str(REPO / "eval_scripts"))
-
-
-def _script(name: str):
-    """``eval_scripts/<name>.py`` as a module."""
-    return importlib.import_module(name)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -89,7 +81,7 @@ def pil_images() -> dict:
     from easy_vqa import get_test_image_paths
     from PIL import Image
 
-    photos = _script("real_dinov2_thresholds").natural_photos()
+    photos = natural_photos()
     paths = get_test_image_paths()
     return {
         "astronaut": photos["astronaut"],
@@ -100,8 +92,8 @@ def pil_images() -> dict:
 
 
 def pixels(pil_images: dict, *names: str, size: int = 224) -> torch.Tensor:
-    """``[B, 3, size, size]`` DINOv2 inputs (the eval script's preprocessing)."""
-    transform = _script("real_dinov2_thresholds").SquareTransform(size)
+    """``[B, 3, size, size]`` DINOv2 inputs (the studies' preprocessing)."""
+    transform = dinov2_input(size)
     return torch.stack([transform(pil_images[n]) for n in names])
 
 
@@ -201,7 +193,7 @@ def test_batch_equals_one_by_one(unpatched, pil_images) -> None:
 def test_vtu_identity_exact_fast_and_greedy_on_smollm2(smol) -> None:
     """Identity groups ≡ stock logits; exact ≡ fast; greedy chat generation unchanged when nothing merges."""
     model, tok = smol
-    res = _script("real_vtu_kl").checks(model, tok, max_new_tokens=12)
+    res = vtu_kl.checks(model, tok, max_new_tokens=12)
     assert res["identity_fast_vs_stock"] <= 1e-4, res
     assert res["identity_exact_vs_stock"] <= 1e-4, res
     assert res["identity_fast_vs_exact"] <= 1e-4, res
@@ -214,9 +206,8 @@ def test_vtu_control_repeated_tokens(smol) -> None:
     """When the unmerged run *is* each merged token repeated over its group, VTU is far closer than plain merging,
     and exact ≡ fast on merged groups."""
     model, tok = smol
-    kl = _script("real_vtu_kl")
-    case = next(c for c in kl.text_cases(model, tok, keeps=(4,), passages=kl.PASSAGES[:1]) if c.kind == "text-dup")
-    r = kl.measure(model, case)
+    case = next(c for c in text_cases(model, tok, keeps=(4,), passages=PASSAGES[:1]) if c.kind == "text-dup")
+    r = vtu_kl.measure(model, case)
     # logits reach ~40 here: 3e-4 absolute is < 1e-5 relative (measured on merged groups: up to 1.3e-4)
     assert r["fast_vs_exact"] <= 3e-4, r
     assert r["kl_last_fast"] < 0.5 * r["kl_last_plain"], r
@@ -229,8 +220,7 @@ def test_vtu_moves_the_distribution_less_than_plain_merging_on_dinov2_features(s
 
     (On runs of *text* token embeddings the claim does not hold — see docs/real_weights.md; not asserted.)"""
     model, tok = smol
-    kl = _script("real_vtu_kl")
-    cases = kl.dino_cases(model, tok, dino, images=["astronaut", "chelsea"], keeps=(64,))
-    rows = [kl.measure(model, c, modes=("fast",)) for c in cases]
+    cases = dino_cases(model, tok, dino, images=["astronaut", "chelsea"], keeps=(64,))
+    rows = [vtu_kl.measure(model, c, modes=("fast",)) for c in cases]
     wins = sum(r["kl_last_fast"] < r["kl_last_plain"] for r in rows)
     assert wins >= 0.75 * len(rows), [(r["kind"], r["case"], r["kl_last_plain"], r["kl_last_fast"]) for r in rows]
