@@ -63,6 +63,7 @@ data = resources.files("dymu") / "small_vlm_checkpoint"
 print("files", sorted(p.name for p in data.iterdir()))
 print("sets", threshold_sets())
 for path in (projector_path("default"), threshold_path("28out"), threshold_path("dinov2-small-224-tome-88out-raster"),
+             threshold_path("mix-28out"), threshold_path("mix-dinov2-small-224-tome-176out"),
              resolve_thresholds_path("dinov2-small-224-tome-176out"), resolve_thresholds_path("dinov2-small-224-tome-64out")):
     assert Path(path).resolve().is_relative_to(target) and Path(path).is_file(), path
 print("suffix", repr(prompt_suffix_of("default")))
@@ -73,6 +74,7 @@ def test_wheel_ships_the_small_vlm_and_resolves_it_inside_the_package(installed,
     out = _run([sys.executable, "-c", CHECK, str(installed)], tmp_path, _env(installed))
     assert "files ['projector.safetensors', 'thresholds', 'train_settings.json']" in out, out
     sets = [f"dinov2-small-224-tome-{k}out{r}" for k in (176, 28, 88) for r in ("", "-raster")]
+    sets += [f"mix-dinov2-small-224-tome-{k}out" for k in (176, 28, 88)]
     assert f"sets {sorted(sets)}" in out, out
     assert "suffix ''" in out, out
 

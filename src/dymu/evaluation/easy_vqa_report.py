@@ -63,8 +63,9 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plot(results: dict, path: Path) -> None:
-    """Accuracy (95 % Wilson interval) against mean visual tokens per image, one marker style per method."""
+def write_plot(results: dict, path: Path, task: str = "easy-VQA", title: str | None = None) -> None:
+    """Accuracy on ``task`` (95 % Wilson interval) against mean visual tokens per image, one marker style per
+    method; ``title`` defaults to the small VLM and the question count."""
     import matplotlib  # optional: only the plot needs it
 
     matplotlib.use("Agg")
@@ -93,8 +94,8 @@ def write_plot(results: dict, path: Path) -> None:
                     + (f" (VTU {r.get('vtu')})" if kind in ("dymu", "tome") else ""))
         seen.add(key)
     ax.set_xlabel("visual tokens per image (mean)")
-    ax.set_ylabel("easy-VQA accuracy (%), 95 % Wilson interval")
-    ax.set_title(f"Small real VLM (DINOv2-S + SmolLM2-135M), n = {results['subset']['n']}")
+    ax.set_ylabel(f"{task} accuracy (%), 95 % Wilson interval")
+    ax.set_title(title or f"Small real VLM (DINOv2-S + SmolLM2-135M), n = {results['subset']['n']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

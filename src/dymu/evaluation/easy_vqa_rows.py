@@ -1,11 +1,13 @@
-"""The rows of the small VLM's easy-VQA table (``eval_scripts/small_vlm_easyvqa.py``): what a row label means,
-how a row sets the model up, answers the questions and is timed, and the results file the rows go into.
+"""The rows of the small VLM's easy-VQA table (``eval_scripts/small_vlm_easyvqa.py``) and of its complexity-VQA
+table (:mod:`dymu.evaluation.complexity_rows`): what a row label means, how a row sets the model up, answers the
+questions and is timed, and the results file the rows go into.
 
 Row labels: ``full`` (the stock model); ``dymu-<K>[-raster]-<vtu>`` (DyMU with the small VLM's ``<K>out``
 thresholds, authors' or raster token order); ``tome@<K>-<vtu>``, ``prune@<K>``, ``random@<K>`` (the
 :mod:`dymu.baselines` methods, each keeping DyMU-K's mean count, read from the ``dymu-<K>-fast`` row).
 A question row is a dict ``{"index", "question", "answer", "image"}``
-(:func:`dymu.lmms_eval.tasks.easy_vqa.utils.balanced_subset`).
+(:func:`dymu.lmms_eval.tasks.easy_vqa.utils.balanced_subset`); rows that also carry a ``level`` (and ``qtype``)
+get per-level results (:func:`evaluate_row`).
 """
 
 from __future__ import annotations
@@ -25,34 +27,42 @@ from tqdm import tqdm
 from dymu.evaluation.easy_vqa_report import find_row
 from dymu.evaluation.inference import chat_inputs
 from dymu.evaluation.prompts import Prompt
-from dymu.evaluation.stats import wilson
+from dymu.evaluation.stats import grouped_accuracy, wilson
 from dymu.lmms_eval.tasks.easy_vqa.utils import normalise
-from dymu.small_vlm import THRESHOLD_DIR, build_small_vlm
+from dymu.small_vlm import build_small_vlm, threshold_path
 from dymu.vlm import disable_dymu, enable_dymu, generate_with_counts, load_llava
 
 FULL_TOKENS = 256  # the small VLM's visual tokens per image (DINOv2-S/14 at 224 px)
 MAX_NEW_TOKENS = 6  # every answer is one word
 
 
-def thresholds_path(k: int, raster: bool = False) -> Path:
-    """The small VLM's DyMU thresholds that keep about ``k`` tokens (authors' or raster token order)."""
-    return THRESHOLD_DIR / f"dinov2-small-224-tome-{k}out{'-raster' if raster else ''}.safetensors"
+def thresholds_path(k: int, raster: bool = False, sets: str = "") -> Path:
+    """The small VLM's DyMU thresholds that keep about ``k`` tokens (authors' or raster token order); ``sets``:
+    ``""`` for the easy-VQA model's, ``"mix-"`` for the mix model's (:func:`dymu.small_vlm.threshold_path`).
+    ValueError naming the shipped sets when there is none."""
+    try:
+        return threshold_path(f"{sets}{k}out{'-raster' if raster else ''}")
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
 
 
 class Row:
     """One table row: how to set the model up and how to build its inputs; ``means``: DyMU-K's mean visual
-    tokens per image by K (the baselines keep that many). A bad label raises ValueError naming it."""
+    tokens per image by K (the baselines keep that many); ``sets``: whose thresholds DyMU rows use
+    (:func:`thresholds_path`). A bad label raises ValueError naming it."""
 
-    def __init__(self, label: str, means: dict[int, float]) -> None:
-        self.label = label
+    def __init__(self, label: str, means: dict[int, float], sets: str = "") -> None:
+        self.label, self.sets = label, sets
         self.kind, self.k, self.vtu, self.raster, self.count = "full", None, None, False, FULL_TOKENS
         if label == "full":
             return
         m = re.fullmatch(r"dymu-(\d+)(-raster)?-(fast|exact|off)", label)
         if m:
             self.kind, self.k, self.raster, self.vtu = "dymu", int(m[1]), bool(m[2]), m[3]
-            if not thresholds_path(self.k, self.raster).exists():
-                raise ValueError(f"{label}: no thresholds {thresholds_path(self.k, self.raster)}")
+            try:
+                thresholds_path(self.k, self.raster, sets)
+            except ValueError as err:
+                raise ValueError(f"{label}: no thresholds ({err})") from None
             return
         m = re.fullmatch(r"(tome|prune|random)@(\d+)(?:-(fast|exact|off))?", label)
         if not m or (m[1] == "tome") != (m[3] is not None):
@@ -65,7 +75,7 @@ class Row:
 
     def enable(self, model: nn.Module) -> None:
         if self.kind == "dymu":
-            enable_dymu(model, thresholds_path(self.k, self.raster), vtu=self.vtu,
+            enable_dymu(model, thresholds_path(self.k, self.raster, self.sets), vtu=self.vtu,
                         token_order="raster" if self.raster else "single")
         elif self.kind != "full":
             enable_dymu(model, None, vtu=self.vtu, method=self.kind, token_budget=self.count)
@@ -84,7 +94,7 @@ class Row:
         """What the results file records about the row; the thresholds path relative to ``root`` when inside it."""
         out: dict[str, Any] = {"kind": self.kind, "vtu": self.vtu}
         if self.kind == "dymu":
-            path = thresholds_path(self.k, self.raster)
+            path = thresholds_path(self.k, self.raster, self.sets)
             out["thresholds"] = str(path.relative_to(root) if root and path.is_relative_to(root) else path)
             out["token_order"] = "raster" if self.raster else "single"
         elif self.kind != "full":
@@ -127,7 +137,9 @@ def prefill_ratio(model: nn.Module, processor: Any, rows: list[dict], row: Row, 
 def evaluate_row(model: nn.Module, processor: Any, rows: list[dict], batch: int, label: str,
                  deadline: float | None = None, row: Row | None = None) -> dict:
     """Answer ``rows`` in batches (no new batch after the ``deadline`` timestamp); the row's results entry:
-    accuracy with its Wilson interval, visual tokens mean ± std, per-class counts and every prediction."""
+    accuracy with its Wilson interval, visual tokens mean ± std, per-class counts and every prediction. Rows with a
+    ``level`` add ``per_level`` (:func:`dymu.evaluation.stats.grouped_accuracy`) and, per prediction, its level,
+    question type, visual tokens and whether it was right (for paired tests)."""
     preds, counts = [], []
     start = time.perf_counter()
     for s in tqdm(range(0, len(rows), batch), desc=label, file=sys.stdout):
@@ -146,13 +158,18 @@ def evaluate_row(model: nn.Module, processor: Any, rows: list[dict], batch: int,
         per_class.setdefault(r["answer"], [0, 0])
         per_class[r["answer"]][0] += int(ok)
         per_class[r["answer"]][1] += 1
-    return {
+    entry = {
         "row": label, "n": n, "correct": k, "accuracy": k / max(1, n), "wilson95": [lo, hi],
         "visual_tokens_mean": float(t.mean()), "visual_tokens_std": float(t.std()) if n > 1 else 0.0,
         "seconds": round(time.perf_counter() - start, 1), "complete": n == len(rows),
         "per_class": per_class,
         "predictions": [{"index": r["index"], "pred": p, "answer": r["answer"]} for p, r in zip(preds, rows)],
     }
+    if rows and "level" in rows[0]:  # only sets with levels: the easy-VQA results file stays as it was
+        for record, r, ok, c in zip(entry["predictions"], rows, correct, counts):
+            record.update(level=r["level"], qtype=r.get("qtype"), tokens=c, correct=ok)
+        entry["per_level"] = grouped_accuracy(correct, counts, [r["level"] for r in rows[:n]])
+    return entry
 
 
 def load_model(checkpoint: str | None, via_load_llava: bool) -> tuple[nn.Module, Any]:

@@ -1,10 +1,10 @@
-"""Statistics of evaluation results: visual token counts per image (mean, std, range; pooled over disjoint sets)
-and the Wilson interval of an accuracy."""
+"""Statistics of evaluation results: visual token counts per image (mean, std, range; pooled over disjoint sets),
+the Wilson interval of an accuracy, accuracy and tokens per group of questions, and McNemar's paired test."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable, Sequence
 
 
 def token_stats(counts: Iterable[int]) -> dict[str, float | int]:
@@ -47,3 +47,29 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def grouped_accuracy(correct: Sequence[bool], tokens: Sequence[int], groups: Sequence[Hashable]) -> dict[str, dict]:
+    """Per group (e.g. complexity level; keys as ``str``, in sorted order): questions, correct answers, accuracy
+    with its Wilson interval, and the visual tokens of its images (:func:`token_stats`, population std)."""
+    out: dict[str, dict] = {}
+    for g in sorted(set(groups)):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        k = sum(bool(correct[i]) for i in idx)
+        t = token_stats(tokens[i] for i in idx)
+        out[str(g)] = {"n": len(idx), "correct": k, "accuracy": k / len(idx), "wilson95": list(wilson(k, len(idx))),
+                       "tokens_mean": t["mean"], "tokens_std": t["std"]}
+    return out
+
+
+def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float | int]:
+    """McNemar's exact test of two methods answering the same questions (``first[i]``, ``second[i]``: right or
+    wrong on question i): ``b`` = first right and second wrong, ``c`` = the reverse, ``p`` = the two-sided exact
+    binomial p-value of b given b + c under Binomial(b + c, 1/2) (1.0 when there are no discordant pairs)."""
+    if len(first) != len(second):
+        raise ValueError(f"mcnemar: {len(first)} and {len(second)} answers; pair the same questions")
+    b = sum(bool(x) and not y for x, y in zip(first, second))
+    c = sum(bool(y) and not x for x, y in zip(first, second))
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n  # P(X <= min(b, c)), exact integers
+    return {"b": b, "c": c, "n": n, "p": min(1.0, 2 * tail)}

@@ -47,6 +47,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "small_vlm_checkpoint"
 DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "projector.safetensors"
 # DyMU thresholds found on easy-VQA train images 2000-2511 (docs/results.md): <K>out and <K>out-raster, K = 28/88/176
 THRESHOLD_DIR = CHECKPOINT_DIR / "thresholds"
+# the mix model's sets (docs/adaptivity.md), package data too; same file names, so their names take a "mix-" prefix
+MIX_THRESHOLD_DIR = CHECKPOINT_DIR.parent / "small_vlm_mix_checkpoint" / "thresholds"
 PROMPT_SUFFIX_KEY = "dymu.prompt_suffix"  # projector metadata: the text appended to each question
 PROJECTOR_PREFIX = "multi_modal_projector."
 FILE_FORMAT = "dymu-small-vlm-1"  # projector metadata "format"
@@ -180,17 +182,23 @@ def projector_path(projector_weights: str | os.PathLike[str]) -> Path:
 
 
 def threshold_sets() -> list[str]:
-    """Names of the small VLM's shipped threshold sets (``dinov2-small-224-tome-28out``, ``...-28out-raster``, ...)."""
-    return sorted(p.name[: -len(".safetensors")] for p in THRESHOLD_DIR.glob("*.safetensors"))
+    """Names of the small VLM's shipped threshold sets (``dinov2-small-224-tome-28out``, ``...-28out-raster``, ...,
+    the mix model's ``mix-dinov2-small-224-tome-28out``, ...)."""
+    return sorted([*(p.stem for p in THRESHOLD_DIR.glob("*.safetensors")),
+                   *(f"mix-{p.stem}" for p in MIX_THRESHOLD_DIR.glob("*.safetensors"))])
 
 
 def threshold_path(name: str) -> Path:
     """A shipped threshold set of the small VLM by name: ``"28out"``, ``"28out-raster"`` or the full
-    ``"dinov2-small-224-tome-28out[-raster]"``; FileNotFoundError naming the sets there are."""
-    full = name if name.startswith("dinov2-") else f"dinov2-small-224-tome-{name}"
-    path = THRESHOLD_DIR / f"{full}.safetensors"
+    ``"dinov2-small-224-tome-28out[-raster]"``; the mix model's with a ``mix-`` prefix (``"mix-28out"``);
+    FileNotFoundError naming the sets there are."""
+    mix = name.startswith("mix-")
+    folder, base = (MIX_THRESHOLD_DIR, name[4:]) if mix else (THRESHOLD_DIR, name)
+    full = base if base.startswith("dinov2-") else f"dinov2-small-224-tome-{base}"
+    path = folder / f"{full}.safetensors"
     if not path.is_file():
-        known = ", ".join(threshold_sets()) or f"none: {THRESHOLD_DIR} is missing, reinstall dymu"
+        known = ", ".join(s for s in threshold_sets() if s.startswith("mix-") == mix)
+        known = known or f"none: {folder} is missing, reinstall dymu"
         raise FileNotFoundError(f"the small VLM has no threshold set {name!r}; shipped sets: {known}")
     return path
 
