@@ -64,7 +64,7 @@ def test_grouped_accuracy_per_level():
 def test_mix_threshold_sets_resolve_by_name_inside_the_package():
     mix = small_vlm.threshold_path("mix-28out")
     assert mix == small_vlm.threshold_path("mix-dinov2-small-224-tome-28out")
-    assert mix.parent == small_vlm.MIX_THRESHOLD_DIR and mix.is_relative_to(Path(small_vlm.__file__).parent)
+    assert mix.parent == small_vlm.MIX_THRESHOLD_DIR and mix.is_relative_to(Path(small_vlm.CHECKPOINT_DIR).parent)
     assert mix.read_bytes() != small_vlm.threshold_path("28out").read_bytes()  # not the easy-VQA model's set
     assert (ROOT / "checkpoints/small_vlm_mix/thresholds/dinov2-small-224-tome-28out.safetensors").resolve() == mix
     assert {f"mix-dinov2-small-224-tome-{k}out" for k in (28, 88, 176)} <= set(small_vlm.threshold_sets())
