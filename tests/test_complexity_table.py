@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import dymu.small_vlm as small_vlm
+import dymu.small_vlm.model as small_vlm_model
 from dymu.evaluation import ensure_chat_template
 from dymu.evaluation.complexity_report import markdown_tables, write_csv
 from dymu.evaluation.complexity_rows import new_results, paired_tests, pending, question_rows, run_rows
@@ -98,7 +99,7 @@ LABELS = ["full", "dymu-8-fast", "tome@8-fast", "prune@8", "random@8"]
 
 def test_runner_records_per_level_answers_and_resumes(tiny, tmp_path, monkeypatch):
     model, processor, rows, folder = tiny
-    monkeypatch.setattr(small_vlm, "MIX_THRESHOLD_DIR", folder)
+    monkeypatch.setattr(small_vlm_model, "MIX_THRESHOLD_DIR", folder)  # where threshold_path looks
     levels = [r["level"] for r in rows]
     assert len(rows) == 3 and len(set(levels)) > 1  # the test needs questions of several levels
     out = tmp_path / "r.json"
