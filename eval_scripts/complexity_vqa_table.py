@@ -36,6 +36,7 @@ import torch
 from dymu.evaluation.complexity_report import markdown_tables, write_csv, write_plots
 from dymu.evaluation.complexity_rows import DEFAULT_ROWS, check_same_set, new_results, question_rows, run_rows
 from dymu.evaluation.easy_vqa_rows import load_model, utc_deadline
+from dymu.evaluation.easy_vqa_report import add_output_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 MIX_PROJECTOR = REPO / "checkpoints" / "small_vlm_mix" / "projector.safetensors"
@@ -59,11 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new batch starts")
     ap.add_argument("--out", default=str(REPO / "docs" / "complexity_vqa.json"))
     ap.add_argument("--redo", action="store_true", help="rerun --rows the results file already holds complete")
-    ap.add_argument("--csv", default=None, help="also write the table as CSV here")
-    ap.add_argument("--markdown", default=None, help="also write the markdown tables here")
-    ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
+    add_output_arguments(ap)
     ap.add_argument("--tokens-plot", default=None, help="also write DyMU's tokens vs complexity level as a PNG here")
-    ap.add_argument("--no-load-llava", action="store_true", help="use the built model directly")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from dymu.evaluation.easy_vqa_report import find_row, markdown_tables, write_csv, write_plot
+from dymu.evaluation.easy_vqa_report import add_output_arguments, find_row, markdown_tables, write_csv, write_plot
 from dymu.evaluation.easy_vqa_rows import (
     Row,
     dymu_means,
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", action="store_true", help="keep the --out file's other rows (replace same labels)")
     ap.add_argument("--time-only", action="store_true",
                     help="only (re)measure the prefill ratios of --rows already in --out (e.g. on a quiet machine)")
-    ap.add_argument("--csv", default=None, help="also write the table as CSV here")
-    ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
-    ap.add_argument("--markdown", default=None, help="also write the markdown tables here")
-    ap.add_argument("--no-load-llava", action="store_true", help="use the built model directly")
+    add_output_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

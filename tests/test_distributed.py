@@ -4,21 +4,14 @@ processes; without a group every helper is the identity."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from dymu import distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dymu.testing import run_workers
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
@@ -43,15 +36,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_helpers_in_a_two_process_group():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_workers(_worker, world=2)
     for rank in (0, 1):
         got = results[rank]
         assert got["rank_and_world"] == (rank, 2)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dymu.testing import run_workers
 from dymu.thresholds import (
     RunningThresholds,
     ThresholdCheckpoint,
@@ -82,12 +81,6 @@ def test_running_mean():
         rt.update([0.1, 0.2])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -99,15 +92,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_running_mean_all_reduces_over_processes():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_workers(_worker, world=2, timeout=120)
     for rank in (0, 1):
         assert results[rank] == pytest.approx([0.35, 0.75])
 

@@ -8,7 +8,10 @@ makes attention far from uniform so that position and masking bugs show.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -362,3 +365,20 @@ def save_tiny_qwen_vlm(directory: str | Path, family: str, dymu_block: dict | No
         path = Path(directory) / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "dymu": dymu_block}, indent=2))
     return Path(directory)
+
+
+def run_workers(worker: Any, world: int = 2, timeout: float = 300) -> dict[int, Any]:
+    """Run ``worker(rank, world, port, queue)`` in ``world`` spawned processes sharing a free local port (for a
+    gloo process group); each worker puts ``(rank, result)`` on the queue. Returns ``{rank: result}``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=worker, args=(rank, world, port, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return results

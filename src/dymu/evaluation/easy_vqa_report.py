@@ -3,6 +3,8 @@ JSON that :mod:`dymu.evaluation.easy_vqa_rows` fills; ``eval_scripts/small_vlm_e
 
 from __future__ import annotations
 
+import argparse
+
 import csv
 import re
 from pathlib import Path
@@ -100,3 +102,11 @@ def write_plot(results: dict, path: Path, task: str = "easy-VQA", title: str | N
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def add_output_arguments(ap: argparse.ArgumentParser) -> None:
+    """The outputs every results-table script offers (CSV, markdown, accuracy plot) and its model-loading switch."""
+    ap.add_argument("--csv", default=None, help="also write the table as CSV here")
+    ap.add_argument("--markdown", default=None, help="also write the markdown tables here")
+    ap.add_argument("--plot", default=None, help="also write accuracy vs visual tokens as a PNG here")
+    ap.add_argument("--no-load-llava", action="store_true", help="use the built model directly")
